@@ -1,5 +1,8 @@
 """Calibration token batches: N windows of L tokens from a text file, the packaged text, or a dataset.
 
+A GLUE task name (`sst2`, `mrpc`, ...) reads the task's training sentences from the data folder:
+as plain text for the label-free criteria, or, with `labelled_batch`, as padded labelled
+sentences for the supervised Taylor score of a fine-tuned classifier.
 Seeded and reproducible: the same source, tokenizer, N, L and seed give the same batch.
 """
 
@@ -16,20 +19,52 @@ PACKAGED_TEXT = Path(__file__).parent / "data" / "calibration.txt"
 DATASET_ALIASES = {"wikitext2": ("wikitext", "wikitext-2-raw-v1", "train")}
 
 
-def load_text(source: str | Path | None = None) -> str:
-    """Text from a file, `wikitext2`, a `datasets` name `name:config:split`, or (None) the packaged text."""
+def load_text(source: str | Path | None = None, data_dir: str | Path | None = None) -> str:
+    """Text from a file, `wikitext2`, a GLUE task's training sentences, `name:config:split`, or the packaged text."""
+    from edgeprune.evaluate.glue import GLUE_TASKS
+
     if source is None:
         return PACKAGED_TEXT.read_text(encoding="utf-8")
     path = Path(source).expanduser()
     if path.is_file():
         return path.read_text(encoding="utf-8")
     name = str(source)
+    if name in GLUE_TASKS:
+        return "\n".join(" ".join(t.strip() for t in (e.text_a, e.text_b) if t) for e in glue_train(name, data_dir))
     if name in DATASET_ALIASES or name.count(":") == 2:
         return load_dataset_text(*DATASET_ALIASES.get(name, name.split(":")))
     raise EdgepruneError(
         f"calibration source '{source}' is neither a file nor a dataset name: give a text file, "
-        "`wikitext2`, or `name:config:split`"
+        "`wikitext2`, a GLUE task name (sst2, mrpc, ...), or `name:config:split`"
     )
+
+
+def glue_train(task: str, data_dir: str | Path | None):
+    """The examples a GLUE task trains on here (see `evaluate.glue.glue_split`), never its evaluation rows."""
+    from edgeprune.evaluate.glue import glue_split
+
+    return glue_split(task, data_dir, "train")[0]
+
+
+def labelled_batch(
+    tokenizer: PreTrainedTokenizerBase,
+    task: str,
+    data_dir: str | Path | None = None,
+    n_samples: int = 32,
+    max_length: int = 128,
+    seed: int = 0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+    """(input ids, the other token inputs, labels) of `n_samples` seeded training examples of a GLUE task, padded."""
+    from edgeprune.evaluate.glue import encode, glue_spec
+
+    examples = glue_train(task, data_dir)
+    gen = torch.Generator().manual_seed(seed)
+    picked = torch.randperm(len(examples), generator=gen)[: min(n_samples, len(examples))].sort().values
+    chosen = [examples[i] for i in picked.tolist()]
+    encoded = dict(encode(tokenizer, chosen, max_length))
+    regression = glue_spec(task).labels is None
+    labels = torch.tensor([e.label for e in chosen], dtype=torch.float if regression else torch.long)
+    return encoded.pop("input_ids"), encoded, labels
 
 
 def load_dataset_text(name: str, config: str, split: str) -> str:
@@ -72,6 +107,7 @@ def calibration_batch(
     n_samples: int = 32,
     seq_len: int = 128,
     seed: int = 0,
+    data_dir: str | Path | None = None,
 ) -> torch.Tensor:
     """Token ids [n_samples, seq_len] for scoring, from `source` (see `load_text`)."""
-    return sample_windows(tokenize_text(tokenizer, load_text(source)), n_samples, seq_len, seed)
+    return sample_windows(tokenize_text(tokenizer, load_text(source, data_dir)), n_samples, seq_len, seed)

@@ -51,7 +51,11 @@ ACTIVATION_CALIB_SAMPLES = 32
 def calibration_options(command):
     """Options shared by `score` and `prune` for criteria that read calibration text."""
     options = [
-        click.option("--calibration", help="text file, `wikitext2`, or name:config:split (default: packaged text)"),
+        click.option(
+            "--calibration",
+            help="text file, `wikitext2`, a GLUE task's train sentences (sst2, ...; labelled for taylor on a "
+            "classifier), or name:config:split (default: packaged text)",
+        ),
         click.option("--calib-samples", type=int, help="calibration windows (default: 10 for taylor, else 32)"),
         click.option("--calib-seq-len", default=128, show_default=True, help="tokens per calibration window"),
         click.option(
@@ -115,12 +119,23 @@ def score_with_progress(
     """Score every group, with a progress bar per step the criterion reports (e.g. one per layer)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from edgeprune.calibration import labelled_batch
     from edgeprune.criteria import CRITERIA, ScoringInputs, score_groups
-    from edgeprune.criteria.base import NEEDS_CALIBRATION
+    from edgeprune.criteria.base import NEEDS_CALIBRATION, TAKES_LABELS
+    from edgeprune.criteria.taylor import is_sequence_classifier
+    from edgeprune.evaluate.glue import GLUE_TASKS
 
     if criterion not in CRITERIA:
         raise EdgepruneError(f"unknown criterion '{criterion}': choose from {', '.join(sorted(CRITERIA))}")
-    batch = load_calibration(loaded.tokenizer, criterion, *calib_settings) if criterion in NEEDS_CALIBRATION else None
+    labels, token_inputs = None, {}
+    source, samples, seq_len, seed = calib_settings
+    if criterion in TAKES_LABELS and is_sequence_classifier(loaded.model) and source in GLUE_TASKS:
+        n = samples if samples is not None else DEFAULT_CALIB_SAMPLES.get(criterion, ACTIVATION_CALIB_SAMPLES)
+        batch, token_inputs, labels = labelled_batch(loaded.tokenizer, source, None, n, seq_len, seed)
+    elif criterion in NEEDS_CALIBRATION:
+        batch = load_calibration(loaded.tokenizer, criterion, *calib_settings)
+    else:
+        batch = None
     options = {}
     if criterion == "taylor":  # --taylor/--aggregation belong to it; other criteria refuse unknown options
         options = {"taylor": taylor, "aggregation": aggregation}
@@ -136,7 +151,7 @@ def score_with_progress(
                 tasks[step] = progress.add_task(f"{criterion}: {step}", total=total)
             progress.update(tasks[step], completed=done, total=total)
 
-        inputs = ScoringInputs(calibration=batch, seed=calib_settings[-1], options=options, progress=report)
+        inputs = ScoringInputs(batch, seed, options, labels=labels, token_inputs=token_inputs, progress=report)
         return score_groups(criterion, loaded.model, adapter, inputs)
 
 

@@ -59,3 +59,18 @@ def test_sample_windows_never_run_past_the_end():
     tokens = torch.arange(40)
     windows = sample_windows(tokens, n_samples=200, seq_len=39, seed=0)
     assert windows.shape == (200, 39) and int(windows.max()) <= 39
+
+
+def test_glue_task_calibration_reads_train_sentences(tokenizer, data_dir):
+    from edgeprune.calibration import labelled_batch, load_text
+
+    text = load_text("sst2", data_dir)
+    assert text.splitlines()[0] == "hide new secretions from the parental units"  # SST-2 train.tsv row 1
+    assert len(text.splitlines()) == 67349
+    ids, token_inputs, labels = labelled_batch(tokenizer, "sst2", data_dir, n_samples=6, max_length=16, seed=1)
+    mask = token_inputs["attention_mask"]
+    assert ids.shape == mask.shape and ids.shape[0] == 6 and ids.shape[1] <= 16
+    assert labels.dtype == torch.long and set(labels.tolist()) <= {0, 1}
+    assert (mask.sum(dim=1) > 0).all() and (ids[mask == 0] == tokenizer.pad_token_id).all()
+    again = labelled_batch(tokenizer, "sst2", data_dir, n_samples=6, max_length=16, seed=1)
+    assert torch.equal(again[0], ids) and torch.equal(again[2], labels)

@@ -236,3 +236,56 @@ def test_bias_compensation_refused_where_checkpoint_cannot_store_it():
 
 def test_registry_has_the_criteria():
     assert set(MINE) <= set(CRITERIA)
+
+
+def tiny_classifier(bert) -> torch.nn.Module:
+    from transformers import BertForSequenceClassification
+
+    config = copy.deepcopy(bert.config)
+    config.num_labels = 2
+    torch.manual_seed(0)
+    classifier = BertForSequenceClassification(config)
+    classifier.bert.encoder = bert.bert.encoder
+    return classifier.eval()
+
+
+def test_supervised_taylor_on_a_classifier_ignores_padding(bert):
+    """The task-loss gradient of a padded batch equals the mean of the sentences' own gradients."""
+    classifier = tiny_classifier(bert)
+    adapter = adapter_for(classifier.config)
+    lengths = (9, 5, 7)
+    ids = torch.zeros(len(lengths), max(lengths), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    rows = [calibration(n=1, length=n, seed=i)[0] for i, n in enumerate(lengths)]
+    for i, row in enumerate(rows):
+        ids[i, : len(row)], mask[i, : len(row)] = row, 1
+    labels = torch.tensor([0, 1, 1])
+    inputs = ScoringInputs(calibration=ids, labels=labels, token_inputs={"attention_mask": mask})
+    weight = adapter.ffn_output(adapter.layers(classifier)[1]).weight
+    with gradients_only_for(classifier, [weight]):
+        accumulate_gradients(
+            classifier, *lm_targets(classifier, ids, inputs), micro_batch=2, fisher=None, inputs=inputs
+        )
+        batch_grad = weight.grad.clone()
+    by_hand = torch.zeros_like(weight)
+    for row, label in zip(rows, labels, strict=True):
+        classifier.zero_grad()
+        classifier(input_ids=row[None], labels=label[None]).loss.backward()
+        by_hand += weight.grad / len(rows)
+    classifier.zero_grad()
+    torch.testing.assert_close(batch_grad, by_hand, rtol=1e-4, atol=1e-6 * float(by_hand.abs().max()))
+    scores = score_groups("taylor", classifier, adapter, inputs)
+    assert [len(f) for f in scores.ffn] == [w.ffn for w in layer_widths(classifier, adapter)]
+    assert all(torch.isfinite(f).all() and (f > 0).any() for f in scores.ffn)
+
+
+def test_labels_are_refused_where_they_do_not_belong(bert, llama):
+    classifier = tiny_classifier(bert)
+    ids = calibration(n=2, length=8)
+    with pytest.raises(EdgepruneError, match="needs one task label per calibration sentence"):
+        score_groups("taylor", classifier, adapter_for(classifier.config), ScoringInputs(calibration=ids))
+    labelled = ScoringInputs(calibration=ids, labels=torch.tensor([0, 1]))
+    with pytest.raises(EdgepruneError, match="label-free"):
+        score_groups("fluctuation", classifier, adapter_for(classifier.config), labelled)
+    with pytest.raises(EdgepruneError, match="not a sequence classifier"):
+        score_groups("taylor", llama, adapter_for(llama.config), labelled)

@@ -61,11 +61,19 @@ class GroupScores:
 
 @dataclass
 class ScoringInputs:
-    """What a criterion may use: calibration token ids [N, L] (label-free), a seed, options."""
+    """What a criterion may use: calibration token ids [N, L] (label-free), a seed, options.
+
+    `labels` ([N] class ids) and `token_inputs` (the tokenizer's other [N, L] tensors: attention_mask,
+    token_type_ids) describe a padded batch of labelled sentences: only criteria registered with
+    `takes_labels` (taylor, for a sequence classifier's task loss) accept them; the label-free
+    ones read unpadded text windows.
+    """
 
     calibration: torch.Tensor | None = None
     seed: int = 0
     options: dict = field(default_factory=dict)
+    labels: torch.Tensor | None = None
+    token_inputs: dict[str, torch.Tensor] = field(default_factory=dict)
     # Criteria that loop call progress(step, done, total) after each step, so a caller can show it.
     progress: Callable[[str, int, int], None] | None = None
 
@@ -77,15 +85,20 @@ class ScoringInputs:
 Criterion = Callable[[nn.Module, FamilyAdapter, ScoringInputs], GroupScores]
 CRITERIA: dict[str, Criterion] = {}
 NEEDS_CALIBRATION: set[str] = set()
+TAKES_LABELS: set[str] = set()
 
 
-def register(name: str, needs_calibration: bool = False) -> Callable[[Criterion], Criterion]:
+def register(
+    name: str, needs_calibration: bool = False, takes_labels: bool = False
+) -> Callable[[Criterion], Criterion]:
     """Add a criterion to the registry under `name` (the value of `--criterion`)."""
 
     def add(fn: Criterion) -> Criterion:
         CRITERIA[name] = fn
         if needs_calibration:
             NEEDS_CALIBRATION.add(name)
+        if takes_labels:
+            TAKES_LABELS.add(name)
         return fn
 
     return add
@@ -97,6 +110,11 @@ def score_groups(name: str, model: nn.Module, adapter: FamilyAdapter, inputs: Sc
         raise EdgepruneError(f"unknown criterion '{name}': choose from {', '.join(sorted(CRITERIA))}")
     if name in NEEDS_CALIBRATION and inputs.calibration is None:
         raise EdgepruneError(f"criterion '{name}' needs calibration text: pass --calibration FILE or a dataset name")
+    if name not in TAKES_LABELS and (inputs.labels is not None or inputs.token_inputs):
+        raise EdgepruneError(
+            f"criterion '{name}' is label-free and reads unpadded text windows: give labels and a padding mask "
+            f"only to {', '.join(sorted(TAKES_LABELS))}"
+        )
     scores = CRITERIA[name](model, adapter, inputs)
     scores.criterion = name
     return scores

@@ -10,8 +10,10 @@ Options (`ScoringInputs.options`):
 - `mask_token_id`: for masked-LM encoders, the id that replaces masked tokens (else a random token).
 
 Loss: causal-LM loss for decoders; masked-LM loss for encoders with an LM head (15% of tokens
-masked with a generator seeded by `inputs.seed`). A bare encoder (no LM head, e.g. a sentence
-embedder) has no label-free loss whose gradient ranks groups, so it is refused.
+masked with a generator seeded by `inputs.seed`); for a sequence classifier, its task loss on
+labelled sentences (`inputs.labels`, one per sequence, with the padding mask and token types in
+`inputs.token_inputs`): the supervised Taylor score the label-free criteria are compared with. A bare encoder
+(no LM head, e.g. a sentence embedder) has no loss whose gradient ranks groups, so it is refused.
 
 Memory: only the prunable projections get gradients (embeddings, norms and the LM head are
 frozen for the pass), autograd accumulates micro-batches in place, and each layer's gradients
@@ -82,8 +84,21 @@ def gradients_only_for(model: nn.Module, params: list[nn.Parameter]) -> Iterator
         model.train(was_training)
 
 
+def is_sequence_classifier(model: nn.Module) -> bool:
+    return type(model).__name__.endswith("ForSequenceClassification")
+
+
 def lm_targets(model: nn.Module, calibration: torch.Tensor, inputs: ScoringInputs) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input ids, labels) for the model's own LM loss; refuses a model without an LM head."""
+    """(input ids, labels) for the model's own loss; refuses a model without an LM head or task labels."""
+    if is_sequence_classifier(model):
+        if inputs.labels is None or len(inputs.labels) != len(calibration):
+            raise EdgepruneError(
+                "taylor on a sequence classifier needs one task label per calibration sentence "
+                "(ScoringInputs.labels, e.g. from `labelled_batch`): or score it with a label-free criterion"
+            )
+        return calibration, inputs.labels
+    if inputs.labels is not None:
+        raise EdgepruneError(f"{type(model).__name__} is not a sequence classifier: score it without labels")
     if is_decoder(model.config):
         return calibration, calibration.clone()
     if model.get_output_embeddings() is None:
@@ -106,7 +121,9 @@ def lm_targets(model: nn.Module, calibration: torch.Tensor, inputs: ScoringInput
 
 
 def predicted_tokens(model: nn.Module, labels: torch.Tensor) -> torch.Tensor:
-    """Tokens each sequence's loss averages over (causal LMs predict all but the first)."""
+    """Tokens each sequence's loss averages over (causal LMs predict all but the first; a classifier, one label)."""
+    if is_sequence_classifier(model):
+        return torch.ones(len(labels), dtype=torch.long)
     counted = labels[:, 1:] if is_decoder(model.config) else labels
     return (counted != IGNORE).sum(dim=1)
 
@@ -138,7 +155,8 @@ def accumulate_gradients(
         for step, start in enumerate(range(0, len(ids), micro_batch)):
             chunk = slice(start, start + micro_batch)
             current["scale"] = float(weights[chunk].sum())
-            loss = model(input_ids=ids[chunk], labels=labels[chunk]).loss
+            extra = {name: tensor[chunk] for name, tensor in inputs.token_inputs.items()}
+            loss = model(input_ids=ids[chunk], labels=labels[chunk], **extra).loss
             (loss * current["scale"]).backward()
             inputs.report("gradients", step + 1, n_steps)
     finally:
@@ -193,7 +211,7 @@ def layer_scores(
     )
 
 
-@register("taylor", needs_calibration=True)
+@register("taylor", needs_calibration=True, takes_labels=True)
 def score_taylor(model: nn.Module, adapter: FamilyAdapter, inputs: ScoringInputs) -> GroupScores:
     order = option(inputs, "taylor", "first", ORDERS)
     aggregation = option(inputs, "aggregation", "sum", tuple(AGGREGATIONS))
