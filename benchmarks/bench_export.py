@@ -115,7 +115,7 @@ def op_profile(path: Path, threads: int, prefill: int, keep: int, runs: int = 3)
     session = model.session
     ids = np.random.default_rng(0).integers(0, 49152, (1, prefill), dtype=np.int64)
     for _ in range(runs + 1):  # the first run is warm-up, dropped below
-        model.step(ids, model.empty_cache(1), last_only=keep == 1)
+        model.step(ids, model.empty_cache(1), keep=keep)
     events = json.loads(Path(session.end_profiling()).read_text())
     head = lm_head_node(path)
     runs_seen: dict[str, list[float]] = defaultdict(list)
@@ -136,12 +136,12 @@ def prefill_logits_ab(paths: list[Path], threads: int, rounds: int) -> dict[str,
     times: dict[tuple[int, bool], list[float]] = defaultdict(list)
     for model in models:  # warm-up
         for last in (False, True):
-            model.step(ids, model.empty_cache(1), last_only=last)
+            model.step(ids, model.empty_cache(1), keep=int(last))
     for _ in range(rounds):
         for i, model in enumerate(models):
             for last in (False, True):
                 start = time.perf_counter()
-                model.step(ids, model.empty_cache(1), last_only=last)
+                model.step(ids, model.empty_cache(1), keep=int(last))
                 times[(i, last)].append((time.perf_counter() - start) * 1e3)
     return {
         paths[i].parent.name: {

@@ -127,20 +127,30 @@ class OnnxModel:
         return self.session.run(self.output_names[:1], {k: v for k, v in feeds.items() if k in self.input_names})[0]
 
     def step(
-        self, input_ids: np.ndarray, cache: dict[str, np.ndarray], last_only: bool = False
+        self,
+        input_ids: np.ndarray,
+        cache: dict[str, np.ndarray],
+        keep: int = 0,
+        attention_mask: np.ndarray | None = None,
+        position_ids: np.ndarray | None = None,
     ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """One decoder call on new tokens after the cached ones: (logits, the grown cache).
 
-        `last_only` asks graphs exported with `logits_to_keep` for the last position's logits
-        only (what generation needs); older graphs return every position either way.
+        `keep` asks graphs exported with `logits_to_keep` for the last `keep` positions' logits
+        only (1 is what generation needs, 0 means all); older graphs return every position.
+        The mask and positions default to an unpadded batch; pass them for left-padded rows.
         """
         batch, new = input_ids.shape
         past = next(iter(cache.values())).shape[2] if cache else 0
+        if attention_mask is None:
+            attention_mask = np.ones((batch, past + new), dtype=np.int64)
+        if position_ids is None:
+            position_ids = np.broadcast_to(np.arange(past, past + new, dtype=np.int64), (batch, new)).copy()
         feeds = {
-            "input_ids": input_ids,
-            "attention_mask": np.ones((batch, past + new), dtype=np.int64),
-            "position_ids": np.broadcast_to(np.arange(past, past + new, dtype=np.int64), (batch, new)).copy(),
-            LOGITS_TO_KEEP: np.array([1 if last_only else 0], dtype=np.int64),
+            "input_ids": input_ids.astype(np.int64),
+            "attention_mask": attention_mask.astype(np.int64),
+            "position_ids": position_ids.astype(np.int64),
+            LOGITS_TO_KEEP: np.array([keep], dtype=np.int64),
             **cache,
         }
         names = ["logits", *(c.present for c in self.caches)]
@@ -158,7 +168,7 @@ def greedy_generate(model: OnnxModel, prompt_ids: list[int], max_new_tokens: int
     cache = model.empty_cache(1)
     generated: list[int] = []
     for _ in range(max_new_tokens):
-        logits, cache = model.step(ids, cache, last_only=True)
+        logits, cache = model.step(ids, cache, keep=1)
         token = int(np.argmax(logits[0, -1]))
         generated.append(token)
         if token in eos_ids:

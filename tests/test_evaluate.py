@@ -326,7 +326,8 @@ def tiny_wikitext(folder: Path, n_lines: int = 40) -> Path:
 
 def test_onnx_perplexity_and_choices_equal_pytorch(onnx_llama, llama, tokenizer, tmp_path):
     onnx_model, onnx_tokenizer, _ = load_for_eval(str(onnx_llama))
-    assert onnx_model.has_logits_to_keep and load_for_eval(str(onnx_llama / "model.onnx"))[0].path == onnx_model.path
+    assert "logits_to_keep" in onnx_model.runtime.input_names
+    assert load_for_eval(str(onnx_llama / "model.onnx"))[0].runtime.path == onnx_model.runtime.path
     data = tiny_wikitext(tmp_path / "data")
     for seq_len, stride in ((32, None), (64, 16)):
         ours = evaluate_task(onnx_model, onnx_tokenizer, "wikitext2", data, seq_len=seq_len, stride=stride)

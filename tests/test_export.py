@@ -79,7 +79,7 @@ def test_decoder_graph_has_a_cache_per_layer_with_the_kept_heads(exported):
     assert [(c.heads, c.head_dim) for c in onnx.caches] == [(2, 8)] * 8  # key and value of 4 layers
     ids = np.array([[7, 20, 33, 46, 59]], dtype=np.int64)
     every, _ = onnx.step(ids, onnx.empty_cache(1))  # what perplexity needs (logits_to_keep defaults to 0)
-    last, _ = onnx.step(ids, onnx.empty_cache(1), last_only=True)  # what prefill needs
+    last, _ = onnx.step(ids, onnx.empty_cache(1), keep=1)  # what prefill needs
     assert every.shape == (1, 5, 96) and last.shape == (1, 1, 96)
     np.testing.assert_allclose(last[:, 0], every[:, -1], atol=1e-6)
 

@@ -86,11 +86,11 @@ class Measured:
             self.model.forward(self.ids)
             self.samples["latency_ms"].append((time.perf_counter() - start) * 1e3)
             return
-        logits, cache = self.model.step(self.ids, self.model.empty_cache(self.ids.shape[0]), last_only=True)
+        logits, cache = self.model.step(self.ids, self.model.empty_cache(self.ids.shape[0]), keep=1)
         prefilled = time.perf_counter()
         for _ in range(self.decode):
             token = logits[:, -1].argmax(-1).reshape(-1, 1).astype(np.int64)
-            logits, cache = self.model.step(token, cache, last_only=True)
+            logits, cache = self.model.step(token, cache, keep=1)
         end = time.perf_counter()
         self.samples["prefill_ms"].append((prefilled - start) * 1e3)
         self.samples["decode_ms_per_token"].append((end - prefilled) * 1e3 / max(1, self.decode))

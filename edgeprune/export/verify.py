@@ -56,10 +56,10 @@ def decoder_outputs(onnx: OnnxModel, ids: np.ndarray, steps: int) -> np.ndarray:
     """
     full = onnx.forward(ids)
     prefix = ids.shape[1] - steps
-    logits, cache = onnx.step(ids[:, :prefix], onnx.empty_cache(ids.shape[0]), last_only=True)
+    logits, cache = onnx.step(ids[:, :prefix], onnx.empty_cache(ids.shape[0]), keep=1)
     stepped = [logits[:, -1:]]
     for pos in range(prefix, ids.shape[1] - 1):
-        logits, cache = onnx.step(ids[:, pos : pos + 1], cache, last_only=True)
+        logits, cache = onnx.step(ids[:, pos : pos + 1], cache, keep=1)
         stepped.append(logits)
     return np.concatenate([full, *stepped], axis=1)
 
