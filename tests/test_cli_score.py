@@ -97,3 +97,42 @@ def test_criterion_options_reach_the_criterion(saved_llama, tmp_path):
     assert any(not torch.equal(a, b) for a, b in zip(mrmr.ffn, entropy.ffn, strict=True))
     bad = run("score", saved_llama, "--criterion", "mi", "--criterion-option", "oops", *calib, "-o", tmp_path / "x")
     assert bad.exit_code == 1 and "KEY=VALUE" in bad.output
+
+
+def test_score_a_classifier_with_supervised_taylor_on_glue_sentences(bert, tokenizer, tmp_path, data_dir, monkeypatch):
+    from edgeprune.calibration import labelled_batch
+    from edgeprune.criteria import ScoringInputs, score_groups
+    from edgeprune.evaluate import build_classifier
+    from edgeprune.models import adapter_for
+
+    classifier = build_classifier(bert, "sst2").eval()
+    folder = tmp_path / "tiny-sst2"
+    classifier.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    monkeypatch.setenv("EDGEPRUNE_DATA", str(data_dir))
+    target = tmp_path / "scores.safetensors"
+    result = run(
+        "score", folder, "--criterion", "taylor", "--calibration", "sst2", "--calib-samples", "8", "-o", target
+    )
+    assert result.exit_code == 0, result.output
+    ids, token_inputs, labels = labelled_batch(tokenizer, "sst2", data_dir, n_samples=8, max_length=128)
+    inputs = ScoringInputs(
+        ids, options={"taylor": "first", "aggregation": "sum"}, labels=labels, token_inputs=token_inputs
+    )
+    expected = score_groups("taylor", classifier, adapter_for(classifier.config), inputs)
+    torch.testing.assert_close(GroupScores.load(target).ffn, expected.ffn)
+    label_free = run(
+        "score",
+        folder,
+        "--criterion",
+        "fluctuation",
+        "--calibration",
+        "sst2",
+        "--calib-samples",
+        "2",
+        "--calib-seq-len",
+        "16",
+        "-o",
+        tmp_path / "fluct.safetensors",
+    )
+    assert label_free.exit_code == 0, label_free.output
