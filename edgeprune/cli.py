@@ -703,6 +703,13 @@ DEFAULT_SPEEDUP = 1.3
 @click.option("--peak-mb", type=float, help="budget: peak resident memory while running, in MB, at most")
 @click.option("--params", type=int, help="budget: parameter count, at most")
 @click.option("--criterion", default="fluctuation", show_default=True, help="scoring criterion")
+@click.option(
+    "--criterion-option",
+    "criterion_options",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="criterion option, e.g. selection=entropy for mi (repeatable; see `score --help`)",
+)
 @click.option("--targets", default="ffn", show_default=True, help="groups to cut: ffn, heads or both")
 @click.option("--allocation", default="uniform", show_default=True, help="uniform per layer, or global ranking")
 @click.option("--protect-first", default=0, show_default=True, help="leave the first K layers whole")
@@ -734,6 +741,7 @@ def run(model: str | None, output: Path, overwrite: bool, **options) -> None:
     options["targets"] = parse_targets(options["targets"])
     options["workload"] = Workload.parse(options["workload"])
     options["device_files"] = tuple(options.pop("device_file"))
+    options["criterion_options"] = parse_criterion_options(options["criterion_options"])
     recover_settings = {
         "minutes": options.pop("recover_minutes"),
         "lr": options.pop("recover_lr"),

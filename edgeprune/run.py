@@ -58,6 +58,7 @@ class RunConfig:
     device: str = "local"
     device_files: tuple[Path, ...] = ()
     criterion: str = "fluctuation"
+    criterion_options: dict = field(default_factory=dict)
     targets: tuple[str, ...] = ("ffn",)  # FFN-only probes are sliced from the dense graph in seconds
     allocation: str = "uniform"
     protect_first: int = 0
@@ -114,14 +115,25 @@ def split_calibration(tokenizer, cfg: RunConfig) -> Calibration:
     return Calibration(windows=windows, heldout=tokens[cut:][: cfg.eval_tokens])
 
 
-def load_or_score(path: Path, model: nn.Module, adapter: FamilyAdapter, cfg: RunConfig, calib: Calibration):
-    """Scores are computed once per model and criterion; a rerun reads them back."""
+def scoring_settings(cfg: RunConfig, source_hash: str) -> dict:
+    """Everything the scores depend on: a rerun reuses them only if all of it is unchanged."""
+    keys = ("criterion", "criterion_options", "calibration", "calib_samples", "calib_seq_len", "seed")
+    return {**{k: getattr(cfg, k) for k in keys}, "source_sha256": source_hash}
+
+
+def load_or_score(
+    path: Path, model: nn.Module, adapter: FamilyAdapter, cfg: RunConfig, calib: Calibration, source_hash: str
+) -> GroupScores:
+    """Scores are computed once per model, criterion and calibration; a rerun reads them back."""
+    settings = scoring_settings(cfg, source_hash)
     if path.is_file():
         scores = GroupScores.load(path)
-        if scores.criterion == cfg.criterion:
+        if scores.criterion == cfg.criterion and scores.settings == settings:
             scores.check_matches(model, adapter)
             return scores
-    scores = score_groups(cfg.criterion, model, adapter, ScoringInputs(calibration=calib.windows, seed=cfg.seed))
+    inputs = ScoringInputs(calibration=calib.windows, seed=cfg.seed, options=dict(cfg.criterion_options))
+    scores = score_groups(cfg.criterion, model, adapter, inputs)
+    scores.settings = settings
     scores.save(path)
     return scores
 
@@ -287,7 +299,7 @@ def run_job(
     profiler = profiler or profiler_for(device, runs=cfg.runs, warmup=cfg.warmup)
     calib = split_calibration(tokenizer, cfg)
     say(f"scoring groups with {cfg.criterion}")
-    scores = load_or_score(out / "scores.safetensors", model, adapter, cfg, calib)
+    scores = load_or_score(out / "scores.safetensors", model, adapter, cfg, calib, loaded.source_hash)
     log = ProbeLog(out / "search.jsonl", cfg.settings(loaded.source_hash))
     runner = ProbeRunner(loaded, adapter, scores, cfg, calib, profiler, work)
     say("searching the sparsity that meets the budget (each probe: cut, export, profile)")

@@ -68,3 +68,28 @@ def test_run_with_recovery_records_it(saved_llama, calibration_file, tmp_path):
     record = json.loads((out / "report.json").read_text())
     assert record["recovery"]["steps"] >= 1
     assert json.loads((out / "pruned" / "edgeprune.json").read_text())["recovery"]["steps"] >= 1
+
+
+def test_scores_are_reused_only_for_the_same_criterion_settings(llama, tokenizer, calibration_file, tmp_path):
+    import torch
+
+    from edgeprune.criteria import GroupScores
+    from edgeprune.models import adapter_for
+    from edgeprune.run import RunConfig, load_or_score, split_calibration
+
+    adapter = adapter_for(llama.config)
+    path = tmp_path / "scores.safetensors"
+
+    def scores_for(**settings):
+        cfg = RunConfig(budgets=[], criterion="mi", calibration=str(calibration_file), calib_samples=4, **settings)
+        return load_or_score(path, llama, adapter, cfg, split_calibration(tokenizer, cfg), "hash")
+
+    first = scores_for(calib_seq_len=16)
+    marked = GroupScores([torch.ones_like(f) for f in first.ffn], first.heads, first.criterion, first.settings)
+    marked.save(path)  # same settings: the file is read back, not recomputed
+    assert all(torch.equal(f, torch.ones_like(f)) for f in scores_for(calib_seq_len=16).ffn)
+    first.save(path)
+    other = scores_for(calib_seq_len=16, criterion_options={"selection": "entropy"})
+    assert other.settings["criterion_options"] == {"selection": "entropy"}
+    assert any(not torch.equal(a, b) for a, b in zip(first.ffn, other.ffn, strict=True))
+    assert scores_for(calib_seq_len=24).settings["calib_seq_len"] == 24

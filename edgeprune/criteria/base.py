@@ -6,6 +6,7 @@ neuron and one per query head. Scores are computed once and reused by every cut.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,7 @@ class GroupScores:
     ffn: list[torch.Tensor]
     heads: list[torch.Tensor]
     criterion: str = ""
+    settings: dict = field(default_factory=dict)  # what produced them (calibration, options), to know when to reuse
 
     def check_matches(self, model: nn.Module, adapter: FamilyAdapter) -> None:
         """Refuse scores computed for a model with other widths."""
@@ -39,7 +41,8 @@ class GroupScores:
         tensors = {f"ffn.{i}": s.contiguous().float() for i, s in enumerate(self.ffn)}
         tensors |= {f"heads.{i}": s.contiguous().float() for i, s in enumerate(self.heads)}
         tmp = path.with_name(f".{path.name}.tmp")
-        save_file(tensors, str(tmp), metadata={"criterion": self.criterion, "layers": str(len(self.ffn))})
+        metadata = {"criterion": self.criterion, "layers": str(len(self.ffn)), "settings": json.dumps(self.settings)}
+        save_file(tensors, str(tmp), metadata=metadata)
         tmp.replace(path)
 
     @classmethod
@@ -56,6 +59,7 @@ class GroupScores:
             ffn=[tensors[f"ffn.{i}"] for i in range(n)],
             heads=[tensors[f"heads.{i}"] for i in range(n)],
             criterion=meta.get("criterion", ""),
+            settings=json.loads(meta.get("settings", "{}")),
         )
 
 
