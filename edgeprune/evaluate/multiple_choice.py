@@ -173,27 +173,26 @@ def loglikelihoods(
     """Summed log-probability of each continuation after its context (context truncated on the left).
 
     Pairs with the same model input (e.g. BoolQ's one-token " no"/" yes") share one forward pass.
+    Each continuation is scored as soon as its batch is computed: only [batch, keep, vocab]
+    log-probabilities are ever held, however many items there are.
     """
-    inputs: dict[tuple[int, ...], int] = {}  # model input -> most continuation tokens read from it
-    keyed = []
-    for context, continuation in pairs:
+    readers: dict[tuple[int, ...], list[tuple[int, list[int]]]] = {}  # model input -> (pair, continuation)
+    for index, (context, continuation) in enumerate(pairs):
         if len(continuation) > max_length:
             raise EdgepruneError(f"an option of {len(continuation)} tokens exceeds the context of {max_length} tokens")
         key = tuple((context + continuation)[-(max_length + 1) : -1])
-        inputs[key] = max(inputs.get(key, 0), len(continuation))
-        keyed.append((key, continuation))
-    order = sorted(inputs, key=len, reverse=True)
-    cache: dict[tuple[int, ...], torch.Tensor] = {}
+        readers.setdefault(key, []).append((index, continuation))
+    order = sorted(readers, key=len, reverse=True)
+    scores = [0.0] * len(pairs)
     with torch.no_grad():
         for start in tqdm(range(0, len(order), batch_size), desc="log-likelihoods", leave=False, disable=None):
             chunk = order[start : start + batch_size]
-            logprobs = last_logprobs(model, [list(k) for k in chunk], max(inputs[k] for k in chunk))
+            keep = max(len(c) for key in chunk for _, c in readers[key])
+            logprobs = last_logprobs(model, [list(k) for k in chunk], keep)
             for row, key in enumerate(chunk):
-                cache[key] = logprobs[row, logprobs.shape[1] - inputs[key] :]
-    scores = []
-    for key, continuation in keyed:
-        rows = cache[key][len(cache[key]) - len(continuation) :]
-        scores.append(rows.gather(-1, torch.tensor(continuation)[:, None]).sum().item())
+                for index, continuation in readers[key]:
+                    rows = logprobs[row, keep - len(continuation) :]
+                    scores[index] = rows.gather(-1, torch.tensor(continuation)[:, None]).sum().item()
     return scores
 
 
