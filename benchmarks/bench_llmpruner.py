@@ -223,8 +223,20 @@ def headline(entries: list[dict], name: str, task: str) -> float | None:
     return found[-1]["metrics"][HEADLINE[task]] if found else None
 
 
+def chance_level(task: str, n: int) -> float:
+    """Expected accuracy of guessing on the task's evaluated items: mean of 1 / number of options."""
+    items = load_mc_task(task, data_dir())
+    picked = subsample(len(items), n, seed=0)
+    return sum(1 / len(items[i].choices) for i in picked) / len(picked)
+
+
 def table(entries: list[dict], names: list[str]) -> list[dict]:
-    """One row per model: params, PPL, headline accuracy per task, mean, fraction of dense mean retained."""
+    """One row per model: params, PPL, headline accuracy per task, mean, and two shares of the dense model kept.
+
+    `retained`: mean accuracy over the five tasks / the dense mean (the issue's and LLM-Pruner's figure).
+    `above_chance`: accuracy above guessing kept, summed over the tasks where the dense model is more
+    than two standard errors above guessing (near-chance tasks carry no signal to keep or lose).
+    """
     rows = []
     for name in names:
         ppl = [e for e in entries if e["model"] == name and e["task"] == "wikitext2"]
@@ -239,9 +251,16 @@ def table(entries: list[dict], names: list[str]) -> list[dict]:
                 "mean": sum(accs.values()) / len(accs) if complete else None,
             }
         )
-    dense = rows[0]["mean"]
+    dense = rows[0]
+    n = {t: next(e["n"] for e in entries if e["model"] == "dense" and e["task"] == t) for t in TASKS}
+    chance = {t: chance_level(t, n[t]) for t in TASKS}
+    informative = [t for t in TASKS if dense[t] - chance[t] > 2 * math.sqrt(dense[t] * (1 - dense[t]) / (n[t] - 1))]
+    headroom = sum(dense[t] - chance[t] for t in informative)
     for row in rows:
-        row["retained"] = row["mean"] / dense if row["mean"] is not None and dense else None
+        complete = row["mean"] is not None
+        row["retained"] = row["mean"] / dense["mean"] if complete else None
+        row["above_chance"] = sum(row[t] - chance[t] for t in informative) / headroom if complete else None
+    print("chance: " + ", ".join(f"{t} {chance[t]:.3f}" for t in TASKS) + f"; above chance in dense: {informative}")
     return rows
 
 
@@ -265,11 +284,12 @@ def print_table(rows: list[dict]) -> None:
     def fmt(v, spec: str) -> str:
         return "–" if v is None else format(v, spec)
 
-    print("| model | params | PPL@128 | " + " | ".join(TASKS) + " | mean | of dense |")
-    print("|---" * (len(TASKS) + 5) + "|")
+    print("| model | params | PPL@128 | " + " | ".join(TASKS) + " | mean | of dense | above chance kept |")
+    print("|---" * (len(TASKS) + 6) + "|")
     for r in rows:
         cells = [r["model"], fmt(r["params"], ","), fmt(r["ppl128"], ".2f")]
         cells += [fmt(r[t], ".3f") for t in TASKS] + [fmt(r["mean"], ".3f"), fmt(r["retained"], ".1%")]
+        cells += [fmt(r["above_chance"], ".1%")]
         print("| " + " | ".join(cells) + " |")
 
 
@@ -280,19 +300,36 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [1.4, 1]})
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.4), gridspec_kw={"width_ratios": [1.6, 1]})
     ours = [r for r in rows[1:] if r["retained"] is not None]
     theirs = [(k, v / LLM_PRUNER_7B["dense"]) for k, v in LLM_PRUNER_7B.items() if k != "dense"]
-    labels = [r["model"] for r in ours] + [f"LLaMA-7B\n{k}" for k, _ in theirs]
-    values = [r["retained"] for r in ours] + [v for _, v in theirs]
-    colors = ["#2b7bba" if "taylor" in r["model"] else "#e07b39" for r in ours] + ["#999999"] * len(theirs)
-    bars = left.bar(range(len(values)), [100 * v for v in values], color=colors)
-    left.bar_label(bars, fmt="%.1f%%", fontsize=8)
+    width = 0.4
+    x = list(range(len(ours)))
+    for offset, key, label, alpha in (
+        (-width / 2, "retained", "mean of 5 tasks", 1.0),
+        (width / 2, "above_chance", "above-chance accuracy", 0.55),
+    ):
+        colors = ["#2b7bba" if "taylor" in r["model"] else "#e07b39" for r in ours]
+        bars = left.bar(
+            [i + offset for i in x],
+            [100 * r[key] for r in ours],
+            width,
+            color=colors,
+            alpha=alpha,
+            label=label,
+            edgecolor="black",
+            linewidth=0.4,
+        )
+        left.bar_label(bars, fmt="%.0f", fontsize=7)
+    x_theirs = [len(ours) + i for i in range(len(theirs))]
+    bars = left.bar(x_theirs, [100 * v for _, v in theirs], width, color="#999999", label="LLM-Pruner, LLaMA-7B")
+    left.bar_label(bars, fmt="%.1f", fontsize=7)
     left.axhline(100, color="black", lw=0.8)
-    left.set_xticks(range(len(values)), labels, fontsize=7)
-    left.set_ylabel("zero-shot mean accuracy, % of dense")
-    left.set_ylim(min(80, 100 * min(values) - 3), 103)
-    title = "20% of parameters removed: accuracy retained\n(ours: SmolLM2-135M, 5 tasks; grey: LLM-Pruner, 7 tasks)"
+    labels = [r["model"] for r in ours] + [f"7B {k}" for k, _ in theirs]
+    left.set_xticks(x + x_theirs, labels, fontsize=7, rotation=20)
+    left.set_ylabel("% of the dense model kept")
+    left.legend(fontsize=7, loc="lower left")
+    title = "20% of parameters removed: zero-shot accuracy kept\n(SmolLM2-135M: 5 tasks; LLM-Pruner LLaMA-7B: 7 tasks)"
     left.set_title(title, fontsize=9)
     ppl = [r for r in rows if r["ppl128"] is not None]
     bars = right.bar(
