@@ -222,13 +222,13 @@ def print_tables(entries: list[dict]) -> None:
             print(f"| {criterion} | " + " | ".join(cells) + " |")
 
 
-def spread(entries: list[dict], kind: str, metric: str, ratio: float, chance: float | None) -> float | None:
-    """Best minus worst informed criterion (mi, fluctuation, taylor), as a share of the dense model's quality.
+def spread(entries: list[dict], kind: str, metric: str, ratio: float, chance: float | None, criteria) -> float | None:
+    """Best minus worst of `criteria` (random: its mean over seeds), as a share of the dense model's quality.
 
     Accuracy: retained points above chance, (acc - chance) / (dense - chance). Perplexity: dense/PPL.
     """
     dense = dense_value(entries, kind, metric)
-    values = [cell(entries, kind, c, ratio, metric) for c in ("mi", "fluctuation", "taylor")]
+    values = [cell(entries, kind, c, ratio, metric) for c in criteria]
     if dense is None or any(v is None for v in values):
         return None
     if chance is None:
@@ -302,12 +302,18 @@ def main() -> None:
             run_model(kind, args)
     entries = read_results(args.out)
     print_tables(entries)
+    print(
+        "\nspread (best - worst share of dense quality kept): informed = mi, fluctuation, taylor; all: + the baselines"
+    )
+    print("| ratio | encoder acc, informed | encoder acc, all | decoder dense/PPL, informed | decoder dense/PPL, all |")
+    print("|---|---|---|---|---|")
     for ratio in RATIOS:
-        enc = spread(entries, "encoder", "sst2_acc", ratio, 0.5)
-        dec = spread(entries, "decoder", "sst2_acc", ratio, 0.5)
-        ppl = spread(entries, "decoder", "ppl128", ratio, None)
-        cells = [f"{v:.3f}" if v is not None else "–" for v in (enc, dec, ppl)]
-        print(f"spread at {ratio:.0%}: encoder acc {cells[0]}, decoder acc {cells[1]}, decoder dense/PPL {cells[2]}")
+        cells = [
+            spread(entries, kind, metric, ratio, chance, criteria)
+            for kind, metric, chance in (("encoder", "sst2_acc", 0.5), ("decoder", "ppl128", None))
+            for criteria in (("mi", "fluctuation", "taylor"), CRITERIA)
+        ]
+        print(f"| {ratio:.0%} | " + " | ".join(f"{v:.3f}" if v is not None else "–" for v in cells) + " |")
     plot(entries, args.plot)
 
 
