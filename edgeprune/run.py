@@ -61,8 +61,8 @@ class RunConfig:
     criterion_options: dict = field(default_factory=dict)
     targets: tuple[str, ...] = ("ffn",)  # FFN-only probes are sliced from the dense graph in seconds
     allocation: str = "uniform"
-    protect_first: int = 0
-    protect_last: int = 0
+    protect_first: int = 1  # the first and last layers kept whole: at SmolLM2's 1.35x cut, held-out PPL 320 -> 172
+    protect_last: int = 1
     round_to: int = 1
     quantize: str | None = None
     workload: Workload = field(default_factory=Workload)

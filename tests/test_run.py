@@ -28,7 +28,7 @@ def run(*args):
 def test_run_writes_every_artifact_and_meets_params_budget(saved_llama, calibration_file, tmp_path):
     out = tmp_path / "run"
     args = [saved_llama, "--params", "60000", "--criterion", "magnitude", "--calibration", calibration_file]
-    args += ["--targets", "ffn"]
+    args += ["--targets", "ffn", "--protect-first", "0", "--protect-last", "0"]
     args += ["--runs", "2", "--warmup", "1", "--workload", "prefill=16,decode=4", "-o", out]
     result = run(*args)
     assert result.exit_code == 0, result.output
@@ -68,6 +68,8 @@ def test_run_with_recovery_records_it(saved_llama, calibration_file, tmp_path):
     record = json.loads((out / "report.json").read_text())
     assert record["recovery"]["steps"] >= 1
     assert json.loads((out / "pruned" / "edgeprune.json").read_text())["recovery"]["steps"] >= 1
+    widths = json.loads((out / "pruned" / "edgeprune.json").read_text())["layer_widths"]["intermediate_size"]
+    assert widths[0] == widths[-1] == 96 and max(widths[1:-1]) < 96  # by default the first and last layers stay whole
 
 
 def test_scores_are_reused_only_for_the_same_criterion_settings(llama, tokenizer, calibration_file, tmp_path):
