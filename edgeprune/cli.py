@@ -122,8 +122,8 @@ def score_with_progress(
     from edgeprune.calibration import labelled_batch
     from edgeprune.criteria import CRITERIA, ScoringInputs, score_groups
     from edgeprune.criteria.base import NEEDS_CALIBRATION, TAKES_LABELS
-    from edgeprune.criteria.taylor import is_sequence_classifier
     from edgeprune.evaluate.glue import GLUE_TASKS
+    from edgeprune.models import is_sequence_classifier
 
     if criterion not in CRITERIA:
         raise EdgepruneError(f"unknown criterion '{criterion}': choose from {', '.join(sorted(CRITERIA))}")

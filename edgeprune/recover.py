@@ -55,7 +55,7 @@ from transformers import (
 
 from edgeprune.calibration import PACKAGED_TEXT, tokenize_text
 from edgeprune.errors import EdgepruneError
-from edgeprune.models import adapter_for, is_decoder
+from edgeprune.models import adapter_for, is_decoder, is_sequence_classifier
 
 ALPACA_PROMPT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
@@ -267,7 +267,7 @@ def model_kind(model: PreTrainedModel) -> str:
     """Which loss the model can train with: causal LM, masked LM or sequence classification."""
     if is_decoder(model.config):
         return "decoder"
-    if type(model).__name__.endswith("ForSequenceClassification"):
+    if is_sequence_classifier(model):
         return "classifier"
     if model.get_output_embeddings() is not None:
         return "mlm"
@@ -388,7 +388,7 @@ def lora_config(model: nn.Module, config: RecoveryConfig) -> LoraConfig:
         targets = "all-linear"
     else:
         targets = [t.strip() for t in config.targets.split(",") if t.strip()]
-    task = "SEQ_CLS" if type(model).__name__.endswith("ForSequenceClassification") else None  # head in full
+    task = "SEQ_CLS" if is_sequence_classifier(model) else None  # head in full
     return LoraConfig(
         r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout, target_modules=targets, task_type=task
     )

@@ -30,7 +30,7 @@ from torch import nn
 
 from edgeprune.criteria.base import GroupScores, ScoringInputs, register
 from edgeprune.errors import EdgepruneError
-from edgeprune.models import FamilyAdapter, is_decoder
+from edgeprune.models import FamilyAdapter, is_decoder, is_sequence_classifier
 
 ORDERS = ("first", "second", "vector")
 AGGREGATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -82,10 +82,6 @@ def gradients_only_for(model: nn.Module, params: list[nn.Parameter]) -> Iterator
             p.requires_grad_(flag)
             p.grad = None
         model.train(was_training)
-
-
-def is_sequence_classifier(model: nn.Module) -> bool:
-    return type(model).__name__.endswith("ForSequenceClassification")
 
 
 def lm_targets(model: nn.Module, calibration: torch.Tensor, inputs: ScoringInputs) -> tuple[torch.Tensor, torch.Tensor]:

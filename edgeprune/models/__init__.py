@@ -29,4 +29,16 @@ def is_decoder(config: PretrainedConfig) -> bool:
     return config.model_type in LlamaAdapter.model_types
 
 
-__all__ = ["FamilyAdapter", "LayerWidths", "SUPPORTED_MODEL_TYPES", "adapter_for", "is_decoder"]
+def is_sequence_classifier(model) -> bool:
+    """A `...ForSequenceClassification` model: its loss needs task labels, not text alone."""
+    return type(model).__name__.endswith("ForSequenceClassification")
+
+
+__all__ = [
+    "FamilyAdapter",
+    "LayerWidths",
+    "SUPPORTED_MODEL_TYPES",
+    "adapter_for",
+    "is_decoder",
+    "is_sequence_classifier",
+]
