@@ -102,17 +102,31 @@ class RunConfig:
 
 @dataclass
 class Calibration:
-    """Token windows for scoring and a disjoint held-out stream for perplexity."""
+    """Token windows for scoring and a disjoint held-out stream for perplexity.
+
+    `head` is the text before the held-out tail: scoring samples it, and so does the default
+    recovery, so the reported perplexity stays held out.
+    """
 
     windows: torch.Tensor
     heldout: torch.Tensor
+    head: torch.Tensor
 
 
 def split_calibration(tokenizer, cfg: RunConfig) -> Calibration:
     tokens = tokenize_text(tokenizer, load_text(cfg.calibration))
     cut = int(len(tokens) * (1 - HELDOUT_FRACTION))
     windows = sample_windows(tokens[:cut], cfg.calib_samples, cfg.calib_seq_len, cfg.seed)
-    return Calibration(windows=windows, heldout=tokens[cut:][: cfg.eval_tokens])
+    return Calibration(windows=windows, heldout=tokens[cut:][: cfg.eval_tokens], head=tokens[:cut])
+
+
+def default_recovery_text(calib: Calibration, tokenizer, work: Path) -> Path:
+    """The calibration text minus its held-out tail, as a file recovery can train on."""
+    path = work / "recovery.txt"
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(tokenizer.decode(calib.head.tolist()), encoding="utf-8")
+    tmp.replace(path)
+    return path
 
 
 def scoring_settings(cfg: RunConfig, source_hash: str) -> dict:
@@ -324,7 +338,11 @@ def finish(cfg, out, loaded, adapter, scores, calib, runner: ProbeRunner, search
         from edgeprune.recover import recover_model
 
         say("recovering quality with LoRA")
-        recovery = recover_model(final, loaded.tokenizer, **cfg.recover_options)
+        options = dict(cfg.recover_options)
+        if options.get("data") is None:  # never the held-out tail the report's perplexity is measured on
+            options["data"] = default_recovery_text(calib, loaded.tokenizer, out / "work")
+            options.setdefault("val_size", 8)
+        recovery = recover_model(final, loaded.tokenizer, **options)
     provenance = {
         "source": loaded.source,
         "source_sha256": loaded.source_hash,

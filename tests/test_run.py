@@ -6,6 +6,7 @@ import json
 import random
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from edgeprune.checkpoint import load_pruned
@@ -73,8 +74,6 @@ def test_run_with_recovery_records_it(saved_llama, calibration_file, tmp_path):
 
 
 def test_scores_are_reused_only_for_the_same_criterion_settings(llama, tokenizer, calibration_file, tmp_path):
-    import torch
-
     from edgeprune.criteria import GroupScores
     from edgeprune.models import adapter_for
     from edgeprune.run import RunConfig, load_or_score, split_calibration
@@ -95,3 +94,15 @@ def test_scores_are_reused_only_for_the_same_criterion_settings(llama, tokenizer
     assert other.settings["criterion_options"] == {"selection": "entropy"}
     assert any(not torch.equal(a, b) for a, b in zip(first.ffn, other.ffn, strict=True))
     assert scores_for(calib_seq_len=24).settings["calib_seq_len"] == 24
+
+
+def test_default_recovery_text_leaves_out_the_held_out_tail(tokenizer, calibration_file, tmp_path):
+    from edgeprune.calibration import tokenize_text
+    from edgeprune.run import RunConfig, default_recovery_text, split_calibration
+
+    cfg = RunConfig(budgets=[], calibration=str(calibration_file), calib_samples=4)
+    calib = split_calibration(tokenizer, cfg)
+    written = tokenize_text(tokenizer, default_recovery_text(calib, tokenizer, tmp_path).read_text())
+    everything = tokenize_text(tokenizer, calibration_file.read_text())
+    assert torch.equal(written, everything[: len(written)])  # the head of the text, in order
+    assert len(written) + len(calib.heldout) <= len(everything)  # and none of the held-out tail
