@@ -54,7 +54,14 @@ from pathlib import Path
 import torch
 
 from edgeprune.evaluate.data import resolve_data_dir
-from edgeprune.evaluate.multiple_choice import DELIMITER, MCItem, load_mc_task, mc_metrics, score_items
+from edgeprune.evaluate.multiple_choice import (
+    DELIMITER,
+    MCItem,
+    load_mc_task,
+    mc_metrics,
+    predictions,
+    score_items,
+)
 from edgeprune.loading import load_model, resolve_source
 
 BENCH = Path(__file__).resolve().parent
@@ -127,14 +134,6 @@ def read_lmeval(output: Path) -> tuple[dict, list[dict]]:
     return results, sorted(samples, key=lambda s: s["doc_id"])
 
 
-def argmax(values: list[float]) -> int:
-    return max(range(len(values)), key=values.__getitem__)
-
-
-def per_char(lls: list[float], choices: tuple[str, ...] | list[str]) -> list[float]:
-    return [ll / max(1, len(c)) for ll, c in zip(lls, choices, strict=True)]
-
-
 def compare(items: list[MCItem], ours: list[list[float]], samples: list[dict]) -> dict:
     """Same prompts, options and gold; predicted-option agreement; |delta log-likelihood| per option."""
     if len(samples) != len(items):
@@ -153,8 +152,8 @@ def compare(items: list[MCItem], ours: list[list[float]], samples: list[dict]) -
         if int(sample["target"]) != item.gold:
             gold_mismatch.append(sample["doc_id"])
         deltas += [abs(a - b) for a, b in zip(lls, theirs, strict=True)]
-        same = argmax(lls) == argmax(theirs)
-        same_norm = argmax(per_char(lls, item.choices)) == argmax(per_char(theirs, item.choices))
+        ours_chosen, theirs_chosen = predictions(lls, item.choices), predictions(theirs, item.choices)
+        same, same_norm = ours_chosen[0] == theirs_chosen[0], ours_chosen[1] == theirs_chosen[1]
         agree += same
         agree_norm += same_norm
         if not (same and same_norm):

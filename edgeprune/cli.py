@@ -85,10 +85,15 @@ def calibration_options(command):
     return command
 
 
+def calib_sample_count(criterion: str, samples: int | None) -> int:
+    """--calib-samples, else the criterion's CPU-sized default."""
+    return samples if samples is not None else DEFAULT_CALIB_SAMPLES.get(criterion, ACTIVATION_CALIB_SAMPLES)
+
+
 def load_calibration(tokenizer, criterion: str, source: str | None, samples: int | None, seq_len: int, seed: int):
     from edgeprune.calibration import calibration_batch
 
-    n = samples if samples is not None else DEFAULT_CALIB_SAMPLES.get(criterion, ACTIVATION_CALIB_SAMPLES)
+    n = calib_sample_count(criterion, samples)
     if n < 1 or seq_len < 2:
         raise EdgepruneError("--calib-samples must be >= 1 and --calib-seq-len >= 2")
     with console.status(f"reading calibration text ({n} x {seq_len} tokens)"):
@@ -130,7 +135,7 @@ def score_with_progress(
     labels, token_inputs = None, {}
     source, samples, seq_len, seed = calib_settings
     if criterion in TAKES_LABELS and is_sequence_classifier(loaded.model) and source in GLUE_TASKS:
-        n = samples if samples is not None else DEFAULT_CALIB_SAMPLES.get(criterion, ACTIVATION_CALIB_SAMPLES)
+        n = calib_sample_count(criterion, samples)
         batch, token_inputs, labels = labelled_batch(loaded.tokenizer, source, None, n, seq_len, seed)
     elif criterion in NEEDS_CALIBRATION:
         batch = load_calibration(loaded.tokenizer, criterion, *calib_settings)

@@ -196,13 +196,25 @@ def loglikelihoods(
     return scores
 
 
-def mc_metrics(scores: list[list[float]], items: list[MCItem]) -> dict[str, float]:
-    """acc and acc_norm (log-likelihood per character of the option), with binomial standard errors."""
+def predictions(lls: list[float], choices: tuple[str, ...]) -> tuple[int, int]:
+    """The chosen option by log-likelihood, and by log-likelihood per character (lm-eval's acc_norm)."""
+    normed = [ll / max(1, len(choice)) for ll, choice in zip(lls, choices, strict=True)]
+    return max(range(len(lls)), key=lls.__getitem__), max(range(len(normed)), key=normed.__getitem__)
+
+
+def item_hits(scores: list[list[float]], items: list[MCItem]) -> tuple[list[bool], list[bool]]:
+    """Per item: is the acc prediction right, is the acc_norm prediction right."""
     hits, hits_norm = [], []
     for item, lls in zip(items, scores, strict=True):
-        normed = [ll / max(1, len(choice)) for ll, choice in zip(lls, item.choices, strict=True)]
-        hits.append(max(range(len(lls)), key=lls.__getitem__) == item.gold)
-        hits_norm.append(max(range(len(normed)), key=normed.__getitem__) == item.gold)
+        raw, per_char = predictions(lls, item.choices)
+        hits.append(raw == item.gold)
+        hits_norm.append(per_char == item.gold)
+    return hits, hits_norm
+
+
+def mc_metrics(scores: list[list[float]], items: list[MCItem]) -> dict[str, float]:
+    """acc and acc_norm (log-likelihood per character of the option), with binomial standard errors."""
+    hits, hits_norm = item_hits(scores, items)
     n = len(items)
     metrics = {}
     for name, values in (("acc", hits), ("acc_norm", hits_norm)):
