@@ -27,6 +27,7 @@ from pathlib import Path
 
 import psutil
 import torch
+from bench_common import data_dir
 
 from edgeprune.calibration import calibration_batch, tokenize_text
 from edgeprune.criteria import CRITERIA, GroupScores, ScoringInputs, score_groups
@@ -41,10 +42,6 @@ NOTE_FFN_WIDTH = 1128
 EXTRA_VARIANTS = {"taylor-second": ("taylor", {"taylor": "second"})}
 TAYLOR_SAMPLES = 10
 LEADING = ("fluctuation", "taylor", "mi", "random", "magnitude")  # scored first, in case a run is cut short
-
-
-def data_dir() -> Path:
-    return Path(os.environ.get("EDGEPRUNE_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 
 class PeakRSS:

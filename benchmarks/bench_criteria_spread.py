@@ -25,15 +25,12 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
-import os
-import platform
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from bench_common import append_result, data_dir, read_results
 
 from edgeprune.calibration import calibration_batch, labelled_batch, load_text, sample_windows, tokenize_text
 from edgeprune.checkpoint import is_pruned_folder, load_pruned, save_pruned
@@ -53,26 +50,9 @@ SST2_PROMPT = "{sentence}\nQuestion: Is this sentence positive or negative?\nAns
 COLORS = {"mi": "#e07b39", "fluctuation": "#8c564b", "taylor": "#2b7bba", "magnitude": "#7f7f7f", "random": "#bbbbbb"}
 
 
-def data_dir() -> Path:
-    return Path(os.environ.get("EDGEPRUNE_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
-
-
-def read_results(path: Path) -> list[dict]:
-    return json.loads(path.read_text()) if path.is_file() else []
-
-
-def record(path: Path, entry: dict) -> None:
-    """Append one result with the machine state to the JSON list in `path` (atomically)."""
-    entry = {
-        **entry,
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}",
-        "load_average_1m": round(os.getloadavg()[0], 2),
-    }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps([*read_results(path), entry], indent=2) + "\n")
-    tmp.replace(path)
+def report(path: Path, entry: dict) -> None:
+    """Append one result to the log and print it."""
+    entry = append_result(path, entry)
     metrics = ", ".join(f"{k} {v:.4f}" for k, v in entry["metrics"].items() if not k.endswith("_stderr"))
     print(f"{entry['model']} {entry['criterion']}{entry.get('seed', '')} {entry['ratio']:.0%}: {metrics}", flush=True)
 
@@ -151,7 +131,7 @@ def run_model(kind: str, args: argparse.Namespace) -> None:
         start = time.perf_counter()
         metrics = measure(kind, model, tokenizer, eval_tokens)
         entry = {"model": kind, "criterion": "dense", "ratio": 0.0, "params": params, "metrics": metrics}
-        record(args.out, {**entry, "seconds": time.perf_counter() - start})
+        report(args.out, {**entry, "seconds": time.perf_counter() - start})
     for criterion in args.criteria:
         seeds = range(args.random_seeds) if criterion == "random" else [0]
         for seed in seeds:
@@ -178,7 +158,7 @@ def run_model(kind: str, args: argparse.Namespace) -> None:
                     "score_seconds": score_seconds,
                     "metrics": metrics,
                 }
-                record(args.out, {**entry, "seconds": time.perf_counter() - start})
+                report(args.out, {**entry, "seconds": time.perf_counter() - start})
                 del pruned
 
 

@@ -26,24 +26,23 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from bench_common import append_result, data_dir, read_results
 
 from edgeprune.calibration import calibration_batch, tokenize_text
 from edgeprune.checkpoint import is_pruned_folder, load_pruned, save_pruned
 from edgeprune.criteria import ScoringInputs, score_groups
 from edgeprune.evaluate import perplexity
 from edgeprune.evaluate.data import subsample
-from edgeprune.evaluate.multiple_choice import load_mc_task, mc_metrics, score_items
+from edgeprune.evaluate.multiple_choice import item_hits, load_mc_task, mc_metrics, score_items
 from edgeprune.loading import load_model
 from edgeprune.models import adapter_for
 from edgeprune.recover import RecoveryConfig, load_recovery_data, recover
-from edgeprune.structure import PruneSpec, count_parameters, plan_widths, prune_model
+from edgeprune.run import RunConfig, parameters_at
+from edgeprune.structure import TARGETS, PruneSpec, count_parameters, prune_model
 
 OUT = Path(__file__).parent / "out"
 TASKS = ("boolq", "piqa", "winogrande", "arc_easy", "arc_challenge")
@@ -62,29 +61,6 @@ TARGET_REMOVED = 0.20
 LLM_PRUNER_7B = {"dense": 63.25, "taylor (Element¹)": 56.69, "+LoRA (Vector)": 59.23, "+LoRA (Element²)": 60.07}
 
 
-def data_dir() -> Path:
-    return Path(os.environ.get("EDGEPRUNE_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
-
-
-def read_results(path: Path) -> list[dict]:
-    return json.loads(path.read_text()) if path.is_file() else []
-
-
-def record(path: Path, entry: dict) -> None:
-    """Append one result, with the machine state, to the JSON list in `path` (written atomically)."""
-    entries = read_results(path)
-    entry = {
-        **entry,
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}",
-        "load_average_1m": round(os.getloadavg()[0], 2),
-    }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps([*entries, entry], indent=2) + "\n")
-    tmp.replace(path)
-
-
 def done(path: Path, model: str, task: str) -> bool:
     return any(e["model"] == model and e["task"] == task for e in read_results(path))
 
@@ -92,18 +68,12 @@ def done(path: Path, model: str, task: str) -> bool:
 def sparsity_for_total(model, adapter, scores, target: float) -> float:
     """The uniform sparsity of layers 4..27 that removes `target` of all parameters (bisection on the plan)."""
     total = count_parameters(model)
-    layers = adapter.layers(model)
-    dense_prunable = sum(adapter.prunable_params(layer) for layer in layers)
-
-    def removed(s: float) -> float:
-        plan = plan_widths(model, adapter, scores, spec(s))
-        kept = sum(adapter.layer_params(layer, w) for layer, w in zip(layers, plan, strict=True))
-        return (dense_prunable - kept) / total
-
-    lo, hi = 0.0, 0.9
+    cfg = RunConfig(budgets=[], targets=TARGETS, protect_first=PROTECT_FIRST, protect_last=PROTECT_LAST)
+    params_at = parameters_at(model, adapter, scores, cfg)
+    lo, hi = 0.0, 0.9  # 0.9 itself is infeasible (no FFN left): bisect without evaluating the ends
     while hi - lo > 1e-4:
         mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if removed(mid) < target else (lo, mid)
+        lo, hi = (mid, hi) if total - params_at(mid) < target * total else (lo, mid)
     return hi
 
 
@@ -186,7 +156,7 @@ def evaluate(name: str, args: argparse.Namespace) -> None:
         start = time.perf_counter()
         ppl = perplexity(model, tokens, seq_len=128)
         entry = {"model": name, "task": "wikitext2", "params": params, "metrics": {"ppl128": ppl}, "n": len(tokens)}
-        record(args.out, {**entry, "seconds": time.perf_counter() - start})
+        append_result(args.out, {**entry, "seconds": time.perf_counter() - start})
         print(f"{name} wikitext2 PPL@128 {ppl:.2f} ({len(tokens)} tokens)", flush=True)
     for task in TASKS:
         if done(args.out, name, task):
@@ -197,11 +167,7 @@ def evaluate(name: str, args: argparse.Namespace) -> None:
         start = time.perf_counter()
         lls = score_items(model, tokenizer, chosen, max_length=2048)
         metrics = mc_metrics(lls, chosen)
-        hits = [max(range(len(s)), key=s.__getitem__) == it.gold for s, it in zip(lls, chosen, strict=True)]
-        normed = [
-            max(range(len(s)), key=lambda j, s=s, it=it: s[j] / max(1, len(it.choices[j]))) == it.gold
-            for s, it in zip(lls, chosen, strict=True)
-        ]
+        hits, normed = item_hits(lls, chosen)
         entry = {
             "model": name,
             "task": task,
@@ -212,7 +178,7 @@ def evaluate(name: str, args: argparse.Namespace) -> None:
             "hits": "".join("01"[h] for h in hits),
             "hits_norm": "".join("01"[h] for h in normed),
         }
-        record(args.out, {**entry, "seconds": time.perf_counter() - start})
+        append_result(args.out, {**entry, "seconds": time.perf_counter() - start})
         print(
             f"{name} {task}: acc {metrics['acc']:.3f} acc_norm {metrics['acc_norm']:.3f} (n={len(chosen)})", flush=True
         )
@@ -367,11 +333,12 @@ def main() -> None:
         for name in args.models:
             evaluate(name, args)
     order = ["dense", "taylor", "mi", "taylor+lora", "mi+lora"]
-    rows = table(read_results(args.out), [m for m in order if any(e["model"] == m for e in read_results(args.out))])
+    entries = read_results(args.out)
+    rows = table(entries, [m for m in order if any(e["model"] == m for e in entries)])
     if rows and rows[0]["model"] == "dense":
         print_table(rows)
         for a, b in (("mi", "taylor"), ("mi+lora", "taylor+lora"), ("taylor+lora", "taylor"), ("mi+lora", "mi")):
-            diff = paired_difference(read_results(args.out), a, b)
+            diff = paired_difference(entries, a, b)
             if diff:
                 print(f"paired {a} - {b}: {diff[0]:+.4f} ± {diff[1]:.4f} over {diff[2]} items")
         plot(rows, args.plot)

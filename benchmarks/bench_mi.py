@@ -20,6 +20,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from bench_common import data_dir
 
 from edgeprune.calibration import calibration_batch, tokenize_text
 from edgeprune.criteria import ScoringInputs, score_groups
@@ -84,10 +85,6 @@ def parse_variant(spec: str) -> tuple[str, dict]:
     criterion, _, rest = spec.partition("[")
     pairs = (item.split("=", 1) for item in rest.rstrip("]").split(";") if item)
     return criterion, {k: v for k, v in pairs}
-
-
-def data_dir() -> Path:
-    return Path(os.environ.get("EDGEPRUNE_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 
 def cut_spec(model, adapter, cut: str) -> PruneSpec:

@@ -20,6 +20,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from bench_common import data_dir
 
 from edgeprune.calibration import calibration_batch, tokenize_text
 from edgeprune.criteria import ScoringInputs, score_groups
@@ -31,10 +32,6 @@ from edgeprune.structure import PruneSpec, prune_model
 
 PROTECT = 3  # first and last layers kept whole, as in bench_criteria.py
 TAYLOR_SAMPLES = 10  # LLM-Pruner's calibration size
-
-
-def data_dir() -> Path:
-    return Path(os.environ.get("EDGEPRUNE_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 
 def main() -> None:
