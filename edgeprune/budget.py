@@ -1,8 +1,12 @@
-"""Budgets and the search for the least-pruned model that meets them all.
+"""Budgets and the search for the best-quality model that meets them all.
 
-Scores are fixed; the only unknown is the global sparsity. Parameter and memory budgets
-are solved analytically (bytes per group are known); latency is measured: each probe is
-"cut at sparsity s -> export -> profile", and the search brackets the smallest passing s
+A candidate is a precision (fp32, weight-only int8/int4, ...) and a global sparsity; scores
+are fixed. Quantization-only candidates are tried first (seconds each); only when none meets
+the budgets is pruning searched, on top of each precision: per precision the least sparsity
+that meets every budget, then the candidates are compared on quality (divergence from the
+dense model on held-out text, lower is better). Parameter and memory budgets are solved
+analytically (bytes per group are known); latency is measured: each probe is "cut at
+sparsity s -> export -> quantize -> profile", and the search brackets the smallest passing s
 with secant steps on the measured latency, falling back to bisection. Every probe is
 appended to a JSONL log, so rerunning the same search replays finished probes instead of
 measuring them again.
@@ -26,6 +30,10 @@ BUDGET_KINDS = {
     "params": "parameters",
 }
 SPARSITY_DECIMALS = 3
+# Weight-only precisions the search tries, most to least faithful; "dynamic-int8" (activations quantized
+# per call) is available on request but not tried by `auto` (slower than fp32 in decode on the CPUs measured).
+PRECISIONS = ("fp32", "int8", "int4", "dynamic-int8")
+AUTO_PRECISIONS = ("fp32", "int8", "int4")
 
 
 @dataclass(frozen=True)
@@ -34,11 +42,17 @@ class Probe:
 
     sparsity: float
     params: int
+    precision: str = "fp32"
     latency_ms: float | None = None
     speedup: float | None = None  # measured alternating against dense: robust to machine drift
     onnx_mb: float | None = None
     peak_mb: float | None = None
+    divergence: float | None = None  # from the dense model on held-out text (KL nats/token): lower is better
     extra: dict = field(default_factory=dict)
+
+    @property
+    def key(self) -> tuple[str, float]:
+        return (self.precision, self.sparsity)
 
 
 @dataclass(frozen=True)
@@ -89,7 +103,7 @@ class Budget:
 
 def speedup_of(probe: Probe, dense: Probe) -> float:
     """The paired speedup where one was measured, else the ratio of separately measured latencies."""
-    if probe.sparsity == 0:
+    if probe.key == dense.key:
         return 1.0
     return probe.speedup if probe.speedup is not None else dense.latency_ms / probe.latency_ms
 
@@ -100,7 +114,11 @@ def latency_of(probe: Probe, dense: Probe) -> float:
 
 
 class UnreachableBudget(EdgepruneError):
-    """Even the most pruned allowed model misses a budget."""
+    """Even the most pruned allowed model misses a budget; `detail` is the miss alone, for combined messages."""
+
+    def __init__(self, message: str, detail: str = ""):
+        super().__init__(message)
+        self.detail = detail or message
 
 
 def all_met(budgets: list[Budget], probe: Probe, dense: Probe) -> bool:
@@ -132,7 +150,7 @@ class ProbeLog:
     def __init__(self, path: Path, settings: dict):
         self.path = Path(path)
         self.settings = settings
-        self.probes: dict[float, Probe] = {}
+        self.probes: dict[tuple[str, float], Probe] = {}
         if self.path.is_file():
             self._load()
         else:
@@ -150,7 +168,7 @@ class ProbeLog:
         for record in lines[1:]:
             if record.get("kind") == "probe":
                 probe = Probe(**{k: v for k, v in record.items() if k != "kind"})
-                self.probes[probe.sparsity] = probe
+                self.probes[probe.key] = probe
 
     def _append(self, record: dict) -> None:
         with self.path.open("a") as f:
@@ -159,7 +177,7 @@ class ProbeLog:
             os.fsync(f.fileno())
 
     def record(self, probe: Probe) -> None:
-        self.probes[probe.sparsity] = probe
+        self.probes[probe.key] = probe
         self._append({"kind": "probe", **asdict(probe)})
 
 
@@ -171,6 +189,27 @@ class SearchResult:
     dense: Probe
     probes: list[Probe]
     measured: int  # probes actually run (the rest came from the log)
+    candidates: list[Probe] = field(default_factory=list)  # per precision, the best probe meeting the budgets
+    reason: str = ""  # one line: why `best` was chosen
+
+
+class Search:
+    """Probes by (precision, sparsity) through the log: each is measured once, then replayed."""
+
+    def __init__(self, run_probe: Callable[[str, float], Probe], log: ProbeLog, max_sparsity: float):
+        self.run_probe, self.log, self.max_sparsity = run_probe, log, max_sparsity
+        self.order: list[Probe] = []
+        self.measured = 0
+
+    def __call__(self, precision: str, s: float) -> Probe:
+        s = round(min(max(s, 0.0), self.max_sparsity), SPARSITY_DECIMALS)
+        if (precision, s) not in self.log.probes:
+            self.log.record(self.run_probe(precision, s))
+            self.measured += 1
+        probe = self.log.probes[(precision, s)]
+        if probe not in self.order:
+            self.order.append(probe)
+        return probe
 
 
 def search_sparsity(
@@ -184,68 +223,152 @@ def search_sparsity(
     latency_rtol: float = 0.03,
     ideal_latency_slope: float = 0.5,
 ) -> SearchResult:
-    """The least-pruned probe meeting every budget, or UnreachableBudget.
+    """The least-pruned fp32 probe meeting every budget, or UnreachableBudget (one precision, `run_probe(s)`)."""
+    search = Search(lambda _, s: run_probe(s), log, max_sparsity)
+    check_budgets_given(budgets)
+    dense = search("fp32", 0.0)
+    best = least_sparsity(search, "fp32", dense, budgets, params_at, max_probes, tol, latency_rtol, ideal_latency_slope)
+    return SearchResult(best, dense, search.order, search.measured, [best])
+
+
+def search_candidates(
+    run_probe: Callable[[str, float], Probe],
+    budgets: list[Budget],
+    params_at: Callable[[float], int],
+    log: ProbeLog,
+    precisions: tuple[str, ...] = AUTO_PRECISIONS,
+    max_sparsity: float = 0.8,
+    max_probes: int = 8,
+    tol: float = 0.01,
+    latency_rtol: float = 0.03,
+    ideal_latency_slope: float = 0.5,
+) -> SearchResult:
+    """The best-quality candidate meeting every budget, or UnreachableBudget naming what each precision reached.
+
+    The fp32 dense model is always measured first: it is the reference of every speedup and divergence.
+    Quantization-only candidates come next; pruning is searched (per precision, at most `max_probes`
+    probes each) only when none of them meets the budgets.
+    """
+    check_budgets_given(budgets)
+    search = Search(run_probe, log, max_sparsity)
+    dense = search("fp32", 0.0)
+    unpruned = [dense] + [search(p, 0.0) for p in precisions if p != "fp32"]
+    unpruned = [p for p in unpruned if p.precision in precisions]
+    meeting = [p for p in unpruned if all_met(budgets, p, dense)]
+    if meeting:
+        best = min(meeting, key=quality_rank)
+        reason = choice_reason(best, meeting, "without pruning")
+        return SearchResult(best, dense, search.order, search.measured, meeting, reason)
+    winners, misses = [], []
+    for precision in precisions:
+        try:
+            winners.append(
+                least_sparsity(
+                    search, precision, dense, budgets, params_at, max_probes, tol, latency_rtol, ideal_latency_slope
+                )
+            )
+        except UnreachableBudget as err:
+            misses.append(f"{precision}: {err.detail}")
+    if not winners:
+        raise UnreachableBudget(
+            f"no candidate meets the budget ({'; '.join(misses)}): relax the budget, raise --max-sparsity, "
+            "or choose a faster target"
+        )
+    best = min(winners, key=quality_rank)
+    return SearchResult(best, dense, search.order, search.measured, winners, choice_reason(best, winners, "pruned"))
+
+
+PRECISION_RANK = {name: rank for rank, name in enumerate(PRECISIONS)}
+
+
+def quality_rank(probe: Probe) -> tuple:
+    """Lower is better: measured divergence first; without one, the less compressed candidate."""
+    measured = probe.divergence is not None
+    return (not measured, probe.divergence if measured else 0.0, probe.sparsity, PRECISION_RANK[probe.precision])
+
+
+def describe_candidate(probe: Probe) -> str:
+    cut = f"{probe.sparsity:.1%} pruned" if probe.sparsity else "unpruned"
+    divergence = f", divergence {probe.divergence:.4f}" if probe.divergence is not None else ""
+    return f"{probe.precision} {cut}{divergence}"
+
+
+def choice_reason(best: Probe, rivals: list[Probe], how: str) -> str:
+    """One line a person can check: the winner and what it beat."""
+    others = [describe_candidate(p) for p in rivals if p.key != best.key]
+    beaten = f"; it beat {', '.join(others)}" if others else "; no other candidate met the budgets"
+    return f"{describe_candidate(best)} meets every budget {how} with the least divergence from dense{beaten}"
+
+
+def check_budgets_given(budgets: list[Budget]) -> None:
+    if not budgets:
+        raise EdgepruneError("no budget given: pass --latency-ms, --speedup, --memory-mb, --peak-mb or --params")
+
+
+def least_sparsity(
+    search: Search,
+    precision: str,
+    dense: Probe,
+    budgets: list[Budget],
+    params_at: Callable[[float], int],
+    max_probes: int,
+    tol: float,
+    latency_rtol: float,
+    ideal_latency_slope: float,
+) -> Probe:
+    """The least-pruned probe of one precision meeting every budget, or UnreachableBudget.
 
     `params_at(s)` is the analytic parameter count at sparsity s. `ideal_latency_slope` is the
     fraction of dense latency that removing everything prunable would save (from FLOPs); it
     only shapes the first latency guess. The search stops when the pass/fail bracket is
     narrower than `tol`, when a passing probe is within `latency_rtol` of the latency target,
-    or after `max_probes` probes (the dense measurement not counted).
+    or after `max_probes` probes (the unpruned one not counted).
     """
-    if not budgets:
-        raise EdgepruneError("no budget given: pass --latency-ms, --speedup, --memory-mb, --peak-mb or --params")
-    order: list[Probe] = []
-    measured = 0
-
-    def probe(s: float) -> Probe:
-        nonlocal measured
-        s = round(min(max(s, 0.0), max_sparsity), SPARSITY_DECIMALS)
-        if s not in log.probes:
-            log.record(run_probe(s))
-            measured += 1
-        order.append(log.probes[s])
-        return log.probes[s]
-
-    dense = probe(0.0)
-    s_low = analytic_lower_bound(budgets, params_at, dense, max_sparsity)
+    start = search(precision, 0.0)
+    first = len(search.order)  # probes counted against `max_probes` are the ones after this
+    s_low = analytic_lower_bound(budgets, params_at, start, search.max_sparsity)
     target = latency_target(budgets, dense)
-    passing = [dense] if all_met(budgets, dense, dense) and s_low == 0 else []
-    failing = [] if passing else [dense]
-    guess = max(s_low, first_latency_guess(target, dense, ideal_latency_slope))
+    passing = [start] if all_met(budgets, start, dense) and s_low == 0 else []
+    failing = [] if passing else [start]
+    guess = max(s_low, first_latency_guess(target, latency_of(start, dense), ideal_latency_slope))
+    tried = [start]
     while not passing or not close_enough(passing, failing, dense, s_low, target, tol, latency_rtol):
-        if len(order) - 1 >= max_probes:
+        if len(search.order) - first >= max_probes:
             break
         lo = max(p.sparsity for p in failing)
         hi = min((p.sparsity for p in passing), default=None)
-        p = probe(clip_guess(guess, lo, hi, max_sparsity, tol))
+        p = search(precision, clip_guess(guess, lo, hi, search.max_sparsity, tol))
+        tried.append(p)
         (passing if all_met(budgets, p, dense) else failing).append(p)
-        if not passing and p.sparsity >= max_sparsity:
+        if not passing and p.sparsity >= search.max_sparsity:
             break
-        guess = next_guess(failing, passing, dense, target, max_sparsity)
+        guess = next_guess(failing, passing, dense, target, search.max_sparsity)
     if not passing:
-        worst = max(order, key=lambda p: p.sparsity)
+        worst = max(tried, key=lambda p: p.sparsity)
         missed = "; ".join(b.describe(worst, dense) for b in budgets if not b.met(worst, dense))
         raise UnreachableBudget(
             f"no sparsity up to {worst.sparsity} meets the budget ({missed}): relax the budget, "
-            "raise --max-sparsity, or choose a faster target"
+            "raise --max-sparsity, or choose a faster target",
+            detail=f"at sparsity {worst.sparsity} {missed}",
         )
-    return SearchResult(min(passing, key=lambda p: p.sparsity), dense, order, measured)
+    return min(passing, key=lambda p: p.sparsity)
 
 
 def analytic_lower_bound(
-    budgets: list[Budget], params_at: Callable[[float], int], dense: Probe, max_sparsity: float
+    budgets: list[Budget], params_at: Callable[[float], int], start: Probe, max_sparsity: float
 ) -> float:
     """Smallest sparsity the parameter and size budgets allow; no probe below it can pass.
 
-    Size is estimated as the dense file scaled by the parameter count (exact for fp32
-    weights, close for int8), then verified by the probe like every other budget.
+    Size is estimated as the unpruned file of the same precision scaled by the parameter count
+    (exact for fp32 weights; for quantized files, whose float embedding does not shrink, an
+    overestimate of the saving, so the bound stays a lower bound), then verified by the probe.
     """
     params_limit = min((b.limit for b in budgets if b.kind == "params"), default=float("inf"))
     size_limit = min((b.limit for b in budgets if b.kind == "memory_mb"), default=float("inf"))
 
     def allowed(s: float) -> bool:
         params = params_at(s)
-        size = dense.onnx_mb * params / dense.params if dense.onnx_mb else 0.0
+        size = start.onnx_mb * params / start.params if start.onnx_mb else 0.0
         return params <= params_limit and size <= size_limit
 
     s_low = smallest_sparsity(allowed, 0.0, max_sparsity)
@@ -253,16 +376,17 @@ def analytic_lower_bound(
         at_max = Probe(sparsity=max_sparsity, params=params_at(max_sparsity))
         raise UnreachableBudget(
             f"at the maximum sparsity {max_sparsity} the model keeps {at_max.params:,} parameters, too many for "
-            "the parameter or size budget: raise the budget or --max-sparsity"
+            "the parameter or size budget: raise the budget or --max-sparsity",
+            detail=f"{at_max.params:,} parameters at sparsity {max_sparsity}: too many for the budget",
         )
     return round(s_low, SPARSITY_DECIMALS)
 
 
-def first_latency_guess(target: float | None, dense: Probe, slope: float) -> float:
+def first_latency_guess(target: float | None, unpruned_ms: float, slope: float) -> float:
     """Sparsity the ideal (FLOP-proportional) latency model predicts for the target (0 if none)."""
-    if target is None or target >= dense.latency_ms:
+    if target is None or target >= unpruned_ms:
         return 0.0
-    return (1 - target / dense.latency_ms) / max(slope, 1e-3)
+    return (1 - target / unpruned_ms) / max(slope, 1e-3)
 
 
 def close_enough(

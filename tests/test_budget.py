@@ -134,3 +134,89 @@ def test_tightened_budgets_leave_a_margin_for_noise(tmp_path):
     assert safe.best.sparsity > plain.best.sparsity
     assert Budget("latency_ms", 50).tightened(0.02).limit == pytest.approx(49.0)
     assert Budget("params", 10).tightened(0.02).limit == 10  # analytic budgets need no margin
+
+
+# --- precision as a lever: quantization-only first, then pruning per precision, quality decides ---
+
+# Each precision speeds the whole workload by a fixed factor and adds a fixed divergence from dense;
+# pruning adds divergence growing with sparsity (a deterministic stand-in for held-out KL).
+QUANT_SPEEDUP = {"fp32": 1.0, "int8": 1.4, "int4": 1.6}
+QUANT_DIVERGENCE = {"fp32": 0.0, "int8": 0.004, "int4": 0.08}
+QUANT_BYTES = {"fp32": 4.0, "int8": 1.1, "int4": 0.6}
+
+
+class FakeCandidates:
+    """(precision, sparsity) -> Probe with a paired speedup, file size and divergence."""
+
+    def __init__(self, prune_divergence: float = 1.0):
+        self.calls: list[tuple[str, float]] = []
+        self.prune_divergence = prune_divergence
+
+    def __call__(self, precision: str, s: float) -> Probe:
+        self.calls.append((precision, s))
+        latency = latency_at(s) / QUANT_SPEEDUP[precision]
+        return Probe(
+            sparsity=s,
+            params=params_at(s),
+            precision=precision,
+            latency_ms=latency,
+            speedup=None if (precision, s) == ("fp32", 0.0) else latency_at(0.0) / latency,
+            onnx_mb=params_at(s) * QUANT_BYTES[precision] / 1e6,
+            divergence=QUANT_DIVERGENCE[precision] + self.prune_divergence * s**2,
+        )
+
+
+def search_all(tmp_path, budgets, fake=None, **kw):
+    from edgeprune.budget import search_candidates
+
+    fake = fake or FakeCandidates()
+    log = ProbeLog(tmp_path / "search.jsonl", {"budgets": [b.__dict__ for b in budgets]})
+    return search_candidates(fake, budgets, params_at, log, **kw), fake
+
+
+def test_quantization_only_candidate_wins_when_it_meets_the_budget(tmp_path):
+    result, fake = search_all(tmp_path, [Budget("speedup", 1.3)])
+    assert result.best.key == ("int8", 0.0)  # int4 is faster but further from dense
+    assert all(s == 0.0 for _, s in fake.calls)  # no pruning probe was needed
+    assert "int8 unpruned" in result.reason and "int4 unpruned" in result.reason
+
+
+def test_quantized_candidate_beats_a_pruned_one_that_also_meets_the_budget(tmp_path):
+    """fp32 meets 1.3x only by pruning; the quantized model meets it unpruned and is closer to dense."""
+    result, _ = search_all(tmp_path, [Budget("speedup", 1.3)], precisions=("fp32", "int8"))
+    assert result.best.key == ("int8", 0.0)
+    fp32_only, _ = search_all(tmp_path / "fp32", [Budget("speedup", 1.3)], precisions=("fp32",))
+    assert fp32_only.best.precision == "fp32" and fp32_only.best.sparsity > 0
+    assert fp32_only.best.divergence > result.best.divergence
+
+
+def test_budget_only_pruning_plus_quantization_meets_is_met_with_both(tmp_path):
+    result, fake = search_all(tmp_path, [Budget("speedup", 2.0)], max_sparsity=0.8)
+    assert result.best.sparsity > 0 and result.best.precision in ("int8", "int4")
+    assert QUANT_SPEEDUP[result.best.precision] * latency_at(0.0) / latency_at(result.best.sparsity) >= 2.0
+    # every precision that could meet it was searched, and the winner is the closest to dense among them
+    assert {c.precision for c in result.candidates} == {"fp32", "int8", "int4"}
+    assert result.best.divergence == min(c.divergence for c in result.candidates)
+    assert any(p == "fp32" and s > 0 for p, s in fake.calls)
+
+
+def test_precision_restriction_is_obeyed(tmp_path):
+    result, fake = search_all(tmp_path, [Budget("speedup", 1.3)], precisions=("int4",))
+    assert result.best.precision == "int4"
+    assert {p for p, _ in fake.calls} <= {"fp32", "int4"}  # fp32 dense is always the reference
+
+
+def test_unreachable_candidates_name_each_precision(tmp_path):
+    with pytest.raises(UnreachableBudget, match=r"fp32: .*int8: .*int4: "):
+        search_all(tmp_path, [Budget("speedup", 9.0)], max_sparsity=0.5)
+
+
+def test_memory_budget_reached_by_quantization_alone(tmp_path):
+    result, fake = search_all(tmp_path, [Budget("memory_mb", 1.5)])  # fp32 dense 4 MB, int8 1.1 MB
+    assert result.best.key == ("int8", 0.0) and all(s == 0.0 for _, s in fake.calls)
+
+
+def test_candidate_search_resumes_without_remeasuring(tmp_path):
+    first, fake = search_all(tmp_path, [Budget("speedup", 2.0)])
+    again, fake_again = search_all(tmp_path, [Budget("speedup", 2.0)])
+    assert fake_again.calls == [] and again.best == first.best and again.measured == 0
