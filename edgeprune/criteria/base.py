@@ -45,6 +45,18 @@ class GroupScores:
         save_file(tensors, str(tmp), metadata=metadata)
         tmp.replace(path)
 
+    @staticmethod
+    def is_scores_file(path: Path) -> bool:
+        """Whether `save` wrote this file, so a new score may replace it."""
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+        except Exception:  # not a safetensors file at all
+            return False
+        return {"criterion", "layers"} <= set(meta)
+
     @classmethod
     def load(cls, path: Path) -> GroupScores:
         if not path.is_file():
