@@ -217,6 +217,27 @@ def atomic_output_dir(out: Path, overwrite: bool = False, protect: Path | None =
         raise
 
 
+@contextmanager
+def atomic_output_file(path: Path) -> Iterator[Path]:
+    """Yield a temp path beside `path` (same suffix, for writers that read it); it becomes `path` in one rename.
+
+    On any failure, SIGTERM included, the temp file is removed and `path` is as it was; a full
+    disk becomes a one-line error.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+    try:
+        with sigterm_raises():
+            yield tmp
+            with sigterm_deferred():
+                tmp.replace(path)
+    except BaseException as err:
+        tmp.unlink(missing_ok=True)
+        if is_disk_full(err):
+            raise disk_full_error(path) from None
+        raise
+
+
 def check_run_output(out: Path, overwrite: bool, inputs: Iterable[Path | None]) -> Path:
     """`run`'s guard before any work: OUT resumes only in its own run folder, else it must be new or empty."""
     out = Path(out).expanduser().absolute()
@@ -228,9 +249,18 @@ def claim_run_output(out: Path, overwrite: bool, inputs: Iterable[Path | None]) 
     out = check_run_output(out, overwrite, inputs)
     if is_run_folder(out) and not overwrite:
         return out
+    if out.exists() and not is_empty_folder(out):  # an edgeprune output: a fresh folder replaces it
+        with atomic_output_dir(out, overwrite=True) as tmp:
+            write_run_marker(tmp)
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        write_run_marker(out)
+    return out
+
+
+def write_run_marker(folder: Path) -> None:
     from edgeprune import __version__
 
     marker = {"edgeprune": __version__, "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    with atomic_output_dir(out, overwrite=True) as tmp:
-        (tmp / RUN_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
-    return out
+    with atomic_output_file(folder / RUN_MARKER) as tmp:
+        tmp.write_text(json.dumps(marker, indent=2) + "\n")

@@ -175,11 +175,13 @@ def test_run_never_writes_into_the_model_folder_or_a_user_folder(saved_llama, ca
 
 def test_run_overwrite_keeps_the_run_folder_until_the_inputs_load(saved_llama, calibration_file, tmp_path):
     out = tmp_path / "run"
-    out.mkdir()  # an empty folder is adopted
+    out.mkdir()  # an empty folder is adopted, not replaced
+    inode = out.stat().st_ino
     args = [*RUN_ARGS, "--calibration", calibration_file, "-o", out]
     result = cli("run", saved_llama, *args)
     assert result.exit_code == 1 and "parameters" in result.output, result.output  # unreachable budget
     assert (out / RUN_MARKER).is_file() and (out / "search.jsonl").is_file()
+    assert out.stat().st_ino == inode
     before = snapshot(out)
     assert_one_line_error(cli("run", tmp_path / "missing-model", *args, "--overwrite"), "not found")
     assert snapshot(out) == before
@@ -269,6 +271,15 @@ def test_disk_full_during_export_is_one_line_and_leaves_nothing(saved_llama, tmp
     result = cli("export", saved_llama, "-o", out)
     assert_one_line_error(result, "disk full", str(out), "MB free")
     assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_disk_full_while_saving_scores_is_one_line_and_leaves_nothing(saved_llama, tmp_path, monkeypatch):
+    monkeypatch.setattr("edgeprune.criteria.base.save_file", raise_disk_full)
+    out = tmp_path / "out"
+    out.mkdir()
+    result = cli("score", saved_llama, "-o", out / "scores.safetensors")
+    assert_one_line_error(result, "disk full", str(out / "scores.safetensors"), "MB free")
+    assert list(out.iterdir()) == []
 
 
 def test_atomic_output_dir_keeps_the_previous_output_on_failure(tmp_path):
