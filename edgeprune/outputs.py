@@ -26,7 +26,7 @@ from edgeprune.errors import EdgepruneError
 PROVENANCE = "edgeprune.json"  # marks pruned and ONNX folders (and records where they came from)
 RUN_MARKER = "edgeprune-run.json"  # marks the OUT folder of `edgeprune run`
 MARKERS = (PROVENANCE, RUN_MARKER)
-DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+DISK_FULL_ERRNOS = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))  # EDQUOT: not on Windows
 DISK_FULL_TEXT = ("No space left on device", "os error 28", "Disk quota exceeded")  # Rust/C++ writers' wording
 
 
@@ -135,9 +135,14 @@ def check_output_file(path: Path, inputs: Iterable[Path | None], replaceable: Ca
 
 @contextmanager
 def sigterm_raises() -> Iterator[None]:
-    """SIGTERM becomes SystemExit(143) so cleanup runs (a kill would leave the temp folder behind)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield  # only the main thread may set handlers; the main thread's own write is covered
+    """SIGTERM becomes SystemExit(143) so cleanup runs (a kill would leave the temp folder behind).
+
+    Only where SIGTERM would kill the process: an ignored signal or a caller's own handler is
+    left alone, and only the main thread may set handlers.
+    """
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    if not in_main_thread or signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None):
+        yield
         return
 
     def terminate(signum: int, frame) -> None:
@@ -147,7 +152,7 @@ def sigterm_raises() -> Iterator[None]:
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 @contextmanager
