@@ -163,7 +163,8 @@ class ProbeLog:
         saved = {k: v for k, v in header.items() if k != "kind"}
         if saved != json.loads(json.dumps(self.settings)):
             raise EdgepruneError(
-                f"{self.path} records a search with other settings: use another output folder or --overwrite"
+                f"{self.path} records a search with other settings: rerun with those, choose another -o, "
+                "or pass --overwrite to start that run folder afresh"
             )
         for record in lines[1:]:
             if record.get("kind") == "probe":

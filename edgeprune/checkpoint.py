@@ -8,11 +8,7 @@ reloads exactly (plain `from_pretrained` rejects it with a size mismatch).
 from __future__ import annotations
 
 import json
-import os
 import platform
-import shutil
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -24,9 +20,8 @@ from transformers import AutoConfig, AutoTokenizer, PreTrainedModel, PreTrainedT
 from edgeprune.errors import EdgepruneError
 from edgeprune.loading import model_class
 from edgeprune.models import adapter_for
+from edgeprune.outputs import PROVENANCE, atomic_output_dir
 from edgeprune.structure import WIDTHS_KEY, apply_widths, widths_from_config
-
-PROVENANCE = "edgeprune.json"
 
 
 def is_pruned_folder(folder: Path) -> bool:
@@ -46,41 +41,6 @@ def versions() -> dict[str, str]:
         "onnxruntime": onnxruntime.__version__,
         "python": platform.python_version(),
     }
-
-
-def refuse_existing_output(out: Path, overwrite: bool) -> Path:
-    """Stop before any work when the output exists and may not be replaced; returns the absolute path."""
-    out = Path(out).expanduser().absolute()
-    if out.exists() and not overwrite:
-        raise EdgepruneError(f"output {out} already exists: choose another -o or pass --overwrite")
-    return out
-
-
-@contextmanager
-def atomic_output_dir(out: Path, overwrite: bool = False, protect: Path | None = None) -> Iterator[Path]:
-    """Yield a temp folder beside `out`; on success it replaces `out` in one rename.
-
-    Refuses an existing `out` unless `overwrite`, and never writes into `protect` (the input).
-    On failure the temp folder is removed and `out` is untouched.
-    """
-    out = Path(out).expanduser().absolute()
-    if protect is not None and out.resolve() == Path(protect).expanduser().resolve():
-        raise EdgepruneError(f"output {out} is the input model: choose another -o so the input stays intact")
-    refuse_existing_output(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
-    if out.exists():
-        out.replace(old)
-    tmp.replace(out)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def save_pruned(

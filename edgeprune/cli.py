@@ -211,16 +211,17 @@ def prune(
     overwrite: bool,
 ) -> None:
     """Score MODEL's groups, remove the lowest-scoring ones physically, and save the result."""
-    from edgeprune.checkpoint import refuse_existing_output, save_pruned
+    from edgeprune.checkpoint import save_pruned
     from edgeprune.criteria import GroupScores
     from edgeprune.loading import load_model
     from edgeprune.models import adapter_for
+    from edgeprune.outputs import check_output, local_inputs
     from edgeprune.structure import PruneSpec, prune_model
 
     spec = PruneSpec(
         sparsity, parse_targets(targets), protect_first, protect_last, round_to, allocation, min_keep=min_keep
     )
-    output = refuse_existing_output(output, overwrite)
+    output = check_output(output, overwrite, local_inputs(model, scores_path, calibration))
     with console.status("loading model"):
         loaded = load_model(model)
     adapter = adapter_for(loaded.model.config, prune_kv_heads=prune_kv_heads)
@@ -290,15 +291,17 @@ def score(
     output: Path,
 ) -> None:
     """Score every FFN neuron and attention group of MODEL once; `prune --scores` reuses the file for any cut."""
+    from edgeprune.criteria import GroupScores
     from edgeprune.loading import load_model
     from edgeprune.models import adapter_for
+    from edgeprune.outputs import check_output_file, local_inputs
 
+    output = check_output_file(output, local_inputs(model, calibration), GroupScores.is_scores_file)
     with console.status("loading model"):
         loaded = load_model(model)
     adapter = adapter_for(loaded.model.config, prune_kv_heads=prune_kv_heads)
     calib_settings = (calibration, calib_samples, calib_seq_len, seed)
     scores = score_with_progress(loaded, adapter, criterion, calib_settings, taylor, aggregation, criterion_options)
-    output = output.expanduser()
     output.parent.mkdir(parents=True, exist_ok=True)
     scores.save(output)
     table = Table(title=f"{criterion} scores of {loaded.source} (higher = keep)")
@@ -426,7 +429,9 @@ def export(
     """Export MODEL (or a pruned folder) to ONNX, verify it against PyTorch, and write the folder atomically."""
     from edgeprune.export import export_model
     from edgeprune.loading import load_model
+    from edgeprune.outputs import check_output, local_inputs
 
+    output = check_output(output, overwrite, local_inputs(model))
     with console.status("loading model"):
         loaded = load_model(model)
     provenance = {"source": loaded.source, "source_sha256": loaded.source_hash}
@@ -661,12 +666,13 @@ def finetune_head(
     SST-2 trains on train.tsv and is evaluated on dev.tsv; the other tasks train on dev's even rows
     and are evaluated on its odd rows. The output loads like any pruned folder (widths kept).
     """
-    from edgeprune.checkpoint import refuse_existing_output, save_pruned
+    from edgeprune.checkpoint import save_pruned
     from edgeprune.evaluate import evaluate_glue
     from edgeprune.evaluate import finetune_head as train
     from edgeprune.loading import DEFAULT_ENCODER, load_model
+    from edgeprune.outputs import check_output, local_inputs
 
-    output = refuse_existing_output(output, overwrite)
+    output = check_output(output, overwrite, local_inputs(model, data_dir))
     with console.status("loading model"):
         loaded = load_model(model or DEFAULT_ENCODER)
     classifier, record = train(
@@ -733,11 +739,9 @@ DEFAULT_SPEEDUP = 1.3
 @click.option("--recover-lr", type=float, default=1e-3, show_default=True, help="LoRA learning rate")
 @click.option("--seed", default=0, show_default=True)
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=Path("out/run"), show_default=True)
-@click.option("--overwrite", is_flag=True, help="start afresh, deleting OUT (default: resume in OUT)")
+@click.option("--overwrite", is_flag=True, help="start afresh, replacing OUT if it is a run folder (default: resume)")
 def run(model: str | None, output: Path, overwrite: bool, **options) -> None:
     """Prune MODEL until every budget holds on the device, then recover, export and report (resumable)."""
-    import shutil
-
     from edgeprune.devices.profiler import Workload
     from edgeprune.run import RunConfig, run_job
 
@@ -756,10 +760,10 @@ def run(model: str | None, output: Path, overwrite: bool, **options) -> None:
     options["recover_options"] = {"data": options.pop("recover_data"), **recover_settings}
     cfg = RunConfig(budgets=budgets, model=model, **options)
     cfg.spec(0.0)  # refuse bad pruning options before any work
-    if overwrite and output.exists():
-        shutil.rmtree(output)
     with console.status("starting") as status:
-        record = run_job(cfg, output, say=lambda message: (status.update(message), console.log(message)))
+        record = run_job(
+            cfg, output, say=lambda message: (status.update(message), console.log(message)), overwrite=overwrite
+        )
     final, dense = record["final"], record["dense"]
     table = Table(title=f"{record['model']} on {record['device']}: dense vs final")
     for column in ("", "dense", "final"):

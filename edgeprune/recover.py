@@ -690,13 +690,12 @@ def recover_folder(
     The input is never written; `out` is refused if it exists unless `overwrite`. Only the main
     process writes the output; the work folder is removed once the output is in place.
     """
-    from edgeprune.checkpoint import read_provenance, refuse_existing_output, save_pruned
+    from edgeprune.checkpoint import read_provenance, save_pruned
     from edgeprune.loading import load_model
+    from edgeprune.outputs import check_output, local_inputs
 
-    out = refuse_existing_output(out, overwrite)
+    out = check_output(out, overwrite, local_inputs(model_spec, data_source))
     loaded = load_model(model_spec)
-    if loaded.folder is not None and out.resolve() == loaded.folder.resolve():
-        raise EdgepruneError(f"output {out} is the input model: choose another -o so the input stays intact")
     data = load_recovery_data(data_source, loaded.tokenizer, loaded.model, config)
     accelerator = make_accelerator(config)
     work = work_dir_for(out)

@@ -42,6 +42,7 @@ from edgeprune.export.sliced import ffn_initializer_names, slice_ffn
 from edgeprune.export.verify import verify_onnx
 from edgeprune.loading import LoadedModel, load_model
 from edgeprune.models import FamilyAdapter, adapter_for, is_decoder
+from edgeprune.outputs import check_run_output, claim_run_output, local_inputs
 from edgeprune.report import write_report
 from edgeprune.runtime import MODEL_FILE
 from edgeprune.structure import LayerKeep, PruneSpec, count_parameters, cut_model, plan_widths, select_keep
@@ -299,12 +300,19 @@ def ideal_latency_slope(model: nn.Module, adapter: FamilyAdapter, cfg: RunConfig
 
 
 def run_job(
-    cfg: RunConfig, out: Path, profiler: Profiler | None = None, say: Callable[[str], None] = lambda message: None
+    cfg: RunConfig,
+    out: Path,
+    profiler: Profiler | None = None,
+    say: Callable[[str], None] = lambda message: None,
+    overwrite: bool = False,
 ) -> dict:
-    """The whole job; returns the run record also written to OUT/report.json."""
-    out = Path(out).expanduser().absolute()
-    work = out / "work"
-    work.mkdir(parents=True, exist_ok=True)
+    """The whole job; returns the run record also written to OUT/report.json.
+
+    OUT is resumed when it is a run folder; `overwrite` replaces it with a fresh one, but only
+    once the inputs have loaded, so a failing start never costs the previous results.
+    """
+    inputs = local_inputs(cfg.model, cfg.calibration, cfg.recover_options.get("data"), *cfg.device_files)
+    out = check_run_output(out, overwrite, inputs)
     say("loading model")
     loaded = load_model(cfg.model)
     model, tokenizer = loaded.model, loaded.tokenizer
@@ -312,9 +320,12 @@ def run_job(
     device = get_device(cfg.device, cfg.device_files)
     profiler = profiler or profiler_for(device, runs=cfg.runs, warmup=cfg.warmup)
     calib = split_calibration(tokenizer, cfg)
+    claim_run_output(out, overwrite, (*inputs, loaded.folder))
+    work = out / "work"
+    work.mkdir(exist_ok=True)
+    log = ProbeLog(out / "search.jsonl", cfg.settings(loaded.source_hash))  # other settings: refused before scoring
     say(f"scoring groups with {cfg.criterion}")
     scores = load_or_score(out / "scores.safetensors", model, adapter, cfg, calib, loaded.source_hash)
-    log = ProbeLog(out / "search.jsonl", cfg.settings(loaded.source_hash))
     runner = ProbeRunner(loaded, adapter, scores, cfg, calib, profiler, work)
     say("searching the sparsity that meets the budget (each probe: cut, export, profile)")
     search = search_sparsity(

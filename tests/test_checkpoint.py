@@ -74,16 +74,21 @@ def test_existing_output_is_refused_and_untouched(llama, tokenizer, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
+    for overwrite in (False, True):  # --overwrite replaces only a folder edgeprune wrote
+        with pytest.raises(EdgepruneError, match="not written by edgeprune"):
+            save_pruned(llama, tokenizer, out, {}, overwrite=overwrite)
+        assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    ours = tmp_path / "ours"
+    save_pruned(llama, tokenizer, ours, {"v": 1})
     with pytest.raises(EdgepruneError, match="already exists.*--overwrite"):
-        save_pruned(llama, tokenizer, out, {})
-    assert [p.name for p in out.iterdir()] == ["keep.txt"]
-    save_pruned(llama, tokenizer, out, {}, overwrite=True)
-    assert (out / "model.safetensors").is_file() and not (out / "keep.txt").exists()
+        save_pruned(llama, tokenizer, ours, {"v": 2})
+    save_pruned(llama, tokenizer, ours, {"v": 2}, overwrite=True)
+    assert json.loads((ours / "edgeprune.json").read_text())["v"] == 2
 
 
 def test_output_equal_to_input_is_refused(llama, tokenizer, saved_llama):
     before = {p.name: p.stat().st_mtime_ns for p in saved_llama.iterdir()}
-    with pytest.raises(EdgepruneError, match="is the input model"):
+    with pytest.raises(EdgepruneError, match="is the input"):
         save_pruned(llama, tokenizer, saved_llama, {}, overwrite=True, protect=saved_llama)
     assert {p.name: p.stat().st_mtime_ns for p in saved_llama.iterdir()} == before
 

@@ -82,10 +82,12 @@ def test_existing_output_is_refused_and_untouched(saved_llama, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
-    assert_one_line_error(run("prune", saved_llama, "--sparsity", "0.2", "-o", out), "already exists")
+    assert_one_line_error(run("prune", saved_llama, "--sparsity", "0.2", "-o", out), "not written by edgeprune")
     assert (out / "notes.txt").read_text() == "mine"
-    assert run("prune", saved_llama, "--sparsity", "0.2", "-o", out, "--overwrite").exit_code == 0
-    assert (out / "edgeprune.json").is_file()
+    pruned = tmp_path / "pruned"
+    assert run("prune", saved_llama, "--sparsity", "0.2", "-o", pruned).exit_code == 0
+    assert_one_line_error(run("prune", saved_llama, "--sparsity", "0.2", "-o", pruned), "already exists")
+    assert run("prune", saved_llama, "--sparsity", "0.2", "-o", pruned, "--overwrite").exit_code == 0
 
 
 def test_missing_model_folder_is_refused(tmp_path):

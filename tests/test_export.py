@@ -141,7 +141,7 @@ def test_existing_output_is_refused(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "mine.txt").write_text("keep")
-    with pytest.raises(EdgepruneError, match="already exists"):
+    with pytest.raises(EdgepruneError, match="not written by edgeprune"):
         export_model(tiny_bert(), make_tokenizer(), out, text=TEXT)
     assert [p.name for p in out.iterdir()] == ["mine.txt"]
 

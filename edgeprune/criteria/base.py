@@ -17,6 +17,7 @@ from torch import nn
 
 from edgeprune.errors import EdgepruneError
 from edgeprune.models import FamilyAdapter
+from edgeprune.outputs import atomic_output_file
 
 
 @dataclass
@@ -40,10 +41,21 @@ class GroupScores:
     def save(self, path: Path) -> None:
         tensors = {f"ffn.{i}": s.contiguous().float() for i, s in enumerate(self.ffn)}
         tensors |= {f"heads.{i}": s.contiguous().float() for i, s in enumerate(self.heads)}
-        tmp = path.with_name(f".{path.name}.tmp")
         metadata = {"criterion": self.criterion, "layers": str(len(self.ffn)), "settings": json.dumps(self.settings)}
-        save_file(tensors, str(tmp), metadata=metadata)
-        tmp.replace(path)
+        with atomic_output_file(path) as tmp:
+            save_file(tensors, str(tmp), metadata=metadata)
+
+    @staticmethod
+    def is_scores_file(path: Path) -> bool:
+        """Whether `save` wrote this file, so a new score may replace it."""
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+        except Exception:  # not a safetensors file at all
+            return False
+        return {"criterion", "layers"} <= set(meta)
 
     @classmethod
     def load(cls, path: Path) -> GroupScores:

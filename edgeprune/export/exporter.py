@@ -16,12 +16,13 @@ from pathlib import Path
 from optimum.exporters.onnx import onnx_export_from_model
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from edgeprune.checkpoint import PROVENANCE, atomic_output_dir, versions
+from edgeprune.checkpoint import versions
 from edgeprune.errors import EdgepruneError
 from edgeprune.export.graph import add_logits_to_keep
 from edgeprune.export.quantize import optimize_graph, quantize_int8
 from edgeprune.export.verify import VERIFY_TEXT, Verification, verify_onnx
 from edgeprune.models import is_decoder
+from edgeprune.outputs import PROVENANCE, atomic_output_dir
 from edgeprune.runtime import MODEL_FILE
 from edgeprune.structure import WIDTHS_KEY
 
