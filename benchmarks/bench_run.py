@@ -29,7 +29,7 @@ def parse_budgets(text: str) -> list[Budget]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budgets", default="speedup=1.25,speedup=1.5,memory_mb=400")
-    parser.add_argument("--quantize", choices=["int8"], default=None)
+    parser.add_argument("--quantize", choices=["int8", "int4", "dynamic-int8"], default=None)
     parser.add_argument("--criterion", default="fluctuation")
     parser.add_argument("--runs", type=int, default=10)
     args = parser.parse_args()

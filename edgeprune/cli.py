@@ -419,7 +419,11 @@ def recover(
 @click.argument("model", required=False)
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="folder for the ONNX export")
 @click.option("--task", default="auto", show_default=True, help="auto, text-generation-with-past, fill-mask, ...")
-@click.option("--quantize", type=click.Choice(["int8"]), help="also write model_int8.onnx (dynamic int8) and verify it")
+@click.option(
+    "--quantize",
+    type=click.Choice(["int8", "int4", "dynamic-int8"]),
+    help="ship model.onnx at this precision (int8/int4: weight-only MatMulNBits), verified against PyTorch",
+)
 @click.option("--optimize", is_flag=True, help="save ONNX Runtime's graph fusions into model.onnx")
 @click.option("--overwrite", is_flag=True, help="replace an existing output folder")
 @click.option("--json", "json_file", type=click.Path(path_type=Path), help="also write the export record here")
@@ -439,13 +443,14 @@ def export(
         result = export_model(
             loaded.model, loaded.tokenizer, output, task, quantize, optimize, overwrite, loaded.folder, provenance
         )
-    table = Table(title=f"{output} ({result.task}, exported in {result.export_seconds:.1f} s)")
-    for column in ("file", "size MB", "max |ORT - PyTorch|", "max |logit|", "top-1 agreement", "positions"):
+    title = f"{output}/model.onnx: {result.precision} ({result.task}, exported in {result.export_seconds:.1f} s)"
+    table = Table(title=title)
+    for column in ("precision", "size MB", "max |ORT - PyTorch|", "max |logit|", "top-1 agreement", "positions"):
         table.add_column(column, justify="right")
-    for check in result.verification.values():
+    for precision, check in result.verification.items():
         table.add_row(
-            check.onnx_file,
-            f"{result.files[check.onnx_file] / 1e6:.1f}",
+            precision + (" (shipped)" if precision == result.precision else ""),
+            f"{result.sizes[precision] / 1e6:.1f}",
             f"{check.max_abs_diff:.2e}",
             f"{check.max_abs_logit:.1f}",
             f"{check.top1_agreement:.1%}",
@@ -726,7 +731,11 @@ DEFAULT_SPEEDUP = 1.3
 @click.option("--protect-first", default=1, show_default=True, help="leave the first K layers whole")
 @click.option("--protect-last", default=1, show_default=True, help="leave the last K layers whole")
 @click.option("--round-to", default=1, show_default=True, help="round each layer's FFN width to a multiple of M")
-@click.option("--quantize", type=click.Choice(["int8"]), help="ship (and measure) a dynamic int8 model")
+@click.option(
+    "--quantize",
+    type=click.Choice(["int8", "int4", "dynamic-int8"]),
+    help="ship (and measure) the model at this precision (int8/int4: weight-only)",
+)
 @click.option("--workload", help="decoders: prefill=128,decode=32; encoders: batch=1,sequence=128")
 @click.option("--calibration", help="calibration text file or dataset name (default: packaged text)")
 @click.option("--max-sparsity", default=0.8, show_default=True, help="never cut more than this")

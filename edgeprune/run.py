@@ -36,8 +36,8 @@ from edgeprune.devices.profiler import Profiler, ProfileResult, Workload, profil
 from edgeprune.devices.profiles import get_device
 from edgeprune.errors import EdgepruneError
 from edgeprune.evaluate import perplexity
-from edgeprune.export.exporter import FP32_ATOL, INT8_FILE, check_fp32, export_model
-from edgeprune.export.quantize import quantize_int8
+from edgeprune.export.exporter import FP32_ATOL, check_fp32, export_model
+from edgeprune.export.quantize import quantize_model
 from edgeprune.export.sliced import ffn_initializer_names, slice_ffn
 from edgeprune.export.verify import verify_onnx
 from edgeprune.loading import LoadedModel, load_model
@@ -170,8 +170,9 @@ def pruned_copy(
     return pruned, keep
 
 
-def onnx_file(folder: Path, quantize: str | None) -> Path:
-    return folder / (INT8_FILE if quantize == "int8" else MODEL_FILE)
+def probe_file(folder: Path, quantize: str | None) -> Path:
+    """A work folder's file at the run's precision, beside the fp32 model.onnx it was quantized from."""
+    return folder / (f"model.{quantize}.onnx" if quantize else MODEL_FILE)
 
 
 def held_out_perplexity(model: nn.Module, calib: Calibration, cfg: RunConfig) -> float | None:
@@ -223,22 +224,25 @@ class ProbeRunner:
         self.ffn_names: list[dict] | None = None
 
     def export(self, model: nn.Module, folder: Path) -> Path:
-        export_model(model, self.loaded.tokenizer, folder, quantize=self.cfg.quantize, overwrite=True)
-        return onnx_file(folder, self.cfg.quantize)
+        export_model(model, self.loaded.tokenizer, folder, overwrite=True)
+        return self.at_precision(folder / MODEL_FILE)
+
+    def at_precision(self, fp32: Path) -> Path:
+        return quantize_model(fp32, probe_file(fp32.parent, self.cfg.quantize), self.cfg.quantize or "fp32")
 
     def dense_onnx(self) -> Path:
         folder = self.work / "dense"
-        file = onnx_file(folder, self.cfg.quantize)
+        file = probe_file(folder, self.cfg.quantize)
         return file if file.is_file() else self.export(self.loaded.model, folder)
 
     def sliced(self, model: nn.Module, keep: list[LayerKeep], folder: Path) -> Path:
         """The probe from the dense graph's sliced initializers, verified like a real export."""
-        dense_fp32 = onnx_file(self.dense_onnx().parent, None)
+        dense_fp32 = self.dense_onnx().parent / MODEL_FILE
         if self.ffn_names is None:
             self.ffn_names = ffn_initializer_names(self.loaded.model, self.adapter, onnx.load(str(dense_fp32)).graph)
         file = slice_ffn(dense_fp32, folder / MODEL_FILE, self.ffn_names, keep)
         check_fp32(verify_onnx(model, self.loaded.tokenizer, file), FP32_ATOL)
-        return quantize_int8(file, folder / INT8_FILE) if self.cfg.quantize == "int8" else file
+        return self.at_precision(file)
 
     def __call__(self, sparsity: float) -> Probe:
         model, keep = pruned_copy(self.loaded.model, self.adapter, self.scores, self.cfg.spec(sparsity))
@@ -365,10 +369,10 @@ def finish(cfg, out, loaded, adapter, scores, calib, runner: ProbeRunner, search
     save_pruned(final, loaded.tokenizer, out / "pruned", provenance, overwrite=True)
     exported = export_model(final, loaded.tokenizer, out / "onnx", quantize=cfg.quantize, overwrite=True)
     say("profiling the final model against the dense one (alternating runs)")
-    comparison = runner.profiler.compare(onnx_file(out / "onnx", cfg.quantize), runner.dense_onnx(), cfg.workload)
+    comparison = runner.profiler.compare(out / "onnx" / MODEL_FILE, runner.dense_onnx(), cfg.workload)
     final_ppl = held_out_perplexity(final, calib, cfg)
     final_probe = probe_from(
-        best.sparsity, final, onnx_file(out / "onnx", cfg.quantize), comparison.model, final_ppl, "final export"
+        best.sparsity, final, out / "onnx" / MODEL_FILE, comparison.model, final_ppl, "final export"
     )
     dense_probe = probe_from(
         0.0,

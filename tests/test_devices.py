@@ -21,7 +21,7 @@ from edgeprune.cli import main
 from edgeprune.devices.profiler import LocalProfiler, ProfileResult, Workload, profiler_for
 from edgeprune.devices.profiles import PACKAGED_DIR, get_device, load_profile
 from edgeprune.errors import EdgepruneError
-from edgeprune.export import export_model
+from edgeprune.export import export_model, quantize_weight_only
 
 TEXT = " ".join(f"w{(i * 13) % 89}" for i in range(24))
 SMALL = Workload(batch=1, sequence=16, prefill=8, decode=3)
@@ -32,7 +32,8 @@ SSHD = shutil.which("sshd") or next((p for p in ("/usr/sbin/sshd", "/usr/local/s
 def onnx_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("onnx")
     tok = make_tokenizer()
-    export_model(tiny_llama(), tok, root / "llama", quantize="int8", text=TEXT)
+    export_model(tiny_llama(), tok, root / "llama", text=TEXT)
+    quantize_weight_only(root / "llama" / "model.onnx", root / "llama" / "model.int4.onnx", bits=4)
     export_model(tiny_bert().bert, tok, root / "bert", text=TEXT)
     return root
 
@@ -109,8 +110,8 @@ def test_profile_json_has_every_field(onnx_dirs, tmp_path, family, kind):
 
 def test_against_alternates_and_reports_speedups(onnx_dirs):
     profiler = LocalProfiler(get_device("local"), runs=4, warmup=1)
-    comparison = profiler.compare(onnx_dirs / "llama" / "model_int8.onnx", onnx_dirs / "llama", SMALL)
-    assert comparison.model.model.endswith("model_int8.onnx") and comparison.baseline.model.endswith("model.onnx")
+    comparison = profiler.compare(onnx_dirs / "llama" / "model.int4.onnx", onnx_dirs / "llama", SMALL)
+    assert comparison.model.model.endswith("model.int4.onnx") and comparison.baseline.model.endswith("model.onnx")
     assert comparison.speedup > 0 and comparison.prefill_speedup > 0 and comparison.decode_speedup > 0
     assert comparison.model.file_size_mb < comparison.baseline.file_size_mb
     with pytest.raises(EdgepruneError, match="cannot compare a decoder with a encoder"):
@@ -172,7 +173,7 @@ def sshd(tmp_path_factory):
 def test_ssh_round_trip(sshd, onnx_dirs, tmp_path):
     device = load_profile(sshd)
     comparison = profiler_for(device, runs=2, warmup=1).compare(
-        onnx_dirs / "llama" / "model_int8.onnx", onnx_dirs / "llama", SMALL
+        onnx_dirs / "llama" / "model.int4.onnx", onnx_dirs / "llama", SMALL
     )
     remote = comparison.baseline.as_dict()
     assert_complete({**remote, "threads": get_device("local").threads}, "decoder")
