@@ -696,17 +696,15 @@ def finetune_head(
 
 
 def budgets_from_options(latency_ms, speedup, memory_mb, peak_mb, params) -> list:
-    """The budgets given on the command line; with none, the default job's `--speedup 1.3`."""
+    """The budgets given on the command line; with none, the run's default budget."""
     from edgeprune.budget import Budget
+    from edgeprune.run import default_budgets
 
     given = {"latency_ms": latency_ms, "speedup": speedup, "memory_mb": memory_mb, "peak_mb": peak_mb}
     budgets = [Budget(kind, limit) for kind, limit in given.items() if limit is not None]
     if params is not None:
         budgets.append(Budget("params", params))
-    return budgets or [Budget("speedup", DEFAULT_SPEEDUP)]
-
-
-DEFAULT_SPEEDUP = 1.3
+    return budgets or default_budgets()
 
 
 @main.command()
@@ -714,7 +712,7 @@ DEFAULT_SPEEDUP = 1.3
 @click.option("--device", default="local", show_default=True, help="device profile name (see `edgeprune devices`)")
 @click.option("--device-file", multiple=True, type=click.Path(path_type=Path), help="extra device profile YAML")
 @click.option("--latency-ms", type=float, help="budget: p50 latency of the workload on the device, at most")
-@click.option("--speedup", type=float, help=f"budget: speedup over dense, at least (default {DEFAULT_SPEEDUP})")
+@click.option("--speedup", type=float, help="budget: speedup over dense, at least (the default budget)")
 @click.option("--memory-mb", type=float, help="budget: ONNX file size in MB, at most")
 @click.option("--peak-mb", type=float, help="budget: peak resident memory while running, in MB, at most")
 @click.option("--params", type=int, help="budget: parameter count, at most")
@@ -732,10 +730,13 @@ DEFAULT_SPEEDUP = 1.3
 @click.option("--protect-last", default=1, show_default=True, help="leave the last K layers whole")
 @click.option("--round-to", default=1, show_default=True, help="round each layer's FFN width to a multiple of M")
 @click.option(
-    "--quantize",
-    type=click.Choice(["int8", "int4", "dynamic-int8"]),
-    help="ship (and measure) the model at this precision (int8/int4: weight-only)",
+    "--precision",
+    type=click.Choice(["auto", "fp32", "int8", "int4", "dynamic-int8"]),
+    default="auto",
+    show_default=True,
+    help="precisions the search may ship (auto: fp32 and weight-only int8/int4, the closest to dense wins)",
 )
+@click.option("--block-size", default=32, show_default=True, help="weight-only quantization block size")
 @click.option("--workload", help="decoders: prefill=128,decode=32; encoders: batch=1,sequence=128")
 @click.option("--calibration", help="calibration text file or dataset name (default: packaged text)")
 @click.option("--max-sparsity", default=0.8, show_default=True, help="never cut more than this")
@@ -770,27 +771,34 @@ def run(model: str | None, output: Path, overwrite: bool, **options) -> None:
     cfg = RunConfig(budgets=budgets, model=model, **options)
     cfg.spec(0.0)  # refuse bad pruning options before any work
     with console.status("starting") as status:
-        record = run_job(
+        result = run_job(
             cfg, output, say=lambda message: (status.update(message), console.log(message)), overwrite=overwrite
         )
-    final, dense = record["final"], record["dense"]
-    table = Table(title=f"{record['model']} on {record['device']}: dense vs final")
-    for column in ("", "dense", "final"):
-        table.add_column(column, justify="right")
+    print_run_result(result, output)
+
+
+def print_run_result(result, output: Path) -> None:
+    """Dense vs shipped table, the one-line reason, and any budget the final measurement missed."""
     from edgeprune.report import SUMMARY_ROWS, format_value
 
+    final, dense = result.final, result.dense
+    table = Table(title=f"{result.model} on {result.device}: dense vs shipped")
+    for column in ("", "dense", "shipped"):
+        table.add_column(column, justify="right")
     for key, label, fmt in SUMMARY_ROWS:
         table.add_row(label, format_value(dense.get(key), fmt), format_value(final.get(key), fmt))
     out.print(table)
     out.print(
-        f"sparsity {final['sparsity']:.1%}, speedup {final['speedup_alternating']:.2f}x (alternating runs), "
-        f"{record['probes_measured']} probes measured; report: {output / 'report.md'}, model: {output / 'onnx'}"
+        f"{final['precision']}, sparsity {final['sparsity']:.1%}, speedup {final['speedup_alternating']:.2f}x "
+        f"(alternating runs), {result.probes_measured} probes measured; report: {output / 'report.md'}, "
+        f"model: {output / 'onnx'}"
     )
-    for budget in record["budgets"]:
-        if not budget["met"]:
+    out.print(f"why: {result.reason}")
+    for budget in result.budgets:
+        if not budget.met:
             console.print(
-                f"[yellow]warning: {budget['kind']} {budget['final_value']:.4g} misses the budget "
-                f"{budget['limit']:.4g} in the final alternating measurement (noisy machine? rerun with more --runs)"
+                f"[yellow]warning: {budget.kind} {budget.final_value:.4g} misses the budget "
+                f"{budget.limit:.4g} in the final alternating measurement (noisy machine? rerun with more --runs)"
                 "[/yellow]"
             )
 

@@ -18,8 +18,11 @@ SUMMARY_ROWS = (
     ("decode_ms_per_token", "decode p50 (ms/token)", "{:.2f}"),
     ("tokens_per_s", "tokens/s (decode, or encoder sequences)", "{:.1f}"),
     ("peak_mb", "peak memory (MB)", "{:.0f}"),
-    ("perplexity", "perplexity", "{:.2f}"),
+    ("divergence", "divergence from dense (held-out)", "{:.4f}"),
+    ("perplexity", "perplexity (held-out)", "{:.2f}"),
+    ("top1_agreement", "top-1 agreement with dense", "{:.1%}"),
 )
+PRECISION_COLORS = {"fp32": "tab:blue", "int8": "tab:green", "int4": "tab:purple", "dynamic-int8": "tab:brown"}
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -33,76 +36,126 @@ def format_value(value, fmt: str) -> str:
     return "–" if value is None else fmt.format(value)
 
 
+def candidate_label(row: dict) -> str:
+    cut = f"{row['sparsity']:.1%} pruned" if row["sparsity"] else "unpruned"
+    return f"{row['precision']}, {cut}"
+
+
+def divergence_cell(row: dict) -> str:
+    value = row.get("divergence")
+    if value is None:
+        return "–"
+    stderr = row.get("divergence_stderr") or row.get("extra", {}).get("divergence_stderr")
+    return f"{value:.4f}" + (f" ± {stderr:.4f}" if stderr is not None else "")
+
+
 def summary_markdown(record: dict) -> str:
-    """Dense vs final table, the budgets and whether they hold, and the probe list."""
+    """What shipped and why, dense vs shipped, the budgets, and every candidate the search measured."""
     dense, final = record["dense"], record["final"]
     lines = [
         f"# edgeprune run: {record['model']} on {record['device']}",
         "",
-        f"Criterion `{record['criterion']}`, final sparsity {final['sparsity']:.1%} of prunable parameters"
-        f" ({1 - final['params'] / dense['params']:.1%} of all), recovery: {record.get('recovery') or 'off'}.",
+        f"Shipped: **{candidate_label(final)}** (`onnx/model.onnx`), criterion `{record['criterion']}`"
+        f" ({1 - final['params'] / dense['params']:.1%} of all parameters removed), recovery: "
+        f"{'on' if record.get('recovery') else 'off'}.",
         "",
-        "| | dense | final | change |",
+        f"Why: {record.get('reason', '')}.",
+        "",
+        "| | dense | shipped | change |",
         "|---|---|---|---|",
     ]
     for key, label, fmt in SUMMARY_ROWS:
         a, b = dense.get(key), final.get(key)
         if a is None and b is None:
             continue
-        change = f"{b / a:.2f}×" if a and b else "–"
+        change = f"{b / a:.2f}×" if a and b and key not in ("divergence", "top1_agreement") else "–"
         lines.append(f"| {label} | {format_value(a, fmt)} | {format_value(b, fmt)} | {change} |")
-    lines += ["", "## Budgets", "", "| budget | limit | final | met |", "|---|---|---|---|"]
+    lines += [
+        "",
+        f"Divergence: {final.get('divergence_measure') or 'kl'} of the shipped file's outputs from the dense "
+        f"model's on {final.get('heldout_tokens', 0):,} held-out tokens (mean ± standard error across windows).",
+        "",
+        "## Budgets (final alternating measurement against dense)",
+        "",
+        "| budget | limit | shipped | met |",
+        "|---|---|---|---|",
+    ]
     for budget in record["budgets"]:
         lines.append(
             f"| {budget['kind']} | {budget['limit']:,.4g} | {budget['final_value']:,.4g} | "
             f"{'yes' if budget['met'] else 'NO'} |"
         )
-    lines += ["", "## Probes (in search order)", ""]
-    lines.append("| sparsity | params | latency p50 (ms) | speedup vs dense (alternating) | perplexity | made by |")
-    lines.append("|---|---|---|---|---|---|")
+    lines += ["", "## Every candidate measured (in search order)", ""]
+    lines.append(
+        "| precision | sparsity | params | file MB | speedup vs dense (alternating) | divergence | perplexity "
+        "| made by |"
+    )
+    lines.append("|---|---|---|---|---|---|---|---|")
     for probe in record["probes"]:
         extra = probe.get("extra", {})
         lines.append(
-            f"| {probe['sparsity']:.3f} | {probe['params']:,} | {format_value(probe.get('latency_ms'), '{:.1f}')} | "
-            f"{format_value(probe.get('speedup'), '{:.3f}')} | {format_value(extra.get('perplexity'), '{:.2f}')} | "
+            f"| {probe.get('precision', 'fp32')} | {probe['sparsity']:.3f} | {probe['params']:,} | "
+            f"{format_value(probe.get('onnx_mb'), '{:.1f}')} | {format_value(probe.get('speedup'), '{:.3f}')} | "
+            f"{divergence_cell(probe)} | {format_value(extra.get('perplexity'), '{:.2f}')} | "
             f"{extra.get('method', '')} |"
         )
     lines += ["", f"Versions: {json.dumps(record.get('versions', {}))}", ""]
     return "\n".join(lines)
 
 
+def probe_speedup(probe: dict, record: dict) -> float:
+    """The paired speedup the budget check uses (1 for the dense reference itself)."""
+    if probe.get("precision", "fp32") == "fp32" and probe["sparsity"] == 0:
+        return 1.0
+    if probe.get("speedup"):
+        return probe["speedup"]
+    return record["dense"]["latency_ms"] / probe["latency_ms"]
+
+
+def budget_lines(record: dict) -> dict[str, list[tuple[float, str]]]:
+    """Budget limits in the plotted quantities: x = paired speedup (speedup and latency budgets, as the check
+    computes them: latency = dense latency / paired speedup) and x = file MB (size budgets)."""
+    lines: dict[str, list[tuple[float, str]]] = {"speedup": [], "onnx_mb": []}
+    dense_ms = record["dense"]["latency_ms"]
+    for budget in record["budgets"]:
+        if budget["kind"] == "speedup":
+            lines["speedup"].append((budget["limit"], f"budget: speedup >= {budget['limit']:g}"))
+        elif budget["kind"] == "latency_ms":
+            lines["speedup"].append((dense_ms / budget["limit"], f"budget: latency <= {budget['limit']:g} ms"))
+        elif budget["kind"] == "memory_mb":
+            lines["onnx_mb"].append((budget["limit"], f"budget: file <= {budget['limit']:g} MB"))
+    return lines
+
+
 def pareto_png(record: dict, path: Path) -> None:
-    """Sparsity vs latency (and perplexity) for every probe, with the latency budget drawn."""
+    """Quality against speed and against file size for every candidate, budgets drawn in the plotted quantity."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    probes = sorted(record["probes"], key=lambda p: p["sparsity"])
-    xs = [p["sparsity"] for p in probes]
-    dense_ms = record["dense"]["latency_ms"]
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
-    ys = [dense_ms / p["speedup"] if p.get("speedup") else p.get("latency_ms") for p in probes]
-    ax.plot(xs, ys, "o-", color="tab:blue", label="latency p50 (dense p50 / paired speedup)")
-    target = record.get("latency_target_ms")
-    if target:
-        ax.axhline(target, color="tab:red", linestyle="--", label=f"budget {target:.1f} ms")
+    probes = record["probes"]
     final = record["final"]
-    final_ms = dense_ms / final["speedup_alternating"] if final.get("speedup_alternating") else final["latency_ms"]
-    ax.plot([final["sparsity"]], [final_ms], "*", color="tab:green", markersize=16, label="chosen")
-    ax.set_xlabel("sparsity (fraction of prunable parameters removed)")
-    ax.set_ylabel("latency p50 (ms)")
-    ppl = [p.get("extra", {}).get("perplexity") for p in probes]
-    handles, labels = ax.get_legend_handles_labels()
-    if any(v is not None for v in ppl):
-        right = ax.twinx()
-        right.plot(xs, ppl, "s:", color="tab:orange", label="perplexity (held-out)")
-        right.set_ylabel("perplexity")
-        right.set_yscale("log")
-        more_handles, more_labels = right.get_legend_handles_labels()
-        handles, labels = handles + more_handles, labels + more_labels
-    ax.legend(handles, labels, loc="upper center", fontsize=8)
-    ax.set_title(f"{record['model']} on {record['device']}: every probe of the search")
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4), dpi=120, sharey=True)
+    panels = (("speedup", "speedup over dense fp32 (alternating runs)"), ("onnx_mb", "ONNX file (MB)"))
+    lines = budget_lines(record)
+    for ax, (quantity, label) in zip(axes, panels, strict=True):
+        for precision, color in PRECISION_COLORS.items():
+            rows = sorted((p for p in probes if p.get("precision", "fp32") == precision), key=lambda p: p["sparsity"])
+            if not rows:
+                continue
+            xs = [probe_speedup(p, record) if quantity == "speedup" else p["onnx_mb"] for p in rows]
+            ys = [p.get("divergence") for p in rows]
+            ax.plot(xs, ys, "o-", color=color, label=f"{precision} (left: unpruned, then more pruned)")
+        x_final = final["speedup_alternating"] if quantity == "speedup" else final["onnx_mb"]
+        ax.plot([x_final], [final.get("divergence")], "*", color="tab:red", markersize=16, label="shipped")
+        for x, text in lines[quantity]:
+            ax.axvline(x, color="tab:red", linestyle="--", label=text)
+        ax.set_xlabel(label)
+        ax.set_yscale("symlog", linthresh=1e-3)
+        ax.legend(fontsize=7, loc="upper left")
+    axes[0].set_ylabel("divergence from dense on held-out text (lower is better)")
+    fig.suptitle(f"{record['model']} on {record['device']}: every candidate the search measured", fontsize=10)
     fig.tight_layout()
     tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")
     fig.savefig(tmp)

@@ -1,10 +1,10 @@
-"""The `edgeprune run` job: score once, search the sparsity that meets the budgets on a device,
-recover, export, verify, profile, evaluate, report.
+"""The `edgeprune run` job: score once, search the best-quality candidate (precision x sparsity)
+that meets the budgets on a device, recover, export, verify, profile, evaluate, report.
 
 OUT layout: `scores.safetensors`, `search.jsonl` (resumable probe log), `pruned/` (a
-load_pruned folder), `onnx/` (the deployable, torch-free folder), `report.json`,
-`report.md`, `pareto.png`. Rerunning the same command in the same OUT continues: scores
-and finished probes are reused, not recomputed.
+load_pruned folder, when the chosen model is pruned), `onnx/` (the deployable, torch-free
+folder: one model.onnx at the chosen precision), `report.json`, `report.md`, `pareto.png`.
+Rerunning the same command in the same OUT continues: scores and finished probes are reused.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import shutil
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import onnx
@@ -20,13 +20,15 @@ import torch
 from torch import nn
 
 from edgeprune.budget import (
+    AUTO_PRECISIONS,
+    PRECISIONS,
     SPARSITY_DECIMALS,
     Budget,
     Probe,
     ProbeLog,
     SearchResult,
     latency_target,
-    search_sparsity,
+    search_candidates,
     smallest_sparsity,
 )
 from edgeprune.calibration import load_text, sample_windows, tokenize_text
@@ -35,26 +37,31 @@ from edgeprune.criteria import GroupScores, ScoringInputs, score_groups
 from edgeprune.devices.profiler import Profiler, ProfileResult, Workload, profiler_for
 from edgeprune.devices.profiles import get_device
 from edgeprune.errors import EdgepruneError
-from edgeprune.evaluate import perplexity
+from edgeprune.evaluate.divergence import Divergence, heldout_divergence
 from edgeprune.export.exporter import FP32_ATOL, check_fp32, export_model
-from edgeprune.export.quantize import quantize_model
+from edgeprune.export.quantize import BLOCK_SIZE, quantize_model
 from edgeprune.export.sliced import ffn_initializer_names, slice_ffn
 from edgeprune.export.verify import verify_onnx
 from edgeprune.loading import LoadedModel, load_model
-from edgeprune.models import FamilyAdapter, adapter_for, is_decoder
+from edgeprune.models import FamilyAdapter, adapter_for
 from edgeprune.outputs import check_run_output, claim_run_output, local_inputs
 from edgeprune.report import write_report
 from edgeprune.runtime import MODEL_FILE
 from edgeprune.structure import LayerKeep, PruneSpec, count_parameters, cut_model, plan_widths, select_keep
 
-HELDOUT_FRACTION = 0.2  # the tail of the calibration text, never sampled for scoring, measures perplexity
+HELDOUT_FRACTION = 0.2  # the tail of the calibration text, never sampled for scoring, measures quality
+DEFAULT_SPEEDUP = 1.3
+
+
+def default_budgets() -> list[Budget]:
+    return [Budget("speedup", DEFAULT_SPEEDUP)]
 
 
 @dataclass
 class RunConfig:
     """Everything that decides a run's result; two runs with equal configs share probes."""
 
-    budgets: list[Budget]
+    budgets: list[Budget] = field(default_factory=default_budgets)
     model: str | None = None
     device: str = "local"
     device_files: tuple[Path, ...] = ()
@@ -65,7 +72,8 @@ class RunConfig:
     protect_first: int = 1  # the first and last layers kept whole: at SmolLM2's 1.35x cut, held-out PPL 320 -> 172
     protect_last: int = 1
     round_to: int = 1
-    quantize: str | None = None
+    precision: str = "auto"  # auto: fp32, weight-only int8 and int4 are all candidates; else only this one
+    block_size: int = BLOCK_SIZE  # weight-only quantization block (inputs per scale)
     workload: Workload = field(default_factory=Workload)
     calibration: str | None = None
     calib_samples: int = 32
@@ -80,6 +88,15 @@ class RunConfig:
     seed: int = 0
     recover: bool = False
     recover_options: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.precision != "auto" and self.precision not in PRECISIONS:
+            raise EdgepruneError(f"unknown precision '{self.precision}': choose auto or one of {', '.join(PRECISIONS)}")
+
+    @property
+    def precisions(self) -> tuple[str, ...]:
+        """The precisions the search may ship."""
+        return AUTO_PRECISIONS if self.precision == "auto" else (self.precision,)
 
     def spec(self, sparsity: float) -> PruneSpec:
         return PruneSpec(
@@ -170,23 +187,20 @@ def pruned_copy(
     return pruned, keep
 
 
-def probe_file(folder: Path, quantize: str | None) -> Path:
-    """A work folder's file at the run's precision, beside the fp32 model.onnx it was quantized from."""
-    return folder / (f"model.{quantize}.onnx" if quantize else MODEL_FILE)
-
-
-def held_out_perplexity(model: nn.Module, calib: Calibration, cfg: RunConfig) -> float | None:
-    if not is_decoder(model.config) or len(calib.heldout) < cfg.eval_seq_len:
+def measure_quality(file: Path, dense: nn.Module, calib: Calibration, cfg: RunConfig) -> Divergence | None:
+    """Divergence from the dense model on the held-out tail, through ORT on this exact file (None: too little text)."""
+    if len(calib.heldout) < cfg.eval_seq_len:
         return None
-    return perplexity(model, calib.heldout, seq_len=cfg.eval_seq_len)
+    return heldout_divergence(file, dense, calib.heldout, seq_len=cfg.eval_seq_len)
 
 
 def probe_from(
+    precision: str,
     sparsity: float,
     model: nn.Module,
     file: Path,
     result: ProfileResult,
-    ppl: float | None,
+    quality: Divergence | None,
     method: str,
     speedup: float | None = None,
 ) -> Probe:
@@ -194,12 +208,18 @@ def probe_from(
     return Probe(
         sparsity=sparsity,
         params=count_parameters(model),
+        precision=precision,
         latency_ms=result.latency_ms.p50,
         speedup=speedup,
         onnx_mb=file.stat().st_size / 1e6,
         peak_mb=result.peak_rss_mb,
+        divergence=quality.mean if quality else None,
         extra={
-            "perplexity": ppl,
+            "divergence_stderr": quality.stderr if quality else None,
+            "divergence_measure": quality.measure if quality else None,
+            "perplexity": quality.perplexity if quality else None,
+            "top1_agreement": quality.top1_agreement if quality else None,
+            "heldout_tokens": quality.tokens if quality else 0,
             "latency_p90_ms": result.latency_ms.p90,
             "tokens_per_s": result.tokens_per_s or result.decode_tokens_per_s,
             "prefill_ms": result.prefill_ms.p50 if result.prefill_ms else None,
@@ -210,12 +230,12 @@ def probe_from(
 
 
 class ProbeRunner:
-    """One probe: cut a copy of the dense model at s, export it, profile it, measure held-out perplexity.
+    """One probe: cut a copy of the dense model at s, export it, quantize it, profile it, measure its quality.
 
     The dense model is exported once (`work/dense`, kept for the final alternating comparison).
     FFN-only probes are made by slicing that graph's initializers and verified against the
-    cut PyTorch model; probes that cut heads are exported in full. Probe files are deleted
-    once measured.
+    cut PyTorch model; probes that cut heads are exported in full. Quantized probes are the
+    fp32 probe through the shipping quantizer (seconds). Probe files are deleted once measured.
     """
 
     def __init__(self, loaded: LoadedModel, adapter, scores, cfg: RunConfig, calib, profiler: Profiler, work: Path):
@@ -225,42 +245,47 @@ class ProbeRunner:
 
     def export(self, model: nn.Module, folder: Path) -> Path:
         export_model(model, self.loaded.tokenizer, folder, overwrite=True)
-        return self.at_precision(folder / MODEL_FILE)
-
-    def at_precision(self, fp32: Path) -> Path:
-        return quantize_model(fp32, probe_file(fp32.parent, self.cfg.quantize), self.cfg.quantize or "fp32")
+        return folder / MODEL_FILE
 
     def dense_onnx(self) -> Path:
-        folder = self.work / "dense"
-        file = probe_file(folder, self.cfg.quantize)
-        return file if file.is_file() else self.export(self.loaded.model, folder)
+        file = self.work / "dense" / MODEL_FILE
+        return file if file.is_file() else self.export(self.loaded.model, file.parent)
 
     def sliced(self, model: nn.Module, keep: list[LayerKeep], folder: Path) -> Path:
         """The probe from the dense graph's sliced initializers, verified like a real export."""
-        dense_fp32 = self.dense_onnx().parent / MODEL_FILE
+        dense = self.dense_onnx()
         if self.ffn_names is None:
-            self.ffn_names = ffn_initializer_names(self.loaded.model, self.adapter, onnx.load(str(dense_fp32)).graph)
-        file = slice_ffn(dense_fp32, folder / MODEL_FILE, self.ffn_names, keep)
+            self.ffn_names = ffn_initializer_names(self.loaded.model, self.adapter, onnx.load(str(dense)).graph)
+        file = slice_ffn(dense, folder / MODEL_FILE, self.ffn_names, keep)
         check_fp32(verify_onnx(model, self.loaded.tokenizer, file), FP32_ATOL)
-        return self.at_precision(file)
+        return file
 
-    def __call__(self, sparsity: float) -> Probe:
+    def fp32_probe(self, model: nn.Module, keep: list[LayerKeep] | None, folder: Path) -> tuple[Path, str]:
+        if keep is None:
+            return self.dense_onnx(), "dense export"
+        if all(entry.heads is None for entry in keep):
+            return self.sliced(model, keep, folder), "sliced from dense"
+        return self.export(model, folder), "full export"
+
+    def __call__(self, precision: str, sparsity: float) -> Probe:
         model, keep = pruned_copy(self.loaded.model, self.adapter, self.scores, self.cfg.spec(sparsity))
-        folder = self.work / f"s{sparsity:.3f}"
-        if keep is None:
-            file, method = self.dense_onnx(), "dense export"
-        elif all(entry.heads is None for entry in keep):
-            file, method = self.sliced(model, keep, folder), "sliced from dense"
-        else:
-            file, method = self.export(model, folder), "full export"
-        ppl = held_out_perplexity(model, self.calib, self.cfg)
-        if keep is None:
-            return probe_from(sparsity, model, file, self.profiler.profile(file, self.cfg.workload), ppl, method)
-        # alternate with the dense model so machine drift cancels out of the ratio
-        comparison = self.profiler.compare(file, self.dense_onnx(), self.cfg.workload)
-        probe = probe_from(sparsity, model, file, comparison.model, ppl, method, comparison.speedup)
-        shutil.rmtree(folder, ignore_errors=True)
-        return probe
+        folder = self.work / f"{precision}-s{sparsity:.3f}"
+        fp32, method = self.fp32_probe(model, keep, folder)
+        file = fp32
+        if precision != "fp32":
+            folder.mkdir(parents=True, exist_ok=True)
+            file = quantize_model(fp32, folder / f"model.{precision}.onnx", precision, self.cfg.block_size)
+            method += f" + {precision}"
+        try:
+            quality = measure_quality(file, self.loaded.model, self.calib, self.cfg)
+            if (precision, sparsity) == ("fp32", 0.0):
+                measured = self.profiler.profile(file, self.cfg.workload)
+                return probe_from(precision, 0.0, model, file, measured, quality, method)
+            # alternate with the dense model so machine drift cancels out of the ratio
+            comparison = self.profiler.compare(file, self.dense_onnx(), self.cfg.workload)
+            return probe_from(precision, sparsity, model, file, comparison.model, quality, method, comparison.speedup)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def parameters_at(model: nn.Module, adapter: FamilyAdapter, scores: GroupScores, cfg: RunConfig) -> Callable:
@@ -309,8 +334,8 @@ def run_job(
     profiler: Profiler | None = None,
     say: Callable[[str], None] = lambda message: None,
     overwrite: bool = False,
-) -> dict:
-    """The whole job; returns the run record also written to OUT/report.json.
+) -> RunResult:
+    """The whole job; returns the run's result, also written to OUT/report.json.
 
     OUT is resumed when it is a run folder; `overwrite` replaces it with a fresh one, but only
     once the inputs have loaded, so a failing start never costs the previous results.
@@ -331,88 +356,148 @@ def run_job(
     say(f"scoring groups with {cfg.criterion}")
     scores = load_or_score(out / "scores.safetensors", model, adapter, cfg, calib, loaded.source_hash)
     runner = ProbeRunner(loaded, adapter, scores, cfg, calib, profiler, work)
-    say("searching the sparsity that meets the budget (each probe: cut, export, profile)")
-    search = search_sparsity(
+    say(f"searching the best model that meets the budget ({', '.join(cfg.precisions)}; quantization first)")
+    search = search_candidates(
         runner,
         [budget.tightened(cfg.timing_margin) for budget in cfg.budgets],
         parameters_at(model, adapter, scores, cfg),
         log,
+        precisions=cfg.precisions,
         max_sparsity=feasible_max_sparsity(model, adapter, scores, cfg),
         max_probes=cfg.max_probes,
         ideal_latency_slope=ideal_latency_slope(model, adapter, cfg),
     )
-    return finish(cfg, out, loaded, adapter, scores, calib, runner, search, device.name, say)
+    say(search.reason)
+    return finish(FinishInputs(cfg, out, loaded, adapter, scores, calib, runner, device.name), search, say)
 
 
-def finish(cfg, out, loaded, adapter, scores, calib, runner: ProbeRunner, search: SearchResult, device, say) -> dict:
-    """Cut at the chosen sparsity, recover, save, export, compare against dense, report."""
-    best = search.best
-    final, _ = pruned_copy(loaded.model, adapter, scores, cfg.spec(best.sparsity))
+@dataclass
+class FinishInputs:
+    """What the last step needs from the search's set-up."""
+
+    cfg: RunConfig
+    out: Path
+    loaded: LoadedModel
+    adapter: FamilyAdapter
+    scores: GroupScores
+    calib: Calibration
+    runner: ProbeRunner
+    device: str
+
+
+@dataclass
+class BudgetCheck:
+    """One budget against the shipped model, measured alternating with dense in the final comparison."""
+
+    kind: str
+    limit: float
+    final_value: float
+    met: bool
+
+
+@dataclass
+class RunResult:
+    """Everything a run decided and measured; report.py and the CLI read it (report.json is its as_dict)."""
+
+    model: str
+    device: str
+    criterion: str
+    config: dict
+    budgets: list[BudgetCheck]
+    latency_target_ms: float | None
+    dense: dict
+    final: dict
+    candidates: list[dict]
+    probes: list[dict]
+    probes_measured: int
+    reason: str
+    export: dict
+    profile: dict
+    recovery: dict | None
+    versions: dict
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def met(self) -> bool:
+        return all(b.met for b in self.budgets)
+
+
+def finish(inputs: FinishInputs, search: SearchResult, say: Callable[[str], None]) -> RunResult:
+    """Cut at the chosen sparsity, recover, save, export at the chosen precision, compare against dense, report."""
+    cfg, loaded, best = inputs.cfg, inputs.loaded, search.best
+    final, _ = pruned_copy(loaded.model, inputs.adapter, inputs.scores, cfg.spec(best.sparsity))
     recovery = None
-    if cfg.recover:
+    if cfg.recover and best.sparsity > 0:
         from edgeprune.recover import recover_model
 
         say("recovering quality with LoRA")
         options = dict(cfg.recover_options)
-        if options.get("data") is None:  # never the held-out tail the report's perplexity is measured on
-            options["data"] = default_recovery_text(calib, loaded.tokenizer, out / "work")
+        if options.get("data") is None:  # never the held-out tail the report's quality is measured on
+            options["data"] = default_recovery_text(inputs.calib, loaded.tokenizer, inputs.out / "work")
             options.setdefault("val_size", 8)
         recovery = recover_model(final, loaded.tokenizer, **options)
-    provenance = {
-        "source": loaded.source,
-        "source_sha256": loaded.source_hash,
-        "criterion": cfg.criterion,
-        "sparsity": best.sparsity,
-        "recovery": recovery,
-    }
-    say("saving, exporting and verifying the final model")
-    save_pruned(final, loaded.tokenizer, out / "pruned", provenance, overwrite=True)
-    exported = export_model(final, loaded.tokenizer, out / "onnx", quantize=cfg.quantize, overwrite=True)
+    if best.sparsity > 0:  # an unpruned candidate's PyTorch model is the input itself
+        provenance = {
+            "source": loaded.source,
+            "source_sha256": loaded.source_hash,
+            "criterion": cfg.criterion,
+            "sparsity": best.sparsity,
+            "recovery": recovery,
+        }
+        say("saving the pruned model")
+        save_pruned(final, loaded.tokenizer, inputs.out / "pruned", provenance, overwrite=True)
+    say(f"exporting and verifying the final model ({best.precision})")
+    shipped = inputs.out / "onnx"
+    exported = export_model(
+        final, loaded.tokenizer, shipped, quantize=best.precision, block_size=cfg.block_size, overwrite=True
+    )
     say("profiling the final model against the dense one (alternating runs)")
-    comparison = runner.profiler.compare(out / "onnx" / MODEL_FILE, runner.dense_onnx(), cfg.workload)
-    final_ppl = held_out_perplexity(final, calib, cfg)
+    dense_file = inputs.runner.dense_onnx()
+    comparison = inputs.runner.profiler.compare(shipped / MODEL_FILE, dense_file, cfg.workload)
+    quality = measure_quality(shipped / MODEL_FILE, loaded.model, inputs.calib, cfg)
     final_probe = probe_from(
-        best.sparsity, final, out / "onnx" / MODEL_FILE, comparison.model, final_ppl, "final export"
+        best.precision,
+        best.sparsity,
+        final,
+        shipped / MODEL_FILE,
+        comparison.model,
+        quality,
+        "final export",
+        comparison.speedup,
     )
-    dense_probe = probe_from(
-        0.0,
-        loaded.model,
-        runner.dense_onnx(),
-        comparison.baseline,
-        search.dense.extra.get("perplexity"),
-        "dense export",
+    baseline = comparison.baseline.latency_ms
+    dense_probe = replace(
+        search.dense, latency_ms=baseline.p50, extra={**search.dense.extra, "latency_p90_ms": baseline.p90}
     )
-    record = run_record(cfg, loaded, device, search, final_probe, dense_probe, comparison, exported, recovery)
-    write_report(record, out)
-    return record
+    result = RunResult(
+        model=loaded.source,
+        device=inputs.device,
+        criterion=cfg.criterion,
+        config=cfg.settings(loaded.source_hash) | {"max_probes": cfg.max_probes, "recover": cfg.recover},
+        budgets=[check_budget(b, final_probe, dense_probe) for b in cfg.budgets],
+        latency_target_ms=latency_target(cfg.budgets, dense_probe),
+        dense=flat(dense_probe),
+        final=flat(final_probe) | {"speedup_alternating": comparison.speedup},
+        candidates=[flat(p) for p in search.candidates],
+        probes=[asdict(p) for p in search.probes],
+        probes_measured=search.measured,
+        reason=search.reason,
+        export=exported.as_dict(),
+        profile={"final": comparison.model.as_dict(), "dense": comparison.baseline.as_dict()},
+        recovery=recovery,
+        versions=versions(),
+    )
+    write_report(result.as_dict(), inputs.out)
+    return result
+
+
+def check_budget(budget: Budget, final: Probe, dense: Probe) -> BudgetCheck:
+    """The user's budget (not the search's tightened one) on the final alternating measurement."""
+    return BudgetCheck(budget.kind, budget.limit, budget.value(final, dense), budget.met(final, dense))
 
 
 def flat(probe: Probe) -> dict:
     """A probe as one flat dict of numbers, for tables."""
     return {k: v for k, v in asdict(probe).items() if k != "extra"} | probe.extra
-
-
-def run_record(cfg, loaded, device, search, final, dense, comparison, exported, recovery) -> dict:
-    final_row, dense_row = flat(final), flat(dense)
-    budgets = []
-    for budget in cfg.budgets:
-        # the speedup that counts is the alternating one, measured in the same run as dense
-        value = comparison.speedup if budget.kind == "speedup" else budget.value(final, dense)
-        met = value >= budget.limit if budget.kind == "speedup" else value <= budget.limit
-        budgets.append({**asdict(budget), "final_value": value, "met": met})
-    return {
-        "model": loaded.source,
-        "device": device,
-        "criterion": cfg.criterion,
-        "config": cfg.settings(loaded.source_hash) | {"max_probes": cfg.max_probes, "recover": cfg.recover},
-        "budgets": budgets,
-        "latency_target_ms": latency_target(cfg.budgets, search.dense),
-        "dense": dense_row,
-        "final": final_row | {"speedup_alternating": comparison.speedup},
-        "probes": [asdict(p) for p in search.probes],
-        "probes_measured": search.measured,
-        "export": exported.as_dict(),
-        "profile": {"final": comparison.model.as_dict(), "dense": comparison.baseline.as_dict()},
-        "recovery": recovery,
-        "versions": versions(),
-    }

@@ -42,7 +42,17 @@ def test_run_writes_every_artifact_and_meets_params_budget(saved_llama, calibrat
     assert record["budgets"][0]["met"] and record["final"]["params"] <= 60000
     assert record["final"]["latency_ms"] > 0 and record["dense"]["latency_ms"] > 0
     assert record["final"]["perplexity"] is not None
-    assert [p["extra"]["method"] for p in record["probes"]] == ["dense export", "sliced from dense"]
+    # quantization alone cannot meet a parameter budget; each precision is then cut at the same analytic
+    # sparsity, and at equal cut fp32 is the closest to dense
+    assert [p["extra"]["method"] for p in record["probes"]] == [
+        "dense export",
+        "dense export + int8",
+        "dense export + int4",
+        "sliced from dense",
+        "sliced from dense + int8",
+        "sliced from dense + int4",
+    ]
+    assert record["final"]["precision"] == "fp32"
     assert "| parameters |" in (out / "report.md").read_text()
     # rerunning the same command reuses every probe
     again = run(*args)
