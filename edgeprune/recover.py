@@ -691,10 +691,11 @@ def recover_folder(
     process writes the output; the work folder is removed once the output is in place.
     """
     from edgeprune.checkpoint import read_provenance, refuse_existing_output, save_pruned
-    from edgeprune.loading import load_model
+    from edgeprune.loading import load_model, require_tokenizer
 
     out = refuse_existing_output(out, overwrite)
     loaded = load_model(model_spec)
+    require_tokenizer(loaded.tokenizer, loaded.source, "recovery", "prune with --tokenizer PATH_OR_ID so it keeps one")
     if loaded.folder is not None and out.resolve() == loaded.folder.resolve():
         raise EdgepruneError(f"output {out} is the input model: choose another -o so the input stays intact")
     data = load_recovery_data(data_source, loaded.tokenizer, loaded.model, config)

@@ -40,7 +40,7 @@ from edgeprune.export.exporter import FP32_ATOL, INT8_FILE, check_fp32, export_m
 from edgeprune.export.quantize import quantize_int8
 from edgeprune.export.sliced import ffn_initializer_names, slice_ffn
 from edgeprune.export.verify import verify_onnx
-from edgeprune.loading import LoadedModel, load_model
+from edgeprune.loading import LoadedModel, load_model, require_tokenizer
 from edgeprune.models import FamilyAdapter, adapter_for, is_decoder
 from edgeprune.report import write_report
 from edgeprune.runtime import MODEL_FILE
@@ -79,6 +79,8 @@ class RunConfig:
     seed: int = 0
     recover: bool = False
     recover_options: dict = field(default_factory=dict)
+    tokenizer: str | None = None  # --tokenizer, for a model saved without one
+    timeout: float | None = None  # seconds per profiling call (None: derived from the workload)
 
     def spec(self, sparsity: float) -> PruneSpec:
         return PruneSpec(
@@ -93,8 +95,10 @@ class RunConfig:
     def settings(self, source_hash: str) -> dict:
         """What the probe log must agree on to be reused (not the probe cap nor the run count)."""
         record = asdict(self)
-        for volatile in ("max_probes", "recover", "recover_options", "device_files"):
+        for volatile in ("max_probes", "recover", "recover_options", "device_files", "timeout"):
             record.pop(volatile)
+        if record["tokenizer"] is None:  # logs written before --tokenizer existed stay resumable
+            record.pop("tokenizer")
         record["budgets"] = [asdict(b) for b in self.budgets]
         record["source_sha256"] = source_hash
         return record
@@ -306,11 +310,11 @@ def run_job(
     work = out / "work"
     work.mkdir(parents=True, exist_ok=True)
     say("loading model")
-    loaded = load_model(cfg.model)
-    model, tokenizer = loaded.model, loaded.tokenizer
+    loaded = load_model(cfg.model, cfg.tokenizer)
+    model, tokenizer = loaded.model, require_tokenizer(loaded.tokenizer, loaded.source, "the run's calibration")
     adapter = adapter_for(model.config)
     device = get_device(cfg.device, cfg.device_files)
-    profiler = profiler or profiler_for(device, runs=cfg.runs, warmup=cfg.warmup)
+    profiler = profiler or profiler_for(device, runs=cfg.runs, warmup=cfg.warmup, timeout=cfg.timeout)
     calib = split_calibration(tokenizer, cfg)
     say(f"scoring groups with {cfg.criterion}")
     scores = load_or_score(out / "scores.safetensors", model, adapter, cfg, calib, loaded.source_hash)
