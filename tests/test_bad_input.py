@@ -7,8 +7,12 @@ refused in one line that names the fix, never with a traceback.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import os
+import pwd
+import shutil
 import socket
 import subprocess
 import sys
@@ -20,11 +24,12 @@ import pytest
 import torch
 from conftest import VOCAB, make_tokenizer
 from test_cli import assert_one_line_error, run
+from test_devices import SMALL, onnx_dirs, sshd  # noqa: F401 (fixtures: a real sshd on loopback, tiny exports)
 
 from edgeprune.budget import Budget, Probe, ProbeLog
 from edgeprune.checkpoint import load_pruned
-from edgeprune.devices.profiler import LocalProfiler, Workload
-from edgeprune.devices.profiles import get_device
+from edgeprune.devices.profiler import LocalProfiler, Workload, profiler_for
+from edgeprune.devices.profiles import get_device, load_profile
 from edgeprune.errors import EdgepruneError
 from edgeprune.loading import load_model, resolve_source
 
@@ -415,3 +420,27 @@ def test_unparseable_df_output_is_one_line(text):
     with pytest.raises(EdgepruneError, match="df") as err:
         free_mb_from_df(text, "board")
     assert "\n" not in str(err.value)
+
+
+def test_ssh_python_with_arguments_and_a_home_workdir(sshd, onnx_dirs):  # noqa: F811
+    home = Path(pwd.getpwuid(os.getuid()).pw_dir)  # the board's $HOME (this machine, over loopback)
+    name = f"edgeprune-test-{os.getpid()}"
+    python = f"/usr/bin/env {sys.executable}"
+    device = dataclasses.replace(load_profile(sshd), python=python, workdir=f"~/{name}")
+    try:
+        result = profiler_for(device, runs=1, warmup=1).profile(onnx_dirs / "bert", SMALL)
+        assert result.latency_ms.p50 > 0
+        assert (home / name).is_dir() and list((home / name).iterdir()) == []  # the run folder is removed
+    finally:
+        shutil.rmtree(home / name, ignore_errors=True)
+        shutil.rmtree(home / "~" / name, ignore_errors=True)  # where a quoted ~ would have put it
+        if (home / "~").is_dir() and not any((home / "~").iterdir()):
+            (home / "~").rmdir()
+
+
+def test_ssh_runner_that_overruns_its_timeout_is_one_line(sshd, onnx_dirs):  # noqa: F811
+    device = load_profile(sshd)
+    with pytest.raises(EdgepruneError, match="did not finish within 0.05 s") as err:
+        profiler_for(device, runs=1, warmup=1, timeout=0.05).profile(onnx_dirs / "bert", SMALL)
+    assert "\n" not in str(err.value)
+    assert list(Path(device.workdir).iterdir()) == []  # runner stopped, run folder removed
