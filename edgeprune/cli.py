@@ -486,7 +486,10 @@ def export(
         Path(json_file).write_text(json.dumps(result.as_dict(), indent=2) + "\n")
 
 
-TIMEOUT_HELP = "seconds one profiling run may take before the device counts as hung (default: from the workload)"
+TIMEOUT_HELP = (
+    "seconds one profiling call (warm-up and timed runs) may take before the device counts as hung "
+    "(default: a generous multiple of a slow board's time for the model and workload)"
+)
 
 
 def stats_cell(stats) -> str:
