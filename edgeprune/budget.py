@@ -15,6 +15,7 @@ measuring them again.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -34,6 +35,13 @@ SPARSITY_DECIMALS = 3
 # per call) is available on request but not tried by `auto` (slower than fp32 in decode on the CPUs measured).
 PRECISIONS = ("fp32", "int8", "int4", "dynamic-int8")
 AUTO_PRECISIONS = ("fp32", "int8", "int4")
+BUDGET_RULES = {
+    "latency_ms": "a latency budget must be > 0 ms",
+    "speedup": "a speedup must be >= 1 (1 = as fast as dense)",
+    "memory_mb": "a size budget must be > 0 MB",
+    "peak_mb": "a memory budget must be > 0 MB",
+    "params": "a parameter budget must be a positive whole number",
+}
 
 
 @dataclass(frozen=True)
@@ -65,8 +73,9 @@ class Budget:
     def __post_init__(self) -> None:
         if self.kind not in BUDGET_KINDS:
             raise EdgepruneError(f"unknown budget '{self.kind}': choose from {', '.join(BUDGET_KINDS)}")
-        if self.limit <= 0 or (self.kind == "speedup" and self.limit < 1):
-            raise EdgepruneError(f"budget {self.kind}={self.limit} is not positive (a speedup must be >= 1)")
+        if not budget_limit_valid(self.kind, self.limit):
+            rule = BUDGET_RULES[self.kind] if math.isfinite(self.limit) else "a budget must be a finite number"
+            raise EdgepruneError(f"budget {self.kind}={self.limit} is not valid: {rule}")
 
     @property
     def measured(self) -> bool:
@@ -99,6 +108,17 @@ class Budget:
     def describe(self, probe: Probe, dense: Probe) -> str:
         sign = ">=" if self.kind == "speedup" else "<="
         return f"{BUDGET_KINDS[self.kind]} {self.value(probe, dense):,.4g} (budget {sign} {self.limit:,.4g})"
+
+
+def budget_limit_valid(kind: str, limit: float) -> bool:
+    """NaN passes every comparison, so finiteness is checked first; then the kind's own rule."""
+    if not math.isfinite(limit):
+        return False
+    if kind == "speedup":
+        return limit >= 1
+    if kind == "params":
+        return limit > 0 and limit == int(limit)
+    return limit > 0
 
 
 def speedup_of(probe: Probe, dense: Probe) -> float:
@@ -158,18 +178,49 @@ class ProbeLog:
             self._append({"kind": "settings", **settings})
 
     def _load(self) -> None:
-        lines = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
-        header = lines[0] if lines else {}
+        lines = self._complete_lines()
+        if not lines:  # killed while writing the header: start afresh
+            self._append({"kind": "settings", **self.settings})
+            return
+        records = [self._parse(number, line) for number, line in enumerate(lines, 1)]
+        header = records[0]
         saved = {k: v for k, v in header.items() if k != "kind"}
-        if saved != json.loads(json.dumps(self.settings)):
+        if header.get("kind") != "settings" or saved != json.loads(json.dumps(self.settings)):
             raise EdgepruneError(
                 f"{self.path} records a search with other settings: rerun with those, choose another -o, "
                 "or pass --overwrite to start that run folder afresh"
             )
-        for record in lines[1:]:
+        for number, record in enumerate(records[1:], 2):
             if record.get("kind") == "probe":
-                probe = Probe(**{k: v for k, v in record.items() if k != "kind"})
+                try:
+                    probe = Probe(**{k: v for k, v in record.items() if k != "kind"})
+                except TypeError:
+                    raise self._damaged(number, "is not a probe record") from None
                 self.probes[probe.key] = probe
+
+    def _complete_lines(self) -> list[str]:
+        """The log's lines; a last line without its newline was torn by a kill mid-write and is cut off."""
+        text = self.path.read_text()
+        if text and not text.endswith("\n"):
+            kept = text[: text.rfind("\n") + 1]
+            with self.path.open("r+") as f:
+                f.truncate(len(kept.encode()))
+            text = kept
+        return [line for line in text.splitlines() if line.strip()]
+
+    def _parse(self, number: int, line: str) -> dict:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            raise self._damaged(number, "is not JSON") from None
+        if not isinstance(record, dict):
+            raise self._damaged(number, "is not a JSON object")
+        return record
+
+    def _damaged(self, number: int, problem: str) -> EdgepruneError:
+        return EdgepruneError(
+            f"{self.path} line {number} {problem}: the search log is damaged; use another output folder or --overwrite"
+        )
 
     def _append(self, record: dict) -> None:
         with self.path.open("a") as f:

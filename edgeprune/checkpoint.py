@@ -15,10 +15,10 @@ from pathlib import Path
 import torch
 from accelerate import init_empty_weights
 from safetensors.torch import load_file
-from transformers import AutoConfig, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from edgeprune.errors import EdgepruneError
-from edgeprune.loading import model_class
+from edgeprune.loading import load_tokenizer, model_class
 from edgeprune.models import adapter_for
 from edgeprune.outputs import PROVENANCE, atomic_output_dir
 from edgeprune.structure import WIDTHS_KEY, apply_widths, widths_from_config
@@ -45,7 +45,7 @@ def versions() -> dict[str, str]:
 
 def save_pruned(
     model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
+    tokenizer: PreTrainedTokenizerBase | None,
     out: Path,
     provenance: dict,
     overwrite: bool = False,
@@ -54,7 +54,8 @@ def save_pruned(
     """Write weights (safetensors), config with widths, tokenizer and `edgeprune.json` atomically."""
     with atomic_output_dir(Path(out), overwrite=overwrite, protect=protect) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
+        if tokenizer is not None:  # a model saved without one stays without one
+            tokenizer.save_pretrained(tmp)
         record = {
             **provenance,
             "layer_widths": getattr(model.config, WIDTHS_KEY, None),
@@ -70,8 +71,8 @@ def read_provenance(folder: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def load_pruned(folder: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """The saved model as its ordinary transformers class, with the saved per-layer shapes."""
+def load_pruned(folder: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
+    """The saved model as its ordinary transformers class with the saved per-layer shapes; its tokenizer or None."""
     folder = Path(folder)
     weights = sorted(folder.glob("*.safetensors"))
     if not (folder / "config.json").is_file() or not weights:
@@ -97,4 +98,4 @@ def load_pruned(folder: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]
             "the folder is damaged; prune again"
         )
     model.eval()
-    return model, AutoTokenizer.from_pretrained(folder)
+    return model, load_tokenizer(folder)

@@ -6,6 +6,7 @@ Every user-facing problem is an EdgepruneError, shown as one line and exit code 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import click
@@ -18,6 +19,24 @@ console = Console(stderr=True)
 out = Console()
 
 MODEL_HELP = "hub id, local folder, pruned folder, or alias smollm2-135m (default) / minilm-l6"
+TOKENIZER_OPTION = click.option(
+    "--tokenizer",
+    metavar="PATH_OR_ID",
+    help="tokenizer folder or hub id, for a model saved without one (steps that read text need it)",
+)
+
+
+class FiniteRange(click.FloatRange):
+    """A float range that also refuses nan and inf when the options are parsed (a NaN passes every comparison)."""
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return number
+
+
+POSITIVE = FiniteRange(min=0, min_open=True)
 
 
 class EdgepruneGroup(click.Group):
@@ -90,9 +109,11 @@ def calib_sample_count(criterion: str, samples: int | None) -> int:
     return samples if samples is not None else DEFAULT_CALIB_SAMPLES.get(criterion, ACTIVATION_CALIB_SAMPLES)
 
 
-def load_calibration(tokenizer, criterion: str, source: str | None, samples: int | None, seq_len: int, seed: int):
+def load_calibration(loaded, criterion: str, source: str | None, samples: int | None, seq_len: int, seed: int):
     from edgeprune.calibration import calibration_batch
+    from edgeprune.loading import require_tokenizer
 
+    tokenizer = require_tokenizer(loaded.tokenizer, loaded.source, "calibration")
     n = calib_sample_count(criterion, samples)
     if n < 1 or seq_len < 2:
         raise EdgepruneError("--calib-samples must be >= 1 and --calib-seq-len >= 2")
@@ -128,6 +149,7 @@ def score_with_progress(
     from edgeprune.criteria import CRITERIA, ScoringInputs, score_groups
     from edgeprune.criteria.base import NEEDS_CALIBRATION, TAKES_LABELS
     from edgeprune.evaluate.glue import GLUE_TASKS
+    from edgeprune.loading import require_tokenizer
     from edgeprune.models import is_sequence_classifier
 
     if criterion not in CRITERIA:
@@ -136,9 +158,10 @@ def score_with_progress(
     source, samples, seq_len, seed = calib_settings
     if criterion in TAKES_LABELS and is_sequence_classifier(loaded.model) and source in GLUE_TASKS:
         n = calib_sample_count(criterion, samples)
-        batch, token_inputs, labels = labelled_batch(loaded.tokenizer, source, None, n, seq_len, seed)
+        tokenizer = require_tokenizer(loaded.tokenizer, loaded.source, "calibration")
+        batch, token_inputs, labels = labelled_batch(tokenizer, source, None, n, seq_len, seed)
     elif criterion in NEEDS_CALIBRATION:
-        batch = load_calibration(loaded.tokenizer, criterion, *calib_settings)
+        batch = load_calibration(loaded, criterion, *calib_settings)
     else:
         batch = None
     options = {}
@@ -185,6 +208,7 @@ def score_with_progress(
     is_flag=True,
     help="FLAP: add the removed channels' mean output to the output projection's bias",
 )
+@TOKENIZER_OPTION
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="folder for the pruned model")
 @click.option("--overwrite", is_flag=True, help="replace an existing output folder")
 def prune(
@@ -207,6 +231,7 @@ def prune(
     allocation: str,
     min_keep: float,
     bias_compensation: bool,
+    tokenizer: str | None,
     output: Path,
     overwrite: bool,
 ) -> None:
@@ -223,7 +248,7 @@ def prune(
     )
     output = check_output(output, overwrite, local_inputs(model, scores_path, calibration))
     with console.status("loading model"):
-        loaded = load_model(model)
+        loaded = load_model(model, tokenizer)
     adapter = adapter_for(loaded.model.config, prune_kv_heads=prune_kv_heads)
     calib_settings = (calibration, calib_samples, calib_seq_len, seed)
     if scores_path is not None:
@@ -236,7 +261,7 @@ def prune(
     if bias_compensation:
         from edgeprune.criteria.fluctuation import compensate_bias, output_means
 
-        batch = load_calibration(loaded.tokenizer, criterion, *calib_settings)
+        batch = load_calibration(loaded, criterion, *calib_settings)
         with console.status("measuring mean activations for bias compensation"):
             means = output_means(loaded.model, adapter, batch)
 
@@ -276,6 +301,7 @@ def prune(
 @click.option("--seed", default=0, show_default=True, help="seed for calibration windows and criteria that sample")
 @calibration_options
 @click.option("--prune-kv-heads", is_flag=True, help="score for a cut that may remove whole KV groups")
+@TOKENIZER_OPTION
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="scores file (.safetensors)")
 def score(
     model: str | None,
@@ -288,6 +314,7 @@ def score(
     aggregation: str,
     criterion_options: tuple[str, ...],
     prune_kv_heads: bool,
+    tokenizer: str | None,
     output: Path,
 ) -> None:
     """Score every FFN neuron and attention group of MODEL once; `prune --scores` reuses the file for any cut."""
@@ -298,7 +325,7 @@ def score(
 
     output = check_output_file(output, local_inputs(model, calibration), GroupScores.is_scores_file)
     with console.status("loading model"):
-        loaded = load_model(model)
+        loaded = load_model(model, tokenizer)
     adapter = adapter_for(loaded.model.config, prune_kv_heads=prune_kv_heads)
     calib_settings = (calibration, calib_samples, calib_seq_len, seed)
     scores = score_with_progress(loaded, adapter, criterion, calib_settings, taylor, aggregation, criterion_options)
@@ -427,8 +454,16 @@ def recover(
 @click.option("--optimize", is_flag=True, help="save ONNX Runtime's graph fusions into model.onnx")
 @click.option("--overwrite", is_flag=True, help="replace an existing output folder")
 @click.option("--json", "json_file", type=click.Path(path_type=Path), help="also write the export record here")
+@TOKENIZER_OPTION
 def export(
-    model: str | None, output: Path, task: str, quantize: str | None, optimize: bool, overwrite: bool, json_file
+    model: str | None,
+    output: Path,
+    task: str,
+    quantize: str | None,
+    optimize: bool,
+    overwrite: bool,
+    json_file,
+    tokenizer: str | None,
 ) -> None:
     """Export MODEL (or a pruned folder) to ONNX, verify it against PyTorch, and write the folder atomically."""
     from edgeprune.export import export_model
@@ -437,7 +472,7 @@ def export(
 
     output = check_output(output, overwrite, local_inputs(model))
     with console.status("loading model"):
-        loaded = load_model(model)
+        loaded = load_model(model, tokenizer)
     provenance = {"source": loaded.source, "source_sha256": loaded.source_hash}
     with console.status(f"exporting to {output} and verifying"):
         result = export_model(
@@ -461,6 +496,12 @@ def export(
         Path(json_file).write_text(json.dumps(result.as_dict(), indent=2) + "\n")
 
 
+TIMEOUT_HELP = (
+    "seconds one profiling call (warm-up and timed runs) may take before the device counts as hung "
+    "(default: a generous multiple of a slow board's time for the model and workload)"
+)
+
+
 def stats_cell(stats) -> str:
     return "" if stats is None else f"{stats.p50:.2f} / {stats.p90:.2f} ({stats.mean:.2f} ± {stats.std:.2f})"
 
@@ -478,13 +519,16 @@ def rate_cell(value: float | None) -> str:
 @click.option("--warmup", default=2, show_default=True, help="untimed runs first")
 @click.option("--against", type=click.Path(path_type=Path), help="a second export, alternated run by run: speedup")
 @click.option("--json", "json_file", type=click.Path(path_type=Path), help="write the full result (with samples)")
-def profile(onnx: Path, device: str, device_file, workload, runs: int, warmup: int, against, json_file) -> None:
+@click.option("--timeout", type=POSITIVE, help=TIMEOUT_HELP)
+def profile(
+    onnx: Path, device: str, device_file, workload, runs: int, warmup: int, against, json_file, timeout
+) -> None:
     """Latency, throughput and memory of ONNX (an export folder or .onnx file) on a device."""
     from edgeprune.devices.profiler import Workload, profiler_for
     from edgeprune.devices.profiles import get_device
 
     target = get_device(device, tuple(device_file))
-    profiler = profiler_for(target, runs, warmup)
+    profiler = profiler_for(target, runs, warmup, timeout)
     load = Workload.parse(workload)
     with console.status(f"profiling on {target.name}"):
         if against:
@@ -547,7 +591,7 @@ def devices(device_file, as_json: bool) -> None:
 @main.command()
 @click.argument("onnx", type=click.Path(path_type=Path))
 @click.argument("prompt")
-@click.option("--max-new-tokens", default=32, show_default=True)
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--threads", type=int, help="intra-op threads (default: ONNX Runtime's choice)")
 def generate(onnx: Path, prompt: str, max_new_tokens: int, threads: int | None) -> None:
     """Greedy text from an exported decoder, with ONNX Runtime only (no torch needed)."""
@@ -582,6 +626,7 @@ def write_json(path: Path, record: dict) -> None:
 @click.option("--seed", default=0, show_default=True, help="seed of the --limit subset")
 @click.option("--threads", type=int, help="torch / ONNX Runtime threads (1 is often fastest on a busy machine)")
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="also write the results to this file")
+@TOKENIZER_OPTION
 def evaluate(
     model: str | None,
     tasks: tuple[str, ...],
@@ -592,6 +637,7 @@ def evaluate(
     seed: int,
     threads: int | None,
     json_path: Path | None,
+    tokenizer: str | None,
 ) -> None:
     """Perplexity, zero-shot accuracy or GLUE metrics of MODEL (PyTorch, pruned, or an ONNX export folder)."""
     from datetime import datetime, timezone
@@ -606,11 +652,11 @@ def evaluate(
     if threads:
         torch.set_num_threads(threads)
     with console.status("loading model"):
-        loaded, tokenizer, source = load_for_eval(model, threads)
+        loaded, text_tokenizer, source = load_for_eval(model, threads, tokenizer)
     results = []
     for name in names:
         with console.status(f"evaluating {name}"):
-            results.append(evaluate_task(loaded, tokenizer, name, data_dir, limit, seq_len, stride, seed))
+            results.append(evaluate_task(loaded, text_tokenizer, name, data_dir, limit, seq_len, stride, seed))
     table = Table(title=f"{source} ({type(loaded).__name__})")
     for column, justify in (("task", "left"), ("metric", "left"), ("value", "right"), ("n", "right")):
         table.add_column(column, justify=justify)
@@ -652,6 +698,7 @@ def evaluate(
 @click.option("--seed", default=0, show_default=True)
 @click.option("--data-dir", type=click.Path(path_type=Path), help=DATA_DIR_HELP)
 @click.option("--overwrite", is_flag=True, help="replace an existing output folder")
+@TOKENIZER_OPTION
 def finetune_head(
     model: str | None,
     task: str,
@@ -665,6 +712,7 @@ def finetune_head(
     seed: int,
     data_dir: Path | None,
     overwrite: bool,
+    tokenizer: str | None,
 ) -> None:
     """Train a classification head (and the encoder) of MODEL (default minilm-l6) on a GLUE task, then evaluate.
 
@@ -674,19 +722,20 @@ def finetune_head(
     from edgeprune.checkpoint import save_pruned
     from edgeprune.evaluate import evaluate_glue
     from edgeprune.evaluate import finetune_head as train
-    from edgeprune.loading import DEFAULT_ENCODER, load_model
+    from edgeprune.loading import DEFAULT_ENCODER, load_model, require_tokenizer
     from edgeprune.outputs import check_output, local_inputs
 
     output = check_output(output, overwrite, local_inputs(model, data_dir))
     with console.status("loading model"):
-        loaded = load_model(model or DEFAULT_ENCODER)
+        loaded = load_model(model or DEFAULT_ENCODER, tokenizer)
+    text = require_tokenizer(loaded.tokenizer, loaded.source, "fine-tuning a head")
     classifier, record = train(
-        loaded.model, loaded.tokenizer, task, data_dir, steps, epochs, lr, batch_size, max_train, max_length, seed
+        loaded.model, text, task, data_dir, steps, epochs, lr, batch_size, max_train, max_length, seed
     )
     with console.status("evaluating"):
-        result = evaluate_glue(classifier, loaded.tokenizer, task, data_dir, max_length=max_length)
+        result = evaluate_glue(classifier, text, task, data_dir, max_length=max_length)
     provenance = {"source": loaded.source, "source_sha256": loaded.source_hash, "head": record, "eval": result}
-    save_pruned(classifier, loaded.tokenizer, output, provenance, overwrite=overwrite, protect=loaded.folder)
+    save_pruned(classifier, text, output, provenance, overwrite=overwrite, protect=loaded.folder)
     metrics = ", ".join(f"{k} {v:.4f}" for k, v in result["metrics"].items())
     out.print(
         f"fine-tuned {loaded.source} on {task} ({record['n_train']:,} examples from {record['train_split']}, "
@@ -711,11 +760,11 @@ def budgets_from_options(latency_ms, speedup, memory_mb, peak_mb, params) -> lis
 @click.argument("model", required=False)
 @click.option("--device", default="local", show_default=True, help="device profile name (see `edgeprune devices`)")
 @click.option("--device-file", multiple=True, type=click.Path(path_type=Path), help="extra device profile YAML")
-@click.option("--latency-ms", type=float, help="budget: p50 latency of the workload on the device, at most")
-@click.option("--speedup", type=float, help="budget: speedup over dense, at least (the default budget)")
-@click.option("--memory-mb", type=float, help="budget: ONNX file size in MB, at most")
-@click.option("--peak-mb", type=float, help="budget: peak resident memory while running, in MB, at most")
-@click.option("--params", type=int, help="budget: parameter count, at most")
+@click.option("--latency-ms", type=POSITIVE, help="budget: p50 latency of the workload on the device, at most")
+@click.option("--speedup", type=FiniteRange(min=1), help="budget: speedup over dense, at least (the default budget)")
+@click.option("--memory-mb", type=POSITIVE, help="budget: ONNX file size in MB, at most")
+@click.option("--peak-mb", type=POSITIVE, help="budget: peak resident memory while running, in MB, at most")
+@click.option("--params", type=click.IntRange(min=1), help="budget: parameter count, at most")
 @click.option("--criterion", default="fluctuation", show_default=True, help="scoring criterion")
 @click.option(
     "--criterion-option",
@@ -739,10 +788,24 @@ def budgets_from_options(latency_ms, speedup, memory_mb, peak_mb, params) -> lis
 @click.option("--block-size", default=32, show_default=True, help="weight-only quantization block size")
 @click.option("--workload", help="decoders: prefill=128,decode=32; encoders: batch=1,sequence=128")
 @click.option("--calibration", help="calibration text file or dataset name (default: packaged text)")
-@click.option("--max-sparsity", default=0.8, show_default=True, help="never cut more than this")
-@click.option("--max-probes", default=8, show_default=True, help="cut-export-profile probes after the dense one")
+@click.option(
+    "--max-sparsity",
+    type=FiniteRange(0, 1, min_open=True, max_open=True),
+    default=0.8,
+    show_default=True,
+    help="never cut more than this",
+)
+@click.option(
+    "--max-probes",
+    type=click.IntRange(min=1),
+    default=8,
+    show_default=True,
+    help="cut-export-profile probes after the dense one",
+)
 @click.option("--runs", default=10, show_default=True, help="timed runs per profile")
 @click.option("--warmup", default=2, show_default=True, help="warm-up runs per profile")
+@click.option("--timeout", type=POSITIVE, help=TIMEOUT_HELP)
+@TOKENIZER_OPTION
 @click.option("--recover/--no-recover", default=False, show_default=True, help="LoRA recovery before export")
 @click.option("--recover-data", help="recovery data: Alpaca JSON, text file (default: the calibration text)")
 @click.option("--recover-minutes", type=float, default=5.0, show_default=True, help="recovery time budget")

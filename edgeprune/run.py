@@ -42,7 +42,7 @@ from edgeprune.export.exporter import FP32_ATOL, check_fp32, export_model
 from edgeprune.export.quantize import BLOCK_SIZE, quantize_model
 from edgeprune.export.sliced import ffn_initializer_names, slice_ffn
 from edgeprune.export.verify import verify_onnx
-from edgeprune.loading import LoadedModel, load_model
+from edgeprune.loading import LoadedModel, load_model, require_tokenizer
 from edgeprune.models import FamilyAdapter, adapter_for
 from edgeprune.outputs import check_run_output, claim_run_output, local_inputs
 from edgeprune.report import write_report
@@ -88,6 +88,8 @@ class RunConfig:
     seed: int = 0
     recover: bool = False
     recover_options: dict = field(default_factory=dict)
+    tokenizer: str | None = None  # --tokenizer, for a model saved without one
+    timeout: float | None = None  # seconds per profiling call (None: derived from the workload)
 
     def __post_init__(self) -> None:
         if self.precision != "auto" and self.precision not in PRECISIONS:
@@ -111,8 +113,10 @@ class RunConfig:
     def settings(self, source_hash: str) -> dict:
         """What the probe log must agree on to be reused (not the probe cap nor the run count)."""
         record = asdict(self)
-        for volatile in ("max_probes", "recover", "recover_options", "device_files"):
+        for volatile in ("max_probes", "recover", "recover_options", "device_files", "timeout"):
             record.pop(volatile)
+        if record["tokenizer"] is None:  # logs written before --tokenizer existed stay resumable
+            record.pop("tokenizer")
         record["budgets"] = [asdict(b) for b in self.budgets]
         record["source_sha256"] = source_hash
         return record
@@ -343,11 +347,11 @@ def run_job(
     inputs = local_inputs(cfg.model, cfg.calibration, cfg.recover_options.get("data"), *cfg.device_files)
     out = check_run_output(out, overwrite, inputs)
     say("loading model")
-    loaded = load_model(cfg.model)
-    model, tokenizer = loaded.model, loaded.tokenizer
+    loaded = load_model(cfg.model, cfg.tokenizer)
+    model, tokenizer = loaded.model, require_tokenizer(loaded.tokenizer, loaded.source, "the run's calibration")
     adapter = adapter_for(model.config)
     device = get_device(cfg.device, cfg.device_files)
-    profiler = profiler or profiler_for(device, runs=cfg.runs, warmup=cfg.warmup)
+    profiler = profiler or profiler_for(device, runs=cfg.runs, warmup=cfg.warmup, timeout=cfg.timeout)
     calib = split_calibration(tokenizer, cfg)
     claim_run_output(out, overwrite, (*inputs, loaded.folder))
     work = out / "work"

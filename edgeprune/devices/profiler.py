@@ -2,12 +2,14 @@
 
 `Profiler` is a protocol so the budget search can be tested with a fake. `LocalProfiler`
 runs `edgeprune.devices.runner` in a subprocess (peak RSS is then the session's own
-process); `profiler_for` picks the SSH profiler for devices reached over SSH.
+process); `profiler_for` picks the SSH profiler for devices reached over SSH. Every runner
+call has a deadline (`probe_timeout`, or --timeout), so a hung board stops the run in one line.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import subprocess
 import sys
@@ -19,6 +21,13 @@ from typing import Protocol
 from edgeprune.devices.profiles import DeviceProfile
 from edgeprune.errors import EdgepruneError
 from edgeprune.runtime import model_file
+
+TIMEOUT_FLOOR_S = 120.0  # interpreter start, imports and session creation on a slow board
+TIMEOUT_SLACK = 3.0  # times the slow-board estimate before a runner call counts as hung
+# weight bytes x tokens per second on a slow board: each decoded token reads every weight (SmolLM2 fp32 decodes
+# at 1.9 GB/s on the shared 2-core EPYC dev machine, 10.9 s per default-workload run; this assumes 1 GB/s)
+SLOW_BOARD_BYTES_PER_S = 1e9
+SLOW_DISK_BYTES_PER_S = 20e6  # reading the model from an SD card
 
 
 @dataclass(frozen=True)
@@ -163,6 +172,30 @@ def compare_results(model: ProfileResult, baseline: ProfileResult) -> Comparison
     )
 
 
+def model_files(onnx: Path) -> list[Path]:
+    """What the runner needs of an export: the .onnx file and its external data, if any."""
+    return [p for p in (onnx, onnx.with_name(onnx.name + "_data")) if p.is_file()]
+
+
+def probe_timeout(models: list[Path], workload: Workload, runs: int, warmup: int) -> float:
+    """Seconds one runner call may take: a generous multiple of what a slow board needs, never below a floor.
+
+    Every token reads every weight byte once (prefill and each decode step alike), so the work is
+    about model bytes x tokens x runs; loading is bytes over a slow disk.
+    """
+    size = sum(f.stat().st_size for m in models for f in model_files(m))
+    tokens = workload.batch * max(workload.prefill + workload.decode, workload.sequence)
+    estimate = size * tokens * (runs + warmup) / SLOW_BOARD_BYTES_PER_S + size / SLOW_DISK_BYTES_PER_S
+    return max(TIMEOUT_FLOOR_S, TIMEOUT_SLACK * estimate)
+
+
+def timed_out(where: str, seconds: float) -> EdgepruneError:
+    return EdgepruneError(
+        f"profiling on {where} did not finish within {seconds:.4g} s (a hung or much slower device): "
+        "check the device, or raise --timeout"
+    )
+
+
 def runner_spec(models: list[str], workload: Workload, device: DeviceProfile, runs: int, warmup: int) -> dict:
     return {
         "models": models,
@@ -191,10 +224,16 @@ def parse_runner_output(stdout: str, stderr: str, where: str) -> dict:
 class RunnerProfiler:
     """Runs `edgeprune.devices.runner` somewhere (see `execute`) and turns its JSON into results."""
 
-    def __init__(self, device: DeviceProfile, runs: int = 10, warmup: int = 2):
+    def __init__(self, device: DeviceProfile, runs: int = 10, warmup: int = 2, timeout: float | None = None):
         if runs < 1 or warmup < 0:
             raise EdgepruneError("--runs must be >= 1 and --warmup >= 0")
-        self.device, self.runs, self.warmup = device, runs, warmup
+        if timeout is not None and not (math.isfinite(timeout) and timeout > 0):
+            raise EdgepruneError(f"--timeout {timeout} must be a positive number of seconds")
+        self.device, self.runs, self.warmup, self.timeout = device, runs, warmup, timeout
+
+    def seconds_allowed(self, models: list[Path], workload: Workload) -> float:
+        """--timeout, else the deadline the workload implies."""
+        return self.timeout if self.timeout is not None else probe_timeout(models, workload, self.runs, self.warmup)
 
     def execute(self, models: list[Path], workload: Workload) -> dict:
         """The runner's parsed output for these .onnx files."""
@@ -217,16 +256,24 @@ class LocalProfiler(RunnerProfiler):
 
     def execute(self, models: list[Path], workload: Workload) -> dict:
         spec = runner_spec([str(m) for m in models], workload, self.device, self.runs, self.warmup)
-        proc = subprocess.run(
-            [sys.executable, "-m", "edgeprune.devices.runner"], input=json.dumps(spec), capture_output=True, text=True
-        )
+        seconds = self.seconds_allowed(models, workload)
+        try:
+            proc = subprocess.run(
+                [sys.executable, "-m", "edgeprune.devices.runner"],
+                input=json.dumps(spec),
+                capture_output=True,
+                text=True,
+                timeout=seconds,
+            )
+        except subprocess.TimeoutExpired:  # the runner has been killed
+            raise timed_out("this machine", seconds) from None
         return parse_runner_output(proc.stdout, proc.stderr, "this machine")
 
 
-def profiler_for(device: DeviceProfile, runs: int = 10, warmup: int = 2) -> Profiler:
-    """The profiler that reaches `device`: this machine, or the board over SSH."""
+def profiler_for(device: DeviceProfile, runs: int = 10, warmup: int = 2, timeout: float | None = None) -> Profiler:
+    """The profiler that reaches `device`: this machine, or the board over SSH (`timeout`: see --timeout)."""
     if device.reach == "local":
-        return LocalProfiler(device, runs, warmup)
+        return LocalProfiler(device, runs, warmup, timeout)
     from edgeprune.devices.remote import SSHProfiler
 
-    return SSHProfiler(device, runs, warmup)
+    return SSHProfiler(device, runs, warmup, timeout)

@@ -12,7 +12,7 @@ Library API:
   -> {"task", "kind", "metrics": {name: value}, "n", "detail"}`: one task, any kind. `limit` is the
   number of windows (perplexity, the first ones) or items (a seeded random subset, the same for
   every model with the same seed).
-- `load_for_eval(spec) -> (model, tokenizer, source)`: a hub id, alias, folder, pruned folder, or
+- `load_for_eval(spec, threads, tokenizer) -> (model, tokenizer, source)`: a hub id, alias, folder, pruned folder, or
   an ONNX export folder (run by onnxruntime through `OnnxCausalLM`).
 - `perplexity(model, tokens, seq_len, max_tokens, batch_size, stride) -> float` on a token stream;
   `wikitext2_text(path)`.
@@ -69,15 +69,20 @@ def task_kind(task: str) -> str:
     )
 
 
-def load_for_eval(spec: str | None, threads: int | None = None) -> tuple[object, PreTrainedTokenizerBase, str]:
-    """A PyTorch model via `edgeprune.loading.load_model`, or an ONNX export folder run by onnxruntime."""
-    from edgeprune.loading import load_model
+def load_for_eval(
+    spec: str | None, threads: int | None = None, tokenizer: str | None = None
+) -> tuple[object, PreTrainedTokenizerBase, str]:
+    """A PyTorch model via `edgeprune.loading.load_model`, or an ONNX export folder run by onnxruntime.
+
+    `tokenizer` (--tokenizer) serves a model saved without one; evaluation always reads text.
+    """
+    from edgeprune.loading import load_model, require_tokenizer
 
     if spec and onnx_file(Path(spec).expanduser()) is not None:
-        model, tokenizer = load_onnx_folder(Path(spec).expanduser(), threads)
-        return model, tokenizer, spec
-    loaded = load_model(spec)
-    return loaded.model, loaded.tokenizer, loaded.source
+        model, text = load_onnx_folder(Path(spec).expanduser(), threads, tokenizer)
+        return model, text, spec
+    loaded = load_model(spec, tokenizer)
+    return loaded.model, require_tokenizer(loaded.tokenizer, loaded.source, "evaluation"), loaded.source
 
 
 def max_positions(model) -> int:

@@ -15,7 +15,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
-from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoConfig, PreTrainedTokenizerBase
 
 from edgeprune.errors import EdgepruneError
 from edgeprune.runtime import MODEL_FILE, OnnxModel
@@ -66,18 +66,18 @@ class OnnxCausalLM:
     __call__ = forward
 
 
-def load_onnx_folder(spec: Path, threads: int | None = None) -> tuple[OnnxCausalLM, PreTrainedTokenizerBase]:
-    """The exported decoder (a folder or one of its .onnx files) and the tokenizer saved beside it."""
+def load_onnx_folder(
+    spec: Path, threads: int | None = None, tokenizer: str | None = None
+) -> tuple[OnnxCausalLM, PreTrainedTokenizerBase]:
+    """The exported decoder (a folder or one of its .onnx files) and the tokenizer beside it, or `tokenizer`'s."""
+    from edgeprune.loading import load_tokenizer, require_tokenizer, tokenizer_option
+
     path = onnx_file(spec)
     if path is None:
         raise EdgepruneError(f"{spec} has no single model.onnx: point at an ONNX export folder or .onnx file")
     folder = path.parent
     if not (folder / "config.json").is_file():
         raise EdgepruneError(f"{folder} has no config.json: export with Optimum, which writes it beside model.onnx")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-    except (OSError, ValueError):
-        raise EdgepruneError(
-            f"{folder} has no tokenizer files: save the tokenizer there (`tokenizer.save_pretrained`)"
-        ) from None
-    return OnnxCausalLM(path, threads), tokenizer
+    model = OnnxCausalLM(path, threads)
+    text = load_tokenizer(folder) if tokenizer is None else tokenizer_option(tokenizer, model.config)
+    return model, require_tokenizer(text, str(folder), "evaluation")
