@@ -239,9 +239,9 @@ def test_torn_last_probe_line_is_dropped_and_the_search_resumes(tmp_path):
     log.record(Probe(0.2, 80, latency_ms=4.0))
     path.write_text(path.read_text()[:-12])  # killed while writing the last probe
     log = ProbeLog(path, {"a": 1})
-    assert list(log.probes) == [0.0]
+    assert list(log.probes) == [("fp32", 0.0)]
     log.record(Probe(0.2, 80, latency_ms=4.5))
-    assert ProbeLog(path, {"a": 1}).probes[0.2].latency_ms == 4.5
+    assert ProbeLog(path, {"a": 1}).probes[("fp32", 0.2)].latency_ms == 4.5
     assert all(json.loads(line) for line in path.read_text().splitlines())
 
 
