@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from edgeprune.errors import EdgepruneError
+from edgeprune.logs import notices_logged_in
 
 console = Console(stderr=True)
 out = Console()
@@ -282,7 +283,7 @@ def prune(
         "prunable_removed": summary.prunable_removed,
         "total_removed": summary.total_removed,
     }
-    with console.status(f"saving to {output}"):
+    with console.status(f"saving to {output}"), notices_logged_in(output):
         save_pruned(loaded.model, loaded.tokenizer, output, provenance, overwrite=overwrite, protect=loaded.folder)
     out.print(
         f"pruned {loaded.source} with {criterion}: {summary.prunable_removed:.1%} of prunable parameters, "
@@ -474,7 +475,7 @@ def export(
     with console.status("loading model"):
         loaded = load_model(model, tokenizer)
     provenance = {"source": loaded.source, "source_sha256": loaded.source_hash}
-    with console.status(f"exporting to {output} and verifying"):
+    with console.status(f"exporting to {output} and verifying"), notices_logged_in(output):
         result = export_model(
             loaded.model, loaded.tokenizer, output, task, quantize, optimize, overwrite, loaded.folder, provenance
         )
@@ -833,7 +834,7 @@ def run(model: str | None, output: Path, overwrite: bool, **options) -> None:
     options["recover_options"] = {"data": options.pop("recover_data"), **recover_settings}
     cfg = RunConfig(budgets=budgets, model=model, **options)
     cfg.spec(0.0)  # refuse bad pruning options before any work
-    with console.status("starting") as status:
+    with console.status("starting") as status, notices_logged_in(output):
         result = run_job(
             cfg, output, say=lambda message: (status.update(message), console.log(message)), overwrite=overwrite
         )
