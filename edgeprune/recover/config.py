@@ -1,0 +1,55 @@
+"""What a recovery run is asked to do: LoRA and training settings, budgets, checked once."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from edgeprune.errors import EdgepruneError
+
+
+@dataclass
+class RecoveryConfig:
+    """LoRA and training settings; defaults are LLM-Pruner's LoRA (r=8, alpha=16, lr 1e-4) sized for a CPU.
+
+    Budget: `steps` or `epochs` fix the number of optimizer steps, `minutes` caps wall time;
+    training stops at whichever is reached first (100 steps when none is given).
+    """
+
+    rank: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    lr: float = 1e-4
+    targets: str = "auto"
+    seq_len: int = 256
+    batch_size: int = 2
+    grad_accum: int = 4
+    steps: int | None = None
+    epochs: float | None = None
+    minutes: float | None = None
+    eval_every: int = 25
+    save_every: int = 25
+    val_size: int = 32
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.steps is not None and self.epochs is not None:
+            raise EdgepruneError("give either --steps or --epochs, not both (--minutes can cap either)")
+        positive = {"rank": self.rank, "seq-len": self.seq_len, "batch-size": self.batch_size}
+        positive |= {"grad-accum": self.grad_accum, "eval-every": self.eval_every, "save-every": self.save_every}
+        positive |= {"val-size": self.val_size, "steps": self.steps or 1, "epochs": self.epochs or 1}
+        positive |= {"minutes": self.minutes or 1, "lr": self.lr}
+        bad = [name for name, value in positive.items() if value <= 0]
+        if bad:
+            raise EdgepruneError(f"--{bad[0]} must be positive")
+
+    def examples_per_step(self, num_processes: int) -> int:
+        return self.batch_size * self.grad_accum * num_processes
+
+    def total_steps(self, n_train: int, num_processes: int) -> int | None:
+        """Optimizer steps to run; None when only the minutes cap ends training."""
+        if self.epochs is not None:
+            return max(1, math.ceil(self.epochs * n_train / self.examples_per_step(num_processes)))
+        if self.steps is None and self.minutes is not None:
+            return None
+        return self.steps or 100
