@@ -29,7 +29,7 @@ from edgeprune.budget import (
     search_sparsity,
     smallest_sparsity,
 )
-from edgeprune.calibration import load_text, sample_windows, tokenize_text
+from edgeprune.calibration import heldout_start, load_text, sample_windows, tokenize_text
 from edgeprune.checkpoint import save_pruned, versions
 from edgeprune.criteria import GroupScores, ScoringInputs, score_groups
 from edgeprune.devices.profiler import Profiler, ProfileResult, Workload, profiler_for
@@ -42,11 +42,15 @@ from edgeprune.export.sliced import ffn_initializer_names, slice_ffn
 from edgeprune.export.verify import verify_onnx
 from edgeprune.loading import LoadedModel, load_model
 from edgeprune.models import FamilyAdapter, adapter_for, is_decoder
+from edgeprune.recover.config import RecoveryConfig
 from edgeprune.report import write_report
 from edgeprune.runtime import MODEL_FILE
 from edgeprune.structure import LayerKeep, PruneSpec, count_parameters, cut_model, plan_widths, select_keep
 
-HELDOUT_FRACTION = 0.2  # the tail of the calibration text, never sampled for scoring, measures perplexity
+
+def run_recovery() -> RecoveryConfig:
+    """The run's recovery: a few minutes of full-parameter distillation on 128-token windows, 8 held out."""
+    return RecoveryConfig(method="full", lr=1e-4, minutes=5.0, steps=None, seq_len=128, val_size=8, eval_every=5)
 
 
 @dataclass
@@ -77,8 +81,9 @@ class RunConfig:
     runs: int = 10
     warmup: int = 2
     seed: int = 0
-    recover: bool = False
-    recover_options: dict = field(default_factory=dict)
+    recover: bool = True  # a pruned final model is distilled from the dense one (decoders)
+    recover_data: str | None = None  # None: text the dense model writes (`recover.selftext.default_data`)
+    recovery: RecoveryConfig = field(default_factory=run_recovery)
 
     def spec(self, sparsity: float) -> PruneSpec:
         return PruneSpec(
@@ -93,7 +98,7 @@ class RunConfig:
     def settings(self, source_hash: str) -> dict:
         """What the probe log must agree on to be reused (not the probe cap nor the run count)."""
         record = asdict(self)
-        for volatile in ("max_probes", "recover", "recover_options", "device_files"):
+        for volatile in ("max_probes", "recover", "recover_data", "recovery", "device_files"):
             record.pop(volatile)
         record["budgets"] = [asdict(b) for b in self.budgets]
         record["source_sha256"] = source_hash
@@ -115,18 +120,9 @@ class Calibration:
 
 def split_calibration(tokenizer, cfg: RunConfig) -> Calibration:
     tokens = tokenize_text(tokenizer, load_text(cfg.calibration))
-    cut = int(len(tokens) * (1 - HELDOUT_FRACTION))
+    cut = heldout_start(len(tokens))
     windows = sample_windows(tokens[:cut], cfg.calib_samples, cfg.calib_seq_len, cfg.seed)
     return Calibration(windows=windows, heldout=tokens[cut:][: cfg.eval_tokens], head=tokens[:cut])
-
-
-def default_recovery_text(calib: Calibration, tokenizer, work: Path) -> Path:
-    """The calibration text minus its held-out tail, as a file recovery can train on."""
-    path = work / "recovery.txt"
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(tokenizer.decode(calib.head.tolist()), encoding="utf-8")
-    tmp.replace(path)
-    return path
 
 
 def scoring_settings(cfg: RunConfig, source_hash: str) -> dict:
@@ -334,15 +330,22 @@ def finish(cfg, out, loaded, adapter, scores, calib, runner: ProbeRunner, search
     best = search.best
     final, _ = pruned_copy(loaded.model, adapter, scores, cfg.spec(best.sparsity))
     recovery = None
-    if cfg.recover:
+    if cfg.recover and best.sparsity > 0 and is_decoder(final.config):
         from edgeprune.recover import recover_model
 
-        say("recovering quality with LoRA")
-        options = dict(cfg.recover_options)
-        if options.get("data") is None:  # never the held-out tail the report's perplexity is measured on
-            options["data"] = default_recovery_text(calib, loaded.tokenizer, out / "work")
-            options.setdefault("val_size", 8)
-        recovery = recover_model(final, loaded.tokenizer, **options)
+        say(f"recovering quality by distillation from the dense model ({cfg.recovery.minutes:g} minutes)")
+        recovery = recover_model(
+            final,
+            loaded.tokenizer,
+            cfg.recovery,
+            work=out / "work",
+            prompt_text=loaded.tokenizer.decode(calib.head.tolist()),  # never the held-out tail
+            data=cfg.recover_data,
+            teacher=loaded.model,
+            teacher_id=loaded.source,
+            heldout=calib.heldout,
+            eval_seq_len=cfg.eval_seq_len,
+        ).record.as_dict()
     provenance = {
         "source": loaded.source,
         "source_sha256": loaded.source_hash,

@@ -1,11 +1,13 @@
-"""Recovery of a pruned model: LoRA with peft, merged back into plain (pruned) weights.
+"""Recovery of a pruned model: LoRA (merged back into plain pruned weights) or full-parameter training,
+on the LM loss or distilled from the dense teacher.
 
-Flow: `load_recovery_data` (tokenized train / held-out examples, `data`) -> `recover` (attach
-LoRA to every linear projection (`lora`), train under `accelerate` (`processes`, `train`),
-evaluate on the held-out split every K steps, restore the best step's adapter,
-`merge_and_unload`) -> an ordinary transformers model with the same per-layer widths, saved by
-`recover_folder` (`folders`) with `checkpoint.save_pruned`; interrupted runs resume from
-`checkpoints`.
+Flow: `load_recovery_data` (tokenized train / held-out examples, `data`; without user data the
+teacher writes the text, `selftext`) -> `recover` (LoRA on every linear projection or every
+parameter (`trainable`, `lora`), the LM loss or the KL to the teacher (`teacher`), trained
+under `accelerate` (`processes`, `train`), evaluated on the held-out split every K steps, the
+best step restored and merged) -> an ordinary transformers model with the same per-layer
+widths, saved by `recover_folder` (`folders`) with `checkpoint.save_pruned`; interrupted runs
+resume from `checkpoints`. Settings: `config`.
 """
 
 from edgeprune.recover.config import RecoveryConfig
@@ -21,7 +23,8 @@ from edgeprune.recover.data import (
 from edgeprune.recover.folders import recover_folder, work_dir_for
 from edgeprune.recover.lora import attach_lora, merge
 from edgeprune.recover.processes import process_state
-from edgeprune.recover.train import RecoveryResult, recover, recover_model
+from edgeprune.recover.selftext import SelfTextConfig
+from edgeprune.recover.train import RecoveryRecord, RecoveryResult, StepReport, recover, recover_model
 
 __all__ = [
     "ALPACA_PROMPT",
@@ -29,7 +32,10 @@ __all__ = [
     "IGNORE",
     "RecoveryConfig",
     "RecoveryData",
+    "RecoveryRecord",
     "RecoveryResult",
+    "SelfTextConfig",
+    "StepReport",
     "attach_lora",
     "encode_instructions",
     "fixed_val_batches",

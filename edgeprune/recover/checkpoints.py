@@ -1,7 +1,8 @@
 """Resumable checkpoints of a recovery run.
 
-Every `save_every` steps the LoRA weights, the best adapter so far, the optimizer state, each
-process's torch RNG state and the step counters are written to the work folder. Weights and RNG
+Every `save_every` steps the trained weights (LoRA adapters, or every parameter), the best
+step's, the optimizer state, each process's torch RNG state and the step counters are written
+to the work folder. Weights and RNG
 states are safetensors, counters JSON; the optimizer state dict is a `torch.save` file (tensors
 and numbers only, read back with `weights_only=True`).
 """
@@ -16,10 +17,10 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
 from edgeprune.errors import EdgepruneError
+from edgeprune.recover.trainable import FullWeights, LoraWeights
 
 
 @dataclass
@@ -43,9 +44,9 @@ def rng_states() -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(
-    work: Path, peft_model: PeftModel, optimizer, state: TrainState, best: dict, accelerator: Accelerator
+    work: Path, weights: LoraWeights | FullWeights, optimizer, state: TrainState, best: dict, accelerator: Accelerator
 ) -> None:
-    """Adapter, best adapter, optimizer, per-process RNG and counters; replaced in one rename."""
+    """Trained weights, the best step's, optimizer, per-process RNG and counters; replaced in one rename."""
     ckpt, tmp = work / "checkpoint", work / "checkpoint.tmp"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -53,8 +54,8 @@ def save_checkpoint(
     accelerator.wait_for_everyone()
     save_file(rng_states(), tmp / f"rng-{accelerator.process_index}.safetensors")
     if accelerator.is_main_process:
-        save_file(get_peft_model_state_dict(peft_model), tmp / "adapter.safetensors")
-        save_file(best, tmp / "best_adapter.safetensors")
+        save_file(weights.state(), tmp / "weights.safetensors")
+        save_file(best, tmp / "best_weights.safetensors")
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         (tmp / "state.json").write_text(json.dumps(asdict(state), indent=1) + "\n")
     accelerator.wait_for_everyone()
@@ -64,21 +65,19 @@ def save_checkpoint(
     accelerator.wait_for_everyone()
 
 
-def load_checkpoint(work: Path, peft_model: PeftModel, optimizer, accelerator: Accelerator) -> tuple[TrainState, dict]:
-    """Restore what `save_checkpoint` wrote; returns the counters and the best adapter."""
+def load_checkpoint(
+    work: Path, weights: LoraWeights | FullWeights, optimizer, accelerator: Accelerator
+) -> tuple[TrainState, dict]:
+    """Restore what `save_checkpoint` wrote; returns the counters and the best step's weights."""
     ckpt = work / "checkpoint"
     rng = ckpt / f"rng-{accelerator.process_index}.safetensors"
     if not rng.is_file():
         raise EdgepruneError(f"{ckpt} was written by a different number of processes: resume with the same launch")
-    set_peft_model_state_dict(peft_model, load_file(ckpt / "adapter.safetensors"))
+    weights.load(load_file(ckpt / "weights.safetensors"))
     optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
     states = load_file(rng)
     torch.set_rng_state(states["cpu"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state(states["cuda"])
     state = TrainState(**json.loads((ckpt / "state.json").read_text()))
-    return state, load_file(ckpt / "best_adapter.safetensors")
-
-
-def adapter_snapshot(peft_model: PeftModel) -> dict[str, torch.Tensor]:
-    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in get_peft_model_state_dict(peft_model).items()}
+    return state, load_file(ckpt / "best_weights.safetensors")
