@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from click.testing import CliRunner
 from conftest import VOCAB, tiny_llama
-from test_recover import FAST, prune_non_uniform, write_pattern_text
+from test_recover import FAST, free_port, prune_non_uniform, write_pattern_text
 
 from edgeprune.calibration import heldout_start, tokenize_text
 from edgeprune.checkpoint import load_pruned, save_pruned
@@ -196,3 +199,22 @@ def test_cli_recover_with_teacher_and_no_data_distills_on_self_written_text(dens
     assert recovery["data"].startswith("self-generated") and recovery["steps"] == 2
     missing = CliRunner().invoke(main, ["recover", str(pruned), "-o", str(tmp_path / "x")])
     assert missing.exit_code == 1 and "--teacher" in missing.output
+
+
+def test_two_process_distillation_replicates_the_teacher_and_reports_tokens_per_second(dense_and_pruned, tmp_path):
+    dense, pruned = dense_and_pruned
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    cmd += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    cmd += ["--main_process_port", str(free_port()), "-m", "edgeprune.cli", "recover", str(pruned)]
+    cmd += ["--teacher", str(dense), "--method", "full", "--steps", "4", "--seq-len", "32", "--val-size", "8"]
+    cmd += ["--eval-every", "2", "--lr", "3e-3", "-o", str(out)]
+    done = subprocess.run(
+        cmd, capture_output=True, text=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("recovered ") == 1  # only the main process reports
+    recovery = json.loads((out / "edgeprune.json").read_text())["recovery"]
+    assert recovery["processes"] == 2 and len(recovery["tokens_per_s_per_process"]) == 2
+    assert all(rate > 0 for rate in recovery["tokens_per_s_per_process"])
+    assert recovery["data"].startswith("self-generated") and recovery["val_loss_best"] < recovery["val_loss_before"]
