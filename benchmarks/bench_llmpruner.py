@@ -40,7 +40,7 @@ from edgeprune.evaluate.data import subsample
 from edgeprune.evaluate.multiple_choice import item_hits, load_mc_task, mc_metrics, score_items
 from edgeprune.loading import load_model
 from edgeprune.models import adapter_for
-from edgeprune.recover import RecoveryConfig, load_recovery_data, recover
+from edgeprune.recover import RecoveryConfig, StepReport, load_recovery_data, recover
 from edgeprune.run import RunConfig, parameters_at
 from edgeprune.structure import TARGETS, PruneSpec, count_parameters, prune_model
 
@@ -113,16 +113,17 @@ def lora(source: Path, args: argparse.Namespace, folder: Path) -> None:
     config = RecoveryConfig(steps=args.lora_steps, lr=args.lora_lr, seq_len=args.lora_seq_len, seed=0)
     data = load_recovery_data(data_dir() / "instruct" / "alpaca_data_cleaned.first5000.json", tokenizer, model, config)
 
-    def on_step(step: int, total: int | None, loss: float, val_loss: float | None) -> None:
-        if val_loss is not None or step % 10 == 0:
-            print(f"  step {step}/{total} loss {loss:.3f}" + (f" val {val_loss:.4f}" if val_loss else ""), flush=True)
+    def on_step(report: StepReport) -> None:
+        if report.val_loss is not None or report.step % 10 == 0:
+            note = f" val {report.val_loss:.4f}" if report.val_loss is not None else ""
+            print(f"  step {report.step}/{report.total} loss {report.train_loss:.3f}{note}", flush=True)
 
     work = folder.with_name(folder.name + ".work")
     start = time.perf_counter()
     resume = (work / "checkpoint" / "state.json").is_file()
     result = recover(model, tokenizer, data, config, work_dir=work, resume=resume, on_step=on_step)
     provenance = json.loads((source / "edgeprune.json").read_text())
-    provenance |= {"recovery": result.record, "recovery_wall_seconds": time.perf_counter() - start}
+    provenance |= {"recovery": result.record.as_dict(), "recovery_wall_seconds": time.perf_counter() - start}
     save_pruned(result.model, tokenizer, folder, provenance)
 
 

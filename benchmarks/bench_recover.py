@@ -27,7 +27,7 @@ from edgeprune.criteria import ScoringInputs, score_groups
 from edgeprune.evaluate import perplexity
 from edgeprune.loading import load_model
 from edgeprune.models import adapter_for
-from edgeprune.recover import RecoveryConfig, load_recovery_data, recover
+from edgeprune.recover import RecoveryConfig, StepReport, load_recovery_data, recover
 from edgeprune.structure import PruneSpec, prune_model
 
 PROTECT = 3  # first and last layers kept whole, as in bench_criteria.py
@@ -75,23 +75,22 @@ def main() -> None:
     config = RecoveryConfig(minutes=args.minutes, lr=args.lr, seq_len=args.seq_len, seed=args.seed)
     data = load_recovery_data(data_dir() / "instruct" / "alpaca_data_cleaned.first5000.json", tokenizer, model, config)
 
-    def on_step(step: int, total: int | None, loss: float, val_loss: float | None) -> None:
-        if val_loss is not None or step % 5 == 0:
-            print(
-                f"  step {step} loss {loss:.3f}" + (f" val {val_loss:.4f}" if val_loss is not None else ""), flush=True
-            )
+    def on_step(report: StepReport) -> None:
+        if report.val_loss is not None or report.step % 5 == 0:
+            note = f" val {report.val_loss:.4f}" if report.val_loss is not None else ""
+            print(f"  step {report.step} loss {report.train_loss:.3f}{note}", flush=True)
 
     start, cpu_start = time.perf_counter(), time.process_time()
     result = recover(model, tokenizer, data, config, on_step=on_step)
     record["recover_wall_seconds"] = time.perf_counter() - start
     record["recover_cpu_seconds"] = time.process_time() - cpu_start  # the machine is shared: wall time is not ours
-    record["recovery"] = result.record
+    record["recovery"] = result.record.as_dict()
     record["recovered_ppl128"] = perplexity(result.model, eval_tokens, seq_len=128)
     record["load_average_end"] = os.getloadavg()
-    print(f"recovered PPL@128 {record['recovered_ppl128']:.2f} after {result.steps} steps", flush=True)
+    print(f"recovered PPL@128 {record['recovered_ppl128']:.2f} after {result.record.steps} steps", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=2) + "\n")
-    r = result.record
+    r = record["recovery"]
     print(
         f"\n| {args.criterion} {args.sparsity:.0%} | {args.minutes:g} min, lr {args.lr:g} | {r['steps']} "
         f"({r['epochs']:.3f} ep) | {r['best_step']} | {r['val_loss_before']:.3f} -> {r['val_loss_best']:.3f} | "

@@ -17,6 +17,12 @@ from edgeprune.errors import EdgepruneError
 
 PACKAGED_TEXT = Path(__file__).parent / "data" / "calibration.txt"
 DATASET_ALIASES = {"wikitext2": ("wikitext", "wikitext-2-raw-v1", "train")}
+HELDOUT_FRACTION = 0.2  # the tail of a calibration text, never sampled for scoring or trained on, measures perplexity
+
+
+def heldout_start(n_tokens: int) -> int:
+    """Index of the first held-out token of a calibration stream of `n_tokens`."""
+    return int(n_tokens * (1 - HELDOUT_FRACTION))
 
 
 def load_text(source: str | Path | None = None, data_dir: str | Path | None = None) -> str:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import click
@@ -382,7 +383,16 @@ def inspect(model: str | None, as_json: bool) -> None:
 
 @main.command()
 @click.argument("pruned_dir")
-@click.option("--data", required=True, help="Alpaca JSON/JSONL, text, labelled TSV/JSONL, or name[:config[:split]]")
+@click.option(
+    "--data",
+    help="Alpaca JSON/JSONL, text, labelled TSV/JSONL, or name[:config[:split]] (default with --teacher: "
+    "text the teacher writes)",
+)
+@click.option("--teacher", help="distill from this model (the dense one the pruned model came from)")
+@click.option("--method", type=click.Choice(["lora", "full"]), default="lora", show_default=True, help="what trains")
+@click.option("--temperature", type=float, default=1.0, show_default=True, help="distillation temperature")
+@click.option("--top-k", type=int, help="distill on the teacher's top-k tokens, the rest lumped (default: all)")
+@click.option("--lm-weight", type=float, default=0.0, show_default=True, help="weight of the LM loss beside the KL")
 @click.option("--steps", type=int, help="optimizer steps (default 100 when no budget is given)")
 @click.option("--epochs", type=float, help="passes over the training examples (instead of --steps)")
 @click.option("--minutes", type=float, help="wall-time cap; stops at the first budget reached")
@@ -402,20 +412,22 @@ def inspect(model: str | None, as_json: bool) -> None:
 @click.option("--resume", is_flag=True, help="continue an interrupted run from its last checkpoint")
 def recover(
     pruned_dir: str,
-    data: str,
+    data: str | None,
+    teacher: str | None,
     output: Path,
     overwrite: bool,
     resume: bool,
     **settings,
 ) -> None:
-    """Fine-tune LoRA adapters on PRUNED_DIR, merge them into the weights, and save a pruned folder.
+    """Train PRUNED_DIR (LoRA adapters merged into the weights, or every parameter) and save a pruned folder.
 
-    Runs alone or data-parallel under `accelerate launch --multi_gpu --num_processes N -m edgeprune.cli
-    recover ...` (on CPUs too, with gloo). See README "Recovery" for the data formats.
+    With --teacher the loss is the KL divergence to the teacher's next-token distribution. Runs alone
+    or data-parallel under `accelerate launch --multi_gpu --num_processes N -m edgeprune.cli recover ...`
+    (on CPUs too, with gloo). See README "Recovery" for the data formats.
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from edgeprune.recover import RecoveryConfig, process_state, recover_folder
+    from edgeprune.recover import RecoveryConfig, StepReport, process_state, recover_folder
 
     config = RecoveryConfig(**settings)
     with Progress(
@@ -427,19 +439,23 @@ def recover(
         disable=not process_state().is_main_process,
     ) as progress:
 
-        def on_step(step: int, total: int | None, loss: float, val_loss: float | None) -> None:
+        def on_step(report: StepReport) -> None:
             if not progress.task_ids:  # shown from the first step, so early errors stay one line
-                progress.add_task("", total=total)
-            note = f" val {val_loss:.3f}" if val_loss is not None else ""
-            progress.update(progress.task_ids[0], completed=step, total=total, description=f"loss {loss:.3f}{note}")
+                progress.add_task("", total=report.total)
+            note = f" val {report.val_loss:.3f}" if report.val_loss is not None else ""
+            description = f"loss {report.train_loss:.3f}{note}, {report.tokens_per_s:.0f} tokens/s"
+            progress.update(progress.task_ids[0], completed=report.step, total=report.total, description=description)
 
-        result = recover_folder(pruned_dir, data, output, config, overwrite=overwrite, resume=resume, on_step=on_step)
+        result = recover_folder(
+            pruned_dir, data, output, config, overwrite=overwrite, resume=resume, on_step=on_step, teacher_spec=teacher
+        )
     if process_state().is_main_process:
         record = result.record
+        rates = ", ".join(f"{r:.0f}" for r in record.tokens_per_s_per_process)
         out.print(
-            f"recovered {pruned_dir} on {data}: {result.steps} steps in {result.seconds:.0f} s, best step "
-            f"{result.best_step}, validation loss {record['val_loss_before']:.4f} -> {record['val_loss_best']:.4f} "
-            f"-> {output}"
+            f"recovered {pruned_dir} on {record.data}: {record.steps} steps in {record.seconds:.0f} s "
+            f"({rates} tokens/s per process), best step {record.best_step}, validation loss "
+            f"{record.val_loss_before:.4f} -> {record.val_loss_best:.4f} -> {output}"
         )
 
 
@@ -807,10 +823,10 @@ def budgets_from_options(latency_ms, speedup, memory_mb, peak_mb, params) -> lis
 @click.option("--warmup", default=2, show_default=True, help="warm-up runs per profile")
 @click.option("--timeout", type=POSITIVE, help=TIMEOUT_HELP)
 @TOKENIZER_OPTION
-@click.option("--recover/--no-recover", default=False, show_default=True, help="LoRA recovery before export")
-@click.option("--recover-data", help="recovery data: Alpaca JSON, text file (default: the calibration text)")
-@click.option("--recover-minutes", type=float, default=5.0, show_default=True, help="recovery time budget")
-@click.option("--recover-lr", type=float, default=1e-3, show_default=True, help="LoRA learning rate")
+@click.option("--recover/--no-recover", default=None, help="distill a pruned model from the dense one (default: on)")
+@click.option("--recover-data", help="recovery data: Alpaca JSON, text file (default: text the dense model writes)")
+@click.option("--recover-minutes", type=float, help="recovery time budget (default: RunConfig's, 5)")
+@click.option("--recover-lr", type=float, help="recovery learning rate (default: RunConfig's)")
 @click.option("--seed", default=0, show_default=True)
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=Path("out/run"), show_default=True)
 @click.option("--overwrite", is_flag=True, help="start afresh, replacing OUT if it is a run folder (default: resume)")
@@ -825,14 +841,11 @@ def run(model: str | None, output: Path, overwrite: bool, **options) -> None:
     options["workload"] = Workload.parse(options["workload"])
     options["device_files"] = tuple(options.pop("device_file"))
     options["criterion_options"] = parse_criterion_options(options["criterion_options"])
-    recover_settings = {
-        "minutes": options.pop("recover_minutes"),
-        "lr": options.pop("recover_lr"),
-        "steps": 10_000,  # the time budget decides
-        "seq_len": 128,
-    }
-    options["recover_options"] = {"data": options.pop("recover_data"), **recover_settings}
+    recover_settings = {"minutes": options.pop("recover_minutes"), "lr": options.pop("recover_lr")}
+    if options["recover"] is None:  # RunConfig's default
+        options.pop("recover")
     cfg = RunConfig(budgets=budgets, model=model, **options)
+    cfg.recovery = replace(cfg.recovery, **{k: v for k, v in recover_settings.items() if v is not None})
     cfg.spec(0.0)  # refuse bad pruning options before any work
     with console.status("starting") as status, notices_logged_in(output):
         result = run_job(

@@ -31,7 +31,7 @@ from edgeprune.budget import (
     search_candidates,
     smallest_sparsity,
 )
-from edgeprune.calibration import load_text, sample_windows, tokenize_text
+from edgeprune.calibration import heldout_start, load_text, sample_windows, tokenize_text
 from edgeprune.checkpoint import save_pruned, versions
 from edgeprune.criteria import GroupScores, ScoringInputs, score_groups
 from edgeprune.devices.profiler import Profiler, ProfileResult, Workload, profiler_for
@@ -43,18 +43,27 @@ from edgeprune.export.quantize import BLOCK_SIZE, quantize_model
 from edgeprune.export.sliced import ffn_initializer_names, slice_ffn
 from edgeprune.export.verify import verify_onnx
 from edgeprune.loading import LoadedModel, load_model, require_tokenizer
-from edgeprune.models import FamilyAdapter, adapter_for
+from edgeprune.models import FamilyAdapter, adapter_for, is_decoder
 from edgeprune.outputs import check_run_output, claim_run_output, local_inputs
+from edgeprune.recover.config import RecoveryConfig
 from edgeprune.report import write_report
 from edgeprune.runtime import MODEL_FILE
 from edgeprune.structure import LayerKeep, PruneSpec, count_parameters, cut_model, plan_widths, select_keep
 
-HELDOUT_FRACTION = 0.2  # the tail of the calibration text, never sampled for scoring, measures quality
 DEFAULT_SPEEDUP = 1.3
 
 
 def default_budgets() -> list[Budget]:
     return [Budget("speedup", DEFAULT_SPEEDUP)]
+
+
+def run_recovery() -> RecoveryConfig:
+    """The run's recovery: 5 minutes of LoRA distillation on 128-token windows, 8 held out.
+
+    LoRA beat full-parameter distillation per minute on LLM-Pruner's 20% cut (PPL 163 -> 113 in
+    5.2 minutes vs -> 118 in 7.6; benchmarks/RESULTS.md, bench_distill.py).
+    """
+    return RecoveryConfig(method="lora", lr=1e-3, minutes=5.0, steps=None, seq_len=128, val_size=8, eval_every=5)
 
 
 @dataclass
@@ -86,8 +95,9 @@ class RunConfig:
     runs: int = 10
     warmup: int = 2
     seed: int = 0
-    recover: bool = False
-    recover_options: dict = field(default_factory=dict)
+    recover: bool = True  # a pruned final model is distilled from the dense one (decoders)
+    recover_data: str | None = None  # None: text the dense model writes (`recover.selftext.default_data`)
+    recovery: RecoveryConfig = field(default_factory=run_recovery)
     tokenizer: str | None = None  # --tokenizer, for a model saved without one
     timeout: float | None = None  # seconds per profiling call (None: derived from the workload)
 
@@ -113,7 +123,7 @@ class RunConfig:
     def settings(self, source_hash: str) -> dict:
         """What the probe log must agree on to be reused (not the probe cap nor the run count)."""
         record = asdict(self)
-        for volatile in ("max_probes", "recover", "recover_options", "device_files", "timeout"):
+        for volatile in ("max_probes", "recover", "recover_data", "recovery", "device_files", "timeout"):
             record.pop(volatile)
         if record["tokenizer"] is None:  # logs written before --tokenizer existed stay resumable
             record.pop("tokenizer")
@@ -137,18 +147,9 @@ class Calibration:
 
 def split_calibration(tokenizer, cfg: RunConfig) -> Calibration:
     tokens = tokenize_text(tokenizer, load_text(cfg.calibration))
-    cut = int(len(tokens) * (1 - HELDOUT_FRACTION))
+    cut = heldout_start(len(tokens))
     windows = sample_windows(tokens[:cut], cfg.calib_samples, cfg.calib_seq_len, cfg.seed)
     return Calibration(windows=windows, heldout=tokens[cut:][: cfg.eval_tokens], head=tokens[:cut])
-
-
-def default_recovery_text(calib: Calibration, tokenizer, work: Path) -> Path:
-    """The calibration text minus its held-out tail, as a file recovery can train on."""
-    path = work / "recovery.txt"
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(tokenizer.decode(calib.head.tolist()), encoding="utf-8")
-    tmp.replace(path)
-    return path
 
 
 def scoring_settings(cfg: RunConfig, source_hash: str) -> dict:
@@ -344,7 +345,7 @@ def run_job(
     OUT is resumed when it is a run folder; `overwrite` replaces it with a fresh one, but only
     once the inputs have loaded, so a failing start never costs the previous results.
     """
-    inputs = local_inputs(cfg.model, cfg.calibration, cfg.recover_options.get("data"), *cfg.device_files)
+    inputs = local_inputs(cfg.model, cfg.calibration, cfg.recover_data, *cfg.device_files)
     out = check_run_output(out, overwrite, inputs)
     say("loading model")
     loaded = load_model(cfg.model, cfg.tokenizer)
@@ -433,15 +434,22 @@ def finish(inputs: FinishInputs, search: SearchResult, say: Callable[[str], None
     cfg, loaded, best = inputs.cfg, inputs.loaded, search.best
     final, _ = pruned_copy(loaded.model, inputs.adapter, inputs.scores, cfg.spec(best.sparsity))
     recovery = None
-    if cfg.recover and best.sparsity > 0:
+    if cfg.recover and best.sparsity > 0 and is_decoder(final.config):
         from edgeprune.recover import recover_model
 
-        say("recovering quality with LoRA")
-        options = dict(cfg.recover_options)
-        if options.get("data") is None:  # never the held-out tail the report's quality is measured on
-            options["data"] = default_recovery_text(inputs.calib, loaded.tokenizer, inputs.out / "work")
-            options.setdefault("val_size", 8)
-        recovery = recover_model(final, loaded.tokenizer, **options)
+        say(f"recovering quality by distillation from the dense model ({cfg.recovery.minutes:g} minutes)")
+        recovery = recover_model(
+            final,
+            loaded.tokenizer,
+            cfg.recovery,
+            work=inputs.out / "work",
+            prompt_text=loaded.tokenizer.decode(inputs.calib.head.tolist()),  # never the held-out tail
+            data=cfg.recover_data,
+            teacher=loaded.model,
+            teacher_id=loaded.source,
+            heldout=inputs.calib.heldout,
+            eval_seq_len=cfg.eval_seq_len,
+        ).record.as_dict()
     if best.sparsity > 0:  # an unpruned candidate's PyTorch model is the input itself
         provenance = {
             "source": loaded.source,

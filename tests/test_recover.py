@@ -21,6 +21,7 @@ from transformers import BertConfig, BertForMaskedLM, BertForSequenceClassificat
 from edgeprune.checkpoint import load_pruned, save_pruned
 from edgeprune.cli import main
 from edgeprune.errors import EdgepruneError
+from edgeprune.evaluate import perplexity
 from edgeprune.models import adapter_for
 from edgeprune.recover import (
     ALPACA_PROMPT_NO_INPUT,
@@ -57,13 +58,18 @@ def prune_non_uniform(model) -> None:
 
 @pytest.fixture
 def pattern_text(tmp_path: Path) -> Path:
+    return write_pattern_text(tmp_path)
+
+
+def write_pattern_text(folder: Path, seed: int = 0) -> Path:
     """Runs of consecutive words (w7 w8 w9 ...): learnable, so LoRA can lower the loss quickly."""
-    rng = random.Random(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
     words = []
     for _ in range(600):
         start = rng.randrange(0, 80)
         words += [f"w{(start + k) % 89}" for k in range(8)]
-    path = tmp_path / "pattern.txt"
+    path = folder / "pattern.txt"
     path.write_text(" ".join(words))
     return path
 
@@ -144,25 +150,32 @@ def test_recovery_lowers_validation_loss(family, llama, bert, tokenizer, pattern
     data = load_recovery_data(pattern_text, tokenizer, model, config)
     assert data.kind == ("text" if family == "llama" else "mlm")
     result = recover(model, tokenizer, data, config)
-    before, best = result.val_losses[0][1], min(v for _, v in result.val_losses)
-    assert best < before - 0.2, result.val_losses
-    assert result.steps == 20 and result.best_step > 0
+    before, best = result.record.val_loss_before, result.record.val_loss_best
+    assert best < before - 0.2, result.record.val_losses
+    assert result.record.steps == 20 and result.record.best_step > 0
     assert layer_widths(result.model, adapter_for(result.model.config)) == widths
     measured = val_loss_of(result.model, data, tokenizer, config, causal=family == "llama")
     assert measured == pytest.approx(best, abs=1e-4)  # the best step's adapter is what got merged
 
 
-def test_recover_model_updates_the_model_in_place(llama, tokenizer, pattern_text, token_ids):
+def test_recover_model_updates_the_model_in_place(llama, tokenizer, pattern_text, token_ids, tmp_path):
     prune_non_uniform(llama)
     with torch.no_grad():
         before = llama(input_ids=token_ids).logits
-    record = recover_model(llama, tokenizer, pattern_text, steps=5, **FAST)
-    assert record["steps"] == 5 and record["val_loss_best"] <= record["val_loss_before"]
+    config = RecoveryConfig(steps=5, **FAST)
+    heldout = torch.randint(7, 96, (64,), generator=torch.Generator().manual_seed(2))
+    result = recover_model(
+        llama, tokenizer, config, work=tmp_path, prompt_text="", data=pattern_text, heldout=heldout, eval_seq_len=32
+    )
+    record = result.record
+    assert record.steps == 5 and record.val_loss_best <= record.val_loss_before
     assert not lora_layers(llama)
     with torch.no_grad():
         after = llama(input_ids=token_ids).logits
-    assert record["best_step"] == 5 and not torch.equal(after, before)  # the merged weights are in `llama`
-    json.dumps(record)  # goes into edgeprune.json as it is
+    assert record.best_step == 5 and not torch.equal(after, before)  # the merged weights are in `llama`
+    assert record.heldout_ppl_before != record.heldout_ppl_after
+    assert record.heldout_ppl_after == pytest.approx(perplexity(llama, heldout, seq_len=32), rel=1e-5)
+    json.dumps(record.as_dict())  # goes into edgeprune.json as it is
 
 
 def test_instruction_loss_covers_response_only(tokenizer):
@@ -195,8 +208,8 @@ def test_instruction_json_trains_decoder(tmp_path, llama, tokenizer):
     config = RecoveryConfig(steps=15, **{**FAST, "seq_len": 128})
     data = load_recovery_data(path, tokenizer, llama, config)
     assert data.kind == "instruct" and len(data.train) == 32 and len(data.val) == 8
-    result = recover(llama, tokenizer, data, config)
-    assert min(v for _, v in result.val_losses) < result.val_losses[0][1]
+    record = recover(llama, tokenizer, data, config).record
+    assert record.val_loss_best < record.val_loss_before
 
 
 def test_labelled_tsv_trains_encoder_classifier(tmp_path, tokenizer):
@@ -216,11 +229,11 @@ def test_labelled_tsv_trains_encoder_classifier(tmp_path, tokenizer):
     data = load_recovery_data(path, tokenizer, model, recovery)
     assert data.kind == "classify" and data.train[0]["labels"] in (0, 1)
     result = recover(model, tokenizer, data, recovery)
-    assert min(v for _, v in result.val_losses) < result.val_losses[0][1] - 0.05, result.val_losses
+    assert result.record.val_loss_best < result.record.val_loss_before - 0.05, result.record.val_losses
     assert type(result.model) is BertForSequenceClassification
     assert not torch.equal(result.model.classifier.weight, head)  # the head is trained and kept
     measured = val_loss_of(result.model, data, tokenizer, recovery, causal=False)
-    assert measured == pytest.approx(min(v for _, v in result.val_losses), abs=1e-4)
+    assert measured == pytest.approx(result.record.val_loss_best, abs=1e-4)
     with pytest.raises(EdgepruneError, match="does not fit"):
         load_recovery_data(path, tokenizer, tiny_bert(), recovery)  # labels for a masked LM
 
@@ -297,8 +310,8 @@ def test_resume_continues_from_saved_step(pruned_dir, pattern_text, tmp_path):
     config = RecoveryConfig(steps=6, save_every=2, **{**FAST, "eval_every": 3})
     full = recover_folder(str(pruned_dir), str(pattern_text), tmp_path / "full", config)
 
-    def stop_at_3(step, total, loss, val_loss):
-        if step == 3:
+    def stop_at_3(report):
+        if report.step == 3:
             raise Interrupt
 
     out = tmp_path / "resumed"
@@ -312,12 +325,12 @@ def test_resume_continues_from_saved_step(pruned_dir, pattern_text, tmp_path):
         recover_folder(str(pruned_dir), str(pattern_text), out, replace(config, lr=0.5), resume=True)
     steps_seen = []
     resumed = recover_folder(
-        str(pruned_dir), str(pattern_text), out, config, resume=True, on_step=lambda s, *_: steps_seen.append(s)
+        str(pruned_dir), str(pattern_text), out, config, resume=True, on_step=lambda r: steps_seen.append(r.step)
     )
-    assert steps_seen == [3, 4, 5, 6] and resumed.resumed_from == 2 and resumed.steps == 6
-    assert resumed.record["resumed_from_step"] == 2
-    assert [s for s, _ in resumed.val_losses] == [s for s, _ in full.val_losses] == [0, 3, 6]
-    resumed_losses, full_losses = [v for _, v in resumed.val_losses], [v for _, v in full.val_losses]
+    assert steps_seen == [3, 4, 5, 6] and resumed.record.resumed_from_step == 2 and resumed.record.steps == 6
+    resumed_val, full_val = resumed.record.val_losses, full.record.val_losses
+    assert [s for s, _ in resumed_val] == [s for s, _ in full_val] == [0, 3, 6]
+    resumed_losses, full_losses = [v for _, v in resumed_val], [v for _, v in full_val]
     assert resumed_losses == pytest.approx(full_losses, abs=1e-6)  # same batches, same RNG: the same run
     assert not work_dir_for(out).exists()
 

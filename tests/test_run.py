@@ -30,7 +30,7 @@ def test_run_writes_every_artifact_and_meets_params_budget(saved_llama, calibrat
     out = tmp_path / "run"
     args = [saved_llama, "--params", "60000", "--criterion", "magnitude", "--calibration", calibration_file]
     args += ["--targets", "ffn", "--protect-first", "0", "--protect-last", "0"]
-    args += ["--runs", "2", "--warmup", "1", "--workload", "prefill=16,decode=4", "-o", out]
+    args += ["--runs", "2", "--warmup", "1", "--workload", "prefill=16,decode=4", "--no-recover", "-o", out]
     result = run(*args)
     assert result.exit_code == 0, result.output
     for name in ("report.json", "report.md", "pareto.png", "search.jsonl", "scores.safetensors"):
@@ -72,12 +72,14 @@ def test_unreachable_budget_is_a_one_line_error(saved_llama, calibration_file, t
 def test_run_with_recovery_records_it(saved_llama, calibration_file, tmp_path):
     out = tmp_path / "run"
     args = [saved_llama, "--params", "90000", "--criterion", "magnitude", "--calibration", calibration_file]
-    args += ["--runs", "1", "--warmup", "0", "--workload", "prefill=8,decode=2", "--recover"]
-    args += ["--recover-data", calibration_file, "--recover-minutes", "0.1", "-o", out]
-    result = run(*args)
+    args += ["--runs", "1", "--warmup", "0", "--workload", "prefill=8,decode=2", "--recover-minutes", "0.1", "-o", out]
+    result = run(*args)  # recovery is on by default: distilled from the dense model on text it writes
     assert result.exit_code == 0, result.output
     record = json.loads((out / "report.json").read_text())
-    assert record["recovery"]["steps"] >= 1
+    recovery = record["recovery"]
+    assert recovery["steps"] >= 1 and recovery["teacher"] == str(saved_llama) and recovery["data_kind"] == "text"
+    assert recovery["heldout_ppl_before"] > 0 and recovery["heldout_ppl_after"] == record["final"]["perplexity"]
+    assert recovery["data"] == str(out / "work" / "self_text.jsonl") and recovery["data_seconds"] > 0
     assert json.loads((out / "pruned" / "edgeprune.json").read_text())["recovery"]["steps"] >= 1
     widths = json.loads((out / "pruned" / "edgeprune.json").read_text())["layer_widths"]["intermediate_size"]
     assert widths[0] == widths[-1] == 96 and max(widths[1:-1]) < 96  # by default the first and last layers stay whole
@@ -108,11 +110,14 @@ def test_scores_are_reused_only_for_the_same_criterion_settings(llama, tokenizer
 
 def test_default_recovery_text_leaves_out_the_held_out_tail(tokenizer, calibration_file, tmp_path):
     from edgeprune.calibration import tokenize_text
-    from edgeprune.run import RunConfig, default_recovery_text, split_calibration
+    from edgeprune.recover.selftext import default_data
+    from edgeprune.run import RunConfig, split_calibration
 
     cfg = RunConfig(budgets=[], calibration=str(calibration_file), calib_samples=4)
     calib = split_calibration(tokenizer, cfg)
-    written = tokenize_text(tokenizer, default_recovery_text(calib, tokenizer, tmp_path).read_text())
+    written = tokenize_text(
+        tokenizer, default_data(tokenizer, tokenizer.decode(calib.head.tolist()), tmp_path).read_text()
+    )
     everything = tokenize_text(tokenizer, calibration_file.read_text())
     assert torch.equal(written, everything[: len(written)])  # the head of the text, in order
     assert len(written) + len(calib.heldout) <= len(everything)  # and none of the held-out tail

@@ -1,0 +1,70 @@
+"""What a recovery run is asked to do: what is trained, with which loss, for how long; checked once."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from edgeprune.errors import EdgepruneError
+
+METHODS = ("lora", "full")
+
+
+@dataclass
+class RecoveryConfig:
+    """Training settings; defaults are LLM-Pruner's LoRA (r=8, alpha=16, lr 1e-4) sized for a CPU.
+
+    Budget: `steps` or `epochs` fix the number of optimizer steps, `minutes` caps wall time;
+    training stops at whichever is reached first (100 steps when none is given).
+    `method`: `lora` trains adapters that are merged afterwards, `full` every parameter.
+    With a teacher the loss is the KL divergence between the teacher's and the student's
+    next-token distributions at `temperature` (over the full vocabulary, or the teacher's
+    `top_k` tokens with the rest lumped into one), plus `lm_weight` times the LM loss.
+    """
+
+    rank: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    lr: float = 1e-4
+    targets: str = "auto"
+    seq_len: int = 256
+    batch_size: int = 2
+    grad_accum: int = 4
+    steps: int | None = None
+    epochs: float | None = None
+    minutes: float | None = None
+    eval_every: int = 25
+    save_every: int = 25
+    val_size: int = 32
+    seed: int = 0
+    method: str = "lora"
+    temperature: float = 1.0
+    top_k: int | None = None
+    lm_weight: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.steps is not None and self.epochs is not None:
+            raise EdgepruneError("give either --steps or --epochs, not both (--minutes can cap either)")
+        positive = {"rank": self.rank, "seq-len": self.seq_len, "batch-size": self.batch_size}
+        positive |= {"grad-accum": self.grad_accum, "eval-every": self.eval_every, "save-every": self.save_every}
+        positive |= {"val-size": self.val_size, "steps": self.steps or 1, "epochs": self.epochs or 1}
+        positive |= {"minutes": self.minutes or 1, "lr": self.lr, "temperature": self.temperature}
+        positive |= {"top-k": self.top_k or 1}
+        if self.lm_weight < 0:
+            raise EdgepruneError("--lm-weight must be zero or positive")
+        if self.method not in METHODS:
+            raise EdgepruneError(f"--method {self.method}: choose one of {', '.join(METHODS)}")
+        bad = [name for name, value in positive.items() if value <= 0]
+        if bad:
+            raise EdgepruneError(f"--{bad[0]} must be positive")
+
+    def examples_per_step(self, num_processes: int) -> int:
+        return self.batch_size * self.grad_accum * num_processes
+
+    def total_steps(self, n_train: int, num_processes: int) -> int | None:
+        """Optimizer steps to run; None when only the minutes cap ends training."""
+        if self.epochs is not None:
+            return max(1, math.ceil(self.epochs * n_train / self.examples_per_step(num_processes)))
+        if self.steps is None and self.minutes is not None:
+            return None
+        return self.steps or 100

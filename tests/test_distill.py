@@ -1,0 +1,220 @@
+"""Distillation from the dense teacher: KL loss, the student moving toward the teacher, self-written text, resume."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import VOCAB, tiny_llama
+from test_recover import FAST, free_port, prune_non_uniform, write_pattern_text
+
+from edgeprune.calibration import heldout_start, tokenize_text
+from edgeprune.checkpoint import load_pruned, save_pruned
+from edgeprune.cli import main
+from edgeprune.errors import EdgepruneError
+from edgeprune.recover import RecoveryConfig, SelfTextConfig, load_recovery_data, recover, recover_folder
+from edgeprune.recover.selftext import draw_prompts, write_self_text
+from edgeprune.recover.teacher import distill_loss, kl_full, kl_top_k
+
+ZERO_TOL = 1e-5  # float32 log-softmax differences of equal logits, relative to KL values of order 0.1-1
+
+
+@pytest.fixture
+def pattern_text(tmp_path: Path) -> Path:
+    return write_pattern_text(tmp_path)
+
+
+def random_logits(seed: int, shape=(3, 10, VOCAB)) -> torch.Tensor:
+    return 3 * torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("top_k", [None, 8])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_kl_of_student_equal_to_teacher_is_zero_and_its_gradient_vanishes(top_k, temperature):
+    teacher = random_logits(0)
+    labels = torch.randint(7, VOCAB, teacher.shape[:2], generator=torch.Generator().manual_seed(1))
+    student = teacher.clone().requires_grad_(True)
+    loss = distill_loss(student, teacher, labels, temperature, top_k)
+    loss.backward()
+    assert abs(loss.item()) < ZERO_TOL
+    assert student.grad.abs().max() < ZERO_TOL
+    other = random_logits(2).requires_grad_(True)
+    moved = distill_loss(other, teacher, labels, temperature, top_k)
+    moved.backward()
+    assert moved.item() > 100 * ZERO_TOL and other.grad.abs().max() > 100 * ZERO_TOL  # the same code can see a gap
+
+
+def test_top_k_with_the_rest_lumped_is_a_coarser_kl():
+    """Lumping outcomes never raises the KL (data processing), and k = vocabulary - 1 loses nothing."""
+    teacher, student = random_logits(3).flatten(0, 1), random_logits(4).flatten(0, 1)
+    full = kl_full(student, teacher, 1.0)
+    assert torch.all(kl_top_k(student, teacher, 1.0, 8) <= full + 1e-5)
+    torch.testing.assert_close(kl_top_k(student, teacher, 1.0, VOCAB - 1), full, atol=1e-4, rtol=1e-4)
+
+
+def test_ignored_positions_carry_no_distillation_loss():
+    teacher, student = random_logits(5), random_logits(6)
+    labels = torch.full(teacher.shape[:2], -100)
+    labels[:, 4:] = 9  # only positions 3.. predict a labelled token
+    tail = distill_loss(student[:, 3:], teacher[:, 3:], labels[:, 3:])
+    assert distill_loss(student, teacher, labels) == pytest.approx(tail.item(), rel=1e-6)
+
+
+def heldout_kl(student, teacher, tokens: torch.Tensor) -> float:
+    with torch.no_grad():
+        return distill_loss(student(input_ids=tokens).logits, teacher(input_ids=tokens).logits, tokens).item()
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_distilled_student_moves_toward_the_teacher_on_held_out_tokens(
+    method, llama, tokenizer, pattern_text, tmp_path
+):
+    teacher = llama
+    student = copy.deepcopy(teacher)
+    prune_non_uniform(student)
+    heldout = tokenize_text(tokenizer, write_pattern_text(tmp_path / "heldout", seed=1).read_text())[:96].view(4, 24)
+    before = heldout_kl(student, teacher, heldout)
+    config = RecoveryConfig(method=method, steps=15, **{**FAST, "lr": 3e-3 if method == "full" else 1e-2})
+    data = load_recovery_data(pattern_text, tokenizer, student, config)
+    result = recover(student, tokenizer, data, config, teacher=teacher, teacher_id="tiny")
+    after = heldout_kl(result.model, teacher, heldout)
+    assert after < 0.9 * before, (before, after)
+    record = result.record
+    assert record.teacher == "tiny" and 0 < record.teacher_share < 1 and record.tokens_per_s_per_process[0] > 0
+    assert record.val_loss_best < record.val_loss_before  # the held-out objective is the KL too
+
+
+def test_distillation_refuses_an_encoder_or_a_foreign_vocabulary(llama, bert, tokenizer, pattern_text):
+    config = RecoveryConfig(steps=1, **FAST)
+    data = load_recovery_data(pattern_text, tokenizer, llama, config)
+    with pytest.raises(EdgepruneError, match="decoder"):
+        recover(llama, tokenizer, data, config, teacher=bert)
+    foreign = tiny_llama(seed=1)
+    foreign.resize_token_embeddings(VOCAB + 8)
+    with pytest.raises(EdgepruneError, match="vocabulary"):
+        recover(llama, tokenizer, data, config, teacher=foreign)
+
+
+@pytest.fixture
+def split_text(tokenizer) -> tuple[str, set[int]]:
+    """A calibration text whose held-out tail uses words its head never does: (head text, tail token ids)."""
+    import random
+
+    rng = random.Random(0)
+    words = [f"w{rng.randrange(7, 50)}" for _ in range(800)] + [f"w{rng.randrange(50, 89)}" for _ in range(200)]
+    tokens = tokenize_text(tokenizer, " ".join(words))
+    cut = heldout_start(len(tokens))
+    return tokenizer.decode(tokens[:cut].tolist()), set(tokens[cut:].tolist())
+
+
+def test_self_text_is_reproducible_for_a_seed_and_never_includes_the_held_out_tail(
+    llama, tokenizer, split_text, tmp_path, monkeypatch
+):
+    head, tail_ids = split_text
+    config = SelfTextConfig(samples=24, prompt_tokens=8, new_tokens=12, batch_size=5, seed=3)
+    first = write_self_text(llama, tokenizer, head, tmp_path / "a", config, "tiny")
+    again = write_self_text(llama, tokenizer, head, tmp_path / "b", config, "tiny")
+    other = write_self_text(llama, tokenizer, head, tmp_path / "c", SelfTextConfig(**{**vars(config), "seed": 4}), "t")
+    assert first.read_text() == again.read_text() != other.read_text()
+    rows = [json.loads(line) for line in first.read_text().splitlines()]
+    assert len(rows) == 24 and all(
+        r["text"].startswith(r["prompt"]) and len(r["text"]) > len(r["prompt"]) for r in rows
+    )
+    head_ids = tokenize_text(tokenizer, head).tolist()
+    windows = [r["prompt"] for r in rows if not r["prompt"].startswith("Below is an instruction")]
+    assert len(windows) == 12  # half instructions, half windows of the head
+    for prompt in windows:
+        ids = tokenize_text(tokenizer, prompt).tolist()
+        assert not set(ids) & tail_ids
+        assert any(head_ids[i : i + len(ids)] == ids for i in range(len(head_ids) - len(ids) + 1))
+    assert draw_prompts(head, tokenizer, config) == [r["prompt"] for r in rows]
+
+    def no_generation(*args, **kwargs):
+        raise AssertionError("reused text must not be generated again")
+
+    monkeypatch.setattr("edgeprune.recover.selftext.sample_continuations", no_generation)
+    assert write_self_text(llama, tokenizer, head, tmp_path / "a", config, "tiny").read_text() == first.read_text()
+
+
+@pytest.fixture
+def dense_and_pruned(tmp_path: Path, llama, tokenizer) -> tuple[Path, Path]:
+    dense = tmp_path / "dense"
+    llama.save_pretrained(dense)
+    tokenizer.save_pretrained(dense)
+    prune_non_uniform(llama)
+    return dense, save_pruned(llama, tokenizer, tmp_path / "pruned", {"source": "tiny", "criterion": "test"})
+
+
+class Interrupt(Exception):
+    pass
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_distillation_resumed_after_interruption_gives_the_uninterrupted_losses(method, dense_and_pruned, tmp_path):
+    dense, pruned = dense_and_pruned
+    config = RecoveryConfig(method=method, steps=6, save_every=2, **{**FAST, "eval_every": 3, "lr": 3e-3})
+    small = SelfTextConfig(samples=40, prompt_tokens=8, new_tokens=24, batch_size=8)
+
+    def distill(out: Path, **kwargs):
+        return recover_folder(str(pruned), None, out, config, teacher_spec=str(dense), self_text=small, **kwargs)
+
+    full = distill(tmp_path / "full")
+
+    def stop_at_3(report):
+        if report.step == 3:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        distill(tmp_path / "resumed", on_step=stop_at_3)
+    resumed = distill(tmp_path / "resumed", resume=True)
+    assert resumed.record.resumed_from_step == 2 and resumed.record.steps == 6
+    assert [s for s, _ in resumed.record.val_losses] == [0, 3, 6]
+    resumed_losses = [v for _, v in resumed.record.val_losses]
+    assert resumed_losses == pytest.approx([v for _, v in full.record.val_losses], abs=1e-6)
+    assert [v for _, v in resumed.train_losses[-3:]] == pytest.approx([v for _, v in full.train_losses[-3:]], abs=1e-6)
+    assert "self-generated" in resumed.record.data
+    model, _ = load_pruned(tmp_path / "resumed")
+    reference, _ = load_pruned(tmp_path / "full")
+    for (name, a), (_, b) in zip(model.state_dict().items(), reference.state_dict().items(), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_cli_recover_with_teacher_and_no_data_distills_on_self_written_text(dense_and_pruned, tmp_path):
+    dense, pruned = dense_and_pruned
+    out = tmp_path / "recovered"
+    args = ["recover", pruned, "--teacher", dense, "--method", "full", "--steps", 2, "--seq-len", 32]
+    args += ["--val-size", 4, "--lr", 1e-3, "--top-k", 16, "-o", out]
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    assert "tokens/s per process" in result.output
+    recovery = json.loads((out / "edgeprune.json").read_text())["recovery"]
+    assert recovery["teacher"] == str(dense) and recovery["config"]["top_k"] == 16
+    assert recovery["data"].startswith("self-generated") and recovery["steps"] == 2
+    missing = CliRunner().invoke(main, ["recover", str(pruned), "-o", str(tmp_path / "x")])
+    assert missing.exit_code == 1 and "--teacher" in missing.output
+
+
+def test_two_process_distillation_replicates_the_teacher_and_reports_tokens_per_second(dense_and_pruned, tmp_path):
+    dense, pruned = dense_and_pruned
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    cmd += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    cmd += ["--main_process_port", str(free_port()), "-m", "edgeprune.cli", "recover", str(pruned)]
+    cmd += ["--teacher", str(dense), "--method", "full", "--steps", "4", "--seq-len", "32", "--val-size", "8"]
+    cmd += ["--eval-every", "2", "--lr", "3e-3", "-o", str(out)]
+    done = subprocess.run(
+        cmd, capture_output=True, text=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("recovered ") == 1  # only the main process reports
+    recovery = json.loads((out / "edgeprune.json").read_text())["recovery"]
+    assert recovery["processes"] == 2 and len(recovery["tokens_per_s_per_process"]) == 2
+    assert all(rate > 0 for rate in recovery["tokens_per_s_per_process"])
+    assert recovery["data"].startswith("self-generated") and recovery["val_loss_best"] < recovery["val_loss_before"]
