@@ -78,7 +78,10 @@ def test_run_with_recovery_records_it(saved_llama, calibration_file, tmp_path):
     record = json.loads((out / "report.json").read_text())
     recovery = record["recovery"]
     assert recovery["steps"] >= 1 and recovery["teacher"] == str(saved_llama) and recovery["data_kind"] == "text"
-    assert recovery["heldout_ppl_before"] > 0 and recovery["heldout_ppl_after"] == record["final"]["perplexity"]
+    assert recovery["heldout_ppl_before"] > 0
+    # the report's perplexity is the shipped fp32 file's through ONNX Runtime, recovery's PyTorch's: float32 apart
+    assert record["final"]["precision"] == "fp32"
+    assert recovery["heldout_ppl_after"] == pytest.approx(record["final"]["perplexity"], rel=1e-4)
     assert recovery["data"] == str(out / "work" / "self_text.jsonl") and recovery["data_seconds"] > 0
     assert json.loads((out / "pruned" / "edgeprune.json").read_text())["recovery"]["steps"] >= 1
     widths = json.loads((out / "pruned" / "edgeprune.json").read_text())["layer_widths"]["intermediate_size"]
