@@ -102,7 +102,7 @@ def test_weight_only_export_ships_one_verified_model(exported, tmp_path, precisi
     assert [p.name for p in result.path.glob("*.onnx*")] == ["model.onnx"]
     assert result.precision == precision and set(result.verification) == {"fp32", precision}
     nodes = matmul_nbits(result.path / "model.onnx")
-    assert len(nodes) == 4 * 7  # q, k, v, o, gate, up, down of each layer; the tied lm_head stays float
+    assert len(nodes) == 4 * 7 + 1  # q, k, v, o, gate, up, down of each layer and the lm_head
     assert {(n["bits"], n["block_size"], n["accuracy_level"]) for n in nodes} == {(bits, 32, 4)}
     assert result.sizes[precision] == (result.path / "model.onnx").stat().st_size < result.sizes["fp32"]
     check = result.verification[precision]

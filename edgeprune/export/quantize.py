@@ -14,8 +14,10 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnxruntime as ort
+from onnx import helper, numpy_helper
 from onnxruntime.quantization import QuantType, quantize_dynamic
 
 from edgeprune.errors import EdgepruneError
@@ -65,22 +67,125 @@ def matmul_nbits_quantizer() -> type:
     return module.MatMulNBitsQuantizer
 
 
-def quantize_weight_only(source: Path, target: Path, bits: int, block_size: int = BLOCK_SIZE) -> Path:
+def quantize_weight_only(
+    source: Path, target: Path, bits: int, block_size: int = BLOCK_SIZE, embedding: bool = True
+) -> Path:
     """Every MatMul with a constant weight becomes MatMulNBits: `bits`-bit symmetric blocks of `block_size` inputs.
 
-    Round-to-nearest, no calibration data: seconds for a 135M decoder. Weights fed through
-    another node (the tied lm_head's Transpose of the embedding) stay float.
+    Round-to-nearest, no calibration data: seconds for a 135M decoder. With `embedding`, the token
+    embedding becomes GatherBlockQuantized with the same blocks; a tied lm_head (exported as a
+    Transpose of the embedding) is quantized too and the two share one packed tensor, so the
+    vocabulary matrix, a fifth of SmolLM2's weights, is stored once at `bits` bits.
     """
     if bits not in WEIGHT_ONLY_BITS.values():
         raise EdgepruneError(f"weight-only quantization takes 4 or 8 bits, not {bits}")
     if block_size < 16 or block_size & (block_size - 1):
         raise EdgepruneError(f"block size {block_size} is not a power of two >= 16: use 32 (or 64, 128)")
+    model = onnx.load(str(source))
+    token_embedding = embedding_gather(model.graph, block_size) if embedding else None
+    tied_head = untie_lm_head(model.graph, token_embedding) if token_embedding is not None else None
     quantizer = matmul_nbits_quantizer()(
-        onnx.load(str(source)), bits=bits, block_size=block_size, is_symmetric=True, accuracy_level=ACCURACY_LEVEL
+        model, bits=bits, block_size=block_size, is_symmetric=True, accuracy_level=ACCURACY_LEVEL
     )
     quantizer.process()
-    quantizer.model.save_model_to_file(str(target), use_external_data_format=False)
+    quantized = quantizer.model.model
+    if token_embedding is not None:
+        quantize_embedding(quantized.graph, token_embedding, tied_head, bits, block_size)
+    onnx.save(quantized, str(target))
     return Path(target)
+
+
+def initializer_map(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
+    return {init.name: init for init in graph.initializer}
+
+
+def embedding_gather(graph: onnx.GraphProto, block_size: int) -> onnx.NodeProto | None:
+    """The Gather of token ids from a float [vocab, hidden] initializer whose hidden size fills whole blocks."""
+    inputs = {i.name for i in graph.input}
+    weights = initializer_map(graph)
+    for node in graph.node:
+        if node.op_type != "Gather" or node.input[0] not in weights or node.input[1] not in inputs:
+            continue
+        weight = weights[node.input[0]]
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+        if weight.data_type == onnx.TensorProto.FLOAT and len(weight.dims) == 2 and axis == 0:
+            return node if weight.dims[1] % block_size == 0 else None
+    return None
+
+
+def untie_lm_head(graph: onnx.GraphProto, gather: onnx.NodeProto) -> str | None:
+    """Give a MatMul that reads the embedding through a Transpose its own [hidden, vocab] initializer.
+
+    The quantizer only sees constant weights; the untied copy exists only until `quantize_embedding`
+    points the embedding at its quantized blocks. Returns the copy's name (None: the head is not tied).
+    """
+    weights = initializer_map(graph)
+    transpose = next((n for n in graph.node if n.op_type == "Transpose" and n.input[0] == gather.input[0]), None)
+    if transpose is None:
+        return None
+    readers = [n for n in graph.node if transpose.output[0] in n.input]
+    if not readers or any(n.op_type != "MatMul" or n.input[1] != transpose.output[0] for n in readers):
+        return None
+    name = transpose.output[0]
+    graph.initializer.append(numpy_helper.from_array(numpy_helper.to_array(weights[gather.input[0]]).T.copy(), name))
+    graph.node.remove(transpose)
+    return name
+
+
+def quantize_embedding(
+    graph: onnx.GraphProto, gather: onnx.NodeProto, tied_head: str | None, bits: int, block_size: int
+) -> None:
+    """Replace the embedding Gather by GatherBlockQuantized over MatMulNBits-layout blocks (shared when tied).
+
+    MatMulNBits stores a [K, N] weight as [N, K / block, block * bits / 8] bytes with implicit zero
+    point 2^(bits-1); viewed as [N, K * bits / 8] that is GatherBlockQuantized's uint8 layout with
+    the same default zero point, so one tensor serves both ops.
+    """
+    weights = initializer_map(graph)
+    table = weights[gather.input[0]]
+    vocab, hidden = table.dims
+    head = next(
+        (n for n in graph.node if n.op_type == "MatMulNBits" and tied_head and n.input[1].startswith(tied_head)), None
+    )
+    prefix = gather.name or gather.output[0]
+    if head is not None:
+        packed_name, scales_name = head.input[1], head.input[2]
+    else:
+        packed, scales = block_quantize(numpy_helper.to_array(table), bits, block_size)
+        packed_name, scales_name = f"{table.name}_Q{bits}", f"{table.name}_scales"
+        graph.initializer.extend(
+            [numpy_helper.from_array(packed, packed_name), numpy_helper.from_array(scales, scales_name)]
+        )
+    shape_name = f"{prefix}/packed_shape"
+    graph.initializer.append(numpy_helper.from_array(np.array([vocab, hidden * bits // 8], dtype=np.int64), shape_name))
+    nodes = [
+        helper.make_node("Reshape", [packed_name, shape_name], [f"{prefix}/packed"], name=f"{prefix}/Reshape"),
+        helper.make_node(
+            "GatherBlockQuantized",
+            [f"{prefix}/packed", gather.input[1], scales_name],
+            list(gather.output),
+            name=f"{prefix}/GatherBlockQuantized",
+            domain="com.microsoft",
+            bits=bits,
+            block_size=block_size,
+            gather_axis=0,
+            quantize_axis=1,
+        ),
+    ]
+    position = list(graph.node).index(gather)
+    graph.node.remove(gather)
+    for offset, node in enumerate(nodes):
+        graph.node.insert(position + offset, node)
+    graph.initializer.remove(table)
+
+
+def block_quantize(table: np.ndarray, bits: int, block_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """A [vocab, hidden] table in MatMulNBits layout (as the weight of x @ table.T): packed bytes and scales."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, DefaultWeightOnlyQuantizer
+
+    config = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=True, bits=bits)
+    packed, scales, _ = DefaultWeightOnlyQuantizer(config).qbits_block_quant(np.ascontiguousarray(table.T))
+    return packed, scales
 
 
 def quantize_model(source: Path, target: Path, precision: str, block_size: int = BLOCK_SIZE) -> Path:
