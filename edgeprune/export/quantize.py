@@ -12,6 +12,7 @@ Precisions, as named across edgeprune:
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -73,24 +74,23 @@ def quantize_weight_only(
     """Every MatMul with a constant weight becomes MatMulNBits: `bits`-bit symmetric blocks of `block_size` inputs.
 
     Round-to-nearest, no calibration data: seconds for a 135M decoder. With `embedding`, the token
-    embedding becomes GatherBlockQuantized with the same blocks; a tied lm_head (exported as a
-    Transpose of the embedding) is quantized too and the two share one packed tensor, so the
-    vocabulary matrix, a fifth of SmolLM2's weights, is stored once at `bits` bits.
+    embedding becomes GatherBlockQuantized with the same blocks; a tied lm_head is quantized too
+    and the two share one packed tensor, so the vocabulary matrix, a fifth of SmolLM2's weights,
+    is stored once at `bits` bits.
     """
     if bits not in WEIGHT_ONLY_BITS.values():
         raise EdgepruneError(f"weight-only quantization takes 4 or 8 bits, not {bits}")
     if block_size < 16 or block_size & (block_size - 1):
         raise EdgepruneError(f"block size {block_size} is not a power of two >= 16: use 32 (or 64, 128)")
     model = onnx.load(str(source))
-    token_embedding = embedding_gather(model.graph, block_size) if embedding else None
-    tied_head = untie_lm_head(model.graph, token_embedding) if token_embedding is not None else None
+    token_embedding = find_token_embedding(model.graph, block_size) if embedding else None
     quantizer = matmul_nbits_quantizer()(
         model, bits=bits, block_size=block_size, is_symmetric=True, accuracy_level=ACCURACY_LEVEL
     )
     quantizer.process()
     quantized = quantizer.model.model
     if token_embedding is not None:
-        quantize_embedding(quantized.graph, token_embedding, tied_head, bits, block_size)
+        quantize_embedding(quantized.graph, token_embedding, bits, block_size)
     onnx.save(quantized, str(target))
     return Path(target)
 
@@ -99,42 +99,62 @@ def initializer_map(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
     return {init.name: init for init in graph.initializer}
 
 
-def embedding_gather(graph: onnx.GraphProto, block_size: int) -> onnx.NodeProto | None:
-    """The Gather of token ids from a float [vocab, hidden] initializer whose hidden size fills whole blocks."""
+@dataclass(frozen=True)
+class TokenEmbedding:
+    """The token-id Gather, its float [vocab, hidden] table if it reads one, and the tied head's [hidden, vocab] weight.
+
+    Optimum reads the table directly and feeds the lm_head a Transpose of it; onnxruntime-genai's
+    builder stores the head's weight and feeds the Gather a Transpose of that.
+    """
+
+    gather: str  # node name
+    table: str | None
+    head_weight: str | None
+
+
+def find_token_embedding(graph: onnx.GraphProto, block_size: int) -> TokenEmbedding | None:
+    """Locate the embedding (None if there is none whose hidden size fills whole blocks); untie an Optimum head.
+
+    The quantizer only sees constant MatMul weights, so an lm_head reading a Transpose of the table
+    gets its own transposed copy; it lives until `quantize_embedding` points the Gather at its blocks.
+    """
     inputs = {i.name for i in graph.input}
     weights = initializer_map(graph)
+    producers = {out: node for node in graph.node for out in node.output}
     for node in graph.node:
-        if node.op_type != "Gather" or node.input[0] not in weights or node.input[1] not in inputs:
-            continue
-        weight = weights[node.input[0]]
         axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
-        if weight.data_type == onnx.TensorProto.FLOAT and len(weight.dims) == 2 and axis == 0:
-            return node if weight.dims[1] % block_size == 0 else None
+        if node.op_type != "Gather" or node.input[1] not in inputs or axis != 0:
+            continue
+        source = producers.get(node.input[0])
+        if node.input[0] in weights:
+            table, head_weight = weights[node.input[0]], untie_lm_head(graph, node.input[0])
+        elif source is not None and source.op_type == "Transpose" and source.input[0] in weights:
+            table, head_weight = None, source.input[0]
+        else:
+            continue
+        dims = list(table.dims) if table is not None else list(reversed(weights[head_weight].dims))
+        if len(dims) != 2 or dims[1] % block_size or (table is not None and table.data_type != onnx.TensorProto.FLOAT):
+            return None
+        return TokenEmbedding(node.name, table.name if table is not None else None, head_weight)
     return None
 
 
-def untie_lm_head(graph: onnx.GraphProto, gather: onnx.NodeProto) -> str | None:
-    """Give a MatMul that reads the embedding through a Transpose its own [hidden, vocab] initializer.
-
-    The quantizer only sees constant weights; the untied copy exists only until `quantize_embedding`
-    points the embedding at its quantized blocks. Returns the copy's name (None: the head is not tied).
-    """
-    weights = initializer_map(graph)
-    transpose = next((n for n in graph.node if n.op_type == "Transpose" and n.input[0] == gather.input[0]), None)
+def untie_lm_head(graph: onnx.GraphProto, table: str) -> str | None:
+    """Replace a Transpose of `table` read only by MatMuls with an initializer; its name (None: not tied)."""
+    transpose = next((n for n in graph.node if n.op_type == "Transpose" and n.input[0] == table), None)
     if transpose is None:
         return None
     readers = [n for n in graph.node if transpose.output[0] in n.input]
     if not readers or any(n.op_type != "MatMul" or n.input[1] != transpose.output[0] for n in readers):
         return None
     name = transpose.output[0]
-    graph.initializer.append(numpy_helper.from_array(numpy_helper.to_array(weights[gather.input[0]]).T.copy(), name))
+    array = numpy_helper.to_array(initializer_map(graph)[table])
+    graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(array.T), name))
     graph.node.remove(transpose)
     return name
 
 
-def quantize_embedding(
-    graph: onnx.GraphProto, gather: onnx.NodeProto, tied_head: str | None, bits: int, block_size: int
-) -> None:
+def quantize_embedding(graph: onnx.GraphProto, embedding: TokenEmbedding, bits: int, block_size: int) -> None:
     """Replace the embedding Gather by GatherBlockQuantized over MatMulNBits-layout blocks (shared when tied).
 
     MatMulNBits stores a [K, N] weight as [N, K / block, block * bits / 8] bytes with implicit zero
@@ -142,20 +162,26 @@ def quantize_embedding(
     the same default zero point, so one tensor serves both ops.
     """
     weights = initializer_map(graph)
-    table = weights[gather.input[0]]
-    vocab, hidden = table.dims
+    gather = next(n for n in graph.node if n.name == embedding.gather)
     head = next(
-        (n for n in graph.node if n.op_type == "MatMulNBits" and tied_head and n.input[1].startswith(tied_head)), None
+        (n for n in graph.node if n.op_type == "MatMulNBits" and n.input[1] == f"{embedding.head_weight}_Q{bits}"),
+        None,
     )
-    prefix = gather.name or gather.output[0]
     if head is not None:
         packed_name, scales_name = head.input[1], head.input[2]
+        vocab, hidden = (
+            next(a.i for a in head.attribute if a.name == "N"),
+            next(a.i for a in head.attribute if a.name == "K"),
+        )
     else:
-        packed, scales = block_quantize(numpy_helper.to_array(table), bits, block_size)
-        packed_name, scales_name = f"{table.name}_Q{bits}", f"{table.name}_scales"
+        table = numpy_helper.to_array(weights[embedding.table])
+        vocab, hidden = table.shape
+        packed, scales = block_quantize(table, bits, block_size)
+        packed_name, scales_name = f"{embedding.table}_Q{bits}", f"{embedding.table}_scales"
         graph.initializer.extend(
             [numpy_helper.from_array(packed, packed_name), numpy_helper.from_array(scales, scales_name)]
         )
+    prefix = gather.name or gather.output[0]
     shape_name = f"{prefix}/packed_shape"
     graph.initializer.append(numpy_helper.from_array(np.array([vocab, hidden * bits // 8], dtype=np.int64), shape_name))
     nodes = [
@@ -176,7 +202,22 @@ def quantize_embedding(
     graph.node.remove(gather)
     for offset, node in enumerate(nodes):
         graph.node.insert(position + offset, node)
-    graph.initializer.remove(table)
+    drop_unused(graph)
+
+
+def drop_unused(graph: onnx.GraphProto) -> None:
+    """Remove nodes whose outputs nothing reads (the Transpose that fed the float Gather), then orphan initializers."""
+    outputs = {o.name for o in graph.output}
+    while True:
+        read = {name for node in graph.node for name in node.input} | outputs
+        dead = [n for n in graph.node if not any(out in read for out in n.output)]
+        if not dead:
+            break
+        for node in dead:
+            graph.node.remove(node)
+    read = {name for node in graph.node for name in node.input}
+    for init in [i for i in graph.initializer if i.name not in read]:
+        graph.initializer.remove(init)
 
 
 def block_quantize(table: np.ndarray, bits: int, block_size: int) -> tuple[np.ndarray, np.ndarray]:
