@@ -64,6 +64,13 @@ def test_embedding_is_block_quantized_like_the_projections(dense, tmp_path, kind
     assert head.op_type == "MatMulNBits"  # the lm_head is quantized too, tied or not
     reshape = next(n for n in graph.node if gathers[0].input[0] in n.output)
     assert (reshape.input[0] == head.input[1] and gathers[0].input[2] == head.input[2]) == (kind == "tied")
+    vocab_bits = {a.name: a.i for a in gathers[0].attribute}["bits"]
+    assert vocab_bits == 8  # the vocabulary matrix keeps 8 bits; the projections take `bits`
+    if kind == "tied":
+        assert {a.name: a.i for a in head.attribute}["bits"] == 8
+    assert {(a.name, a.i) for n in graph.node if "/mlp/" in n.name for a in n.attribute if a.name == "bits"} == {
+        ("bits", bits)
+    }
     assert file.stat().st_size < plain.stat().st_size
 
     # ORT's embedding output is exactly the hand-decoded blocks, within half a step of the float table
@@ -77,7 +84,7 @@ def test_embedding_is_block_quantized_like_the_projections(dense, tmp_path, kind
     expected = dequantized_rows(graph, gathers[0], IDS)
     np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-7)
     table = numpy_helper.to_array(next(i for i in onnx.load(str(source)).graph.initializer if list(i.dims) == [96, 64]))
-    step = np.abs(table[IDS]).reshape(1, 6, 2, 32).max(-1, keepdims=True) / (2 ** (bits - 1) - 1)
+    step = np.abs(table[IDS]).reshape(1, 6, 2, 32).max(-1, keepdims=True) / (2 ** (vocab_bits - 1) - 1)
     assert np.all(np.abs(got - table[IDS]).reshape(1, 6, 2, 32) <= step * 0.51 + 1e-6)
 
 
