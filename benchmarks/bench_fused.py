@@ -27,7 +27,7 @@ from edgeprune.devices.profiler import LocalProfiler, Workload, paired_speedup
 from edgeprune.devices.profiles import get_device
 from edgeprune.evaluate import evaluate_task, load_for_eval
 from edgeprune.export import export_model, quantize_model, verify_onnx
-from edgeprune.loading import DEFAULT_DECODER, load_model
+from edgeprune.loading import DEFAULT_DECODER, cache_dir, load_model
 from edgeprune.runtime import MODEL_FILE
 
 OUT = Path(__file__).parent / "out" / "fused"
@@ -73,7 +73,7 @@ def build_variants(reuse: bool) -> dict[str, dict]:
         ),
         ("fused int8", lambda f: quantized_copy(OUT / "fused-fp32", f, "int8")),
         ("fused int4", lambda f: quantized_copy(OUT / "fused-fp32", f, "int4")),
-        ("genai builder int4", lambda f: genai_builder_int4(loaded.folder, f)),
+        ("genai builder int4", lambda f: genai_builder_int4(loaded.folder or cache_dir() / "smollm2-135m-instruct", f)),
     ]
     for name, make in plan:
         folder = OUT / name.replace(" ", "-")

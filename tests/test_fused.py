@@ -20,6 +20,9 @@ from edgeprune.models import adapter_for
 from edgeprune.runtime import OnnxModel, greedy_generate
 from edgeprune.structure import LayerKeep, cut_model
 
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("onnxruntime_genai") is None, reason="onnxruntime-genai (its model builder) not installed"
+)
 TEXT = " ".join(f"w{(i * 37) % 89}" for i in range(40))
 IDS = np.array([[5, 17, 33, 60, 41, 7, 88, 12]], dtype=np.int64)
 ANY = Tolerance(min_top1=0.0, max_relative_diff=float("inf"))
@@ -117,7 +120,6 @@ def test_fused_folder_is_one_graph_with_a_genai_config(exports):
     assert "logits_to_keep" in {i.name for i in session.get_overridable_initializers()}
 
 
-@pytest.mark.skipif(importlib.util.find_spec("onnxruntime_genai") is None, reason="onnxruntime-genai not installed")
 @pytest.mark.parametrize("precision", ["fp32", "int4"])
 def test_onnxruntime_genai_generates_what_edgeprune_generates(exports, precision):
     import onnxruntime_genai as og

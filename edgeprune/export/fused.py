@@ -101,15 +101,15 @@ def build_fused(model: PreTrainedModel, folder: Path) -> Path:
     with tempfile.TemporaryDirectory() as scratch, torch.no_grad():
         scratch = Path(scratch)
         (scratch / "cache").mkdir()
-        builder = builder_for(model, scratch / "cache")
         with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
+            builder = builder_for(model, scratch / "cache")
             builder.make_model("")
             builder.save_model(str(scratch))
-        graph = onnx.load(str(scratch / builder.filename))  # weights in model.onnx.data beside it
-        onnx.save(graph, str(folder / builder.filename))
-        model.config.save_pretrained(folder)  # what Optimum writes too: evaluation and generate read them
-        model.generation_config.save_pretrained(folder)
-        builder.make_genai_config(str(folder), {}, str(folder))
+            graph = onnx.load(str(scratch / builder.filename))  # weights in model.onnx.data beside it
+            onnx.save(graph, str(folder / builder.filename))
+            model.config.save_pretrained(folder)  # what Optimum writes too: evaluation and generate read them
+            model.generation_config.save_pretrained(folder)
+            builder.make_genai_config(str(folder), {}, str(folder))
     return folder / builder.filename
 
 
