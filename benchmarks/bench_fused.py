@@ -77,6 +77,10 @@ def build_variants(reuse: bool) -> dict[str, dict]:
     ]
     for name, make in plan:
         folder = OUT / name.replace(" ", "-")
+        record_file = folder / "bench.json"
+        if reuse and record_file.is_file():
+            made[name] = json.loads(record_file.read_text())
+            continue
         if not (reuse and (folder / MODEL_FILE).is_file()):
             shutil.rmtree(folder, ignore_errors=True)
             seconds = make(folder)
@@ -89,6 +93,7 @@ def build_variants(reuse: bool) -> dict[str, dict]:
             "top1_agreement": check.top1_agreement,
             "max_abs_diff": check.max_abs_diff,
         }
+        record_file.write_text(json.dumps(made[name], indent=2) + "\n")
         print(
             f"{name}: {made[name]['file_mb']:.0f} MB in {made[name]['seconds']:.0f} s, top-1 {check.top1_agreement:.0%}"
         )
@@ -128,6 +133,7 @@ def main() -> None:
             "decode_bound_ms": variants[name]["file_mb"] / 1e3 / bandwidth * 1e3,
             "session_rss_mb": result.session_rss_mb,
         }
+    (OUT.parent / "bench_fused.json").write_text(json.dumps({"bandwidth_gbs": bandwidth, "variants": variants}) + "\n")
     for name in names:
         model, tokenizer, _ = load_for_eval(variants[name]["folder"], threads=THREADS)
         ppl = evaluate_task(model, tokenizer, "wikitext2", data_dir(), limit=args.windows, seq_len=128)
