@@ -469,6 +469,7 @@ def recover(
     help="ship model.onnx at this precision (int8/int4: weight-only MatMulNBits), verified against PyTorch",
 )
 @click.option("--optimize", is_flag=True, help="save ONNX Runtime's graph fusions into model.onnx")
+@click.option("--fused", is_flag=True, help="decoders: onnxruntime-genai's fused graph (+ genai_config.json)")
 @click.option("--overwrite", is_flag=True, help="replace an existing output folder")
 @click.option("--json", "json_file", type=click.Path(path_type=Path), help="also write the export record here")
 @TOKENIZER_OPTION
@@ -478,8 +479,9 @@ def export(
     task: str,
     quantize: str | None,
     optimize: bool,
+    fused: bool,
     overwrite: bool,
-    json_file,
+    json_file: Path | None,
     tokenizer: str | None,
 ) -> None:
     """Export MODEL (or a pruned folder) to ONNX, verify it against PyTorch, and write the folder atomically."""
@@ -493,7 +495,16 @@ def export(
     provenance = {"source": loaded.source, "source_sha256": loaded.source_hash}
     with console.status(f"exporting to {output} and verifying"), notices_logged_in(output):
         result = export_model(
-            loaded.model, loaded.tokenizer, output, task, quantize, optimize, overwrite, loaded.folder, provenance
+            loaded.model,
+            loaded.tokenizer,
+            output,
+            task,
+            quantize,
+            optimize,
+            overwrite,
+            loaded.folder,
+            provenance,
+            fused=fused,
         )
     title = f"{output}/model.onnx: {result.precision} ({result.task}, exported in {result.export_seconds:.1f} s)"
     table = Table(title=title)

@@ -102,8 +102,8 @@ def test_weight_only_export_ships_one_verified_model(exported, tmp_path, precisi
     assert [p.name for p in result.path.glob("*.onnx*")] == ["model.onnx"]
     assert result.precision == precision and set(result.verification) == {"fp32", precision}
     nodes = matmul_nbits(result.path / "model.onnx")
-    assert len(nodes) == 4 * 7  # q, k, v, o, gate, up, down of each layer; the tied lm_head stays float
-    assert {(n["bits"], n["block_size"], n["accuracy_level"]) for n in nodes} == {(bits, 32, 4)}
+    assert len(nodes) == 4 * 7 + 1  # q, k, v, o, gate, up, down of each layer and the lm_head
+    assert {(n["bits"], n["block_size"], n["accuracy_level"]) for n in nodes} == {(bits, 32, 4), (8, 32, 4)}
     assert result.sizes[precision] == (result.path / "model.onnx").stat().st_size < result.sizes["fp32"]
     check = result.verification[precision]
     assert check.cache_steps == 8 and 0 < check.max_abs_diff < check.max_abs_logit

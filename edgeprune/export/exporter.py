@@ -18,6 +18,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from edgeprune.checkpoint import versions
 from edgeprune.errors import EdgepruneError
+from edgeprune.export.fused import build_fused, check_fusable
 from edgeprune.export.graph import add_logits_to_keep
 from edgeprune.export.quantize import BLOCK_SIZE, check_precision, optimize_graph, quantize_model
 from edgeprune.export.verify import VERIFY_TEXT, Verification, verify_onnx
@@ -136,18 +137,28 @@ def export_model(
     atol: float = FP32_ATOL,
     tolerance: Tolerance | None = None,
     block_size: int = BLOCK_SIZE,
+    fused: bool = False,
 ) -> ExportResult:
     """Export, (optimize), verify, (quantize and verify), write tokenizer + edgeprune.json, all atomically.
 
     `quantize` is a precision (int8, int4: weight-only; dynamic-int8); the folder ships one
     model.onnx at that precision, verified against PyTorch like the fp32 graph it came from.
+    `fused` builds the decoder with onnxruntime-genai's builder (fused attention, rotary and
+    norms; the folder then also loads in onnxruntime-genai) instead of tracing it with Optimum.
     """
     precision = check_precision(quantize or "fp32")
     task = resolve_task(model, task)
+    if fused and task != "text-generation-with-past":
+        raise EdgepruneError(f"the fused graph is a decoder with a KV cache, not '{task}': drop --fused or --task")
+    if fused:
+        check_fusable(model)
     model.eval()
     with atomic_output_dir(Path(out), overwrite=overwrite, protect=protect) as tmp:
         start = time.perf_counter()
-        run_optimum(model, tmp, task)
+        if fused:
+            build_fused(model, tmp)
+        else:
+            run_optimum(model, tmp, task)
         seconds = time.perf_counter() - start
         fp32 = tmp / MODEL_FILE
         if task == "text-generation-with-past":
@@ -171,6 +182,7 @@ def export_model(
             **(provenance or {}),
             **result.as_dict(),
             "optimized": optimize,
+            "fused": fused,
             "layer_widths": getattr(model.config, WIDTHS_KEY, None),
             "versions": versions(),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -1,0 +1,159 @@
+"""The fused decoder graph: onnxruntime-genai's model builder, fed the in-memory (possibly pruned) model.
+
+The builder writes what ONNX Runtime runs fastest for a Llama-style decoder: GroupQueryAttention
+with rotary embedding inside, SkipSimplifiedLayerNormalization, packed QKV projections, a graph
+onnxruntime-genai loads (with the genai_config.json written beside it). Its `load_weights` reads a
+Hugging Face folder through `from_pretrained`, which rejects per-layer widths; here it is handed
+the model object instead, and the modules are walked explicitly (the builder's own walk takes any
+Linear as wide as the vocabulary for the lm_head). Each MatMul's shape comes from its weight, so
+per-layer FFN widths pass; query-head counts are set per layer (a GQA node attribute); KV-head
+counts must be uniform, as onnxruntime-genai sizes one cache for all layers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+from torch import nn
+from transformers import PreTrainedModel
+
+from edgeprune.errors import EdgepruneError
+
+GENAI_CONFIG = "genai_config.json"
+FUSED_FAMILIES = ("llama",)  # model_type values whose decoder the builder's LlamaModel expresses
+
+
+def genai_builder():
+    """onnxruntime-genai's LlamaModel builder class (the package puts its `builders` folder on sys.path)."""
+    try:
+        import onnxruntime_genai.models  # noqa: F401
+        from builders import LlamaModel
+    except ImportError:
+        raise EdgepruneError(
+            "the fused graph needs onnxruntime-genai's model builder: pip install onnxruntime-genai==0.11.4"
+        ) from None
+    return LlamaModel
+
+
+def check_fusable(model: PreTrainedModel) -> None:
+    """Refuse what the builder's graph cannot express, in one line naming the way out."""
+    config = model.config
+    if config.model_type not in FUSED_FAMILIES:
+        raise EdgepruneError(f"the fused graph supports {', '.join(FUSED_FAMILIES)} decoders, not {config.model_type}")
+    kv_heads = {layer.self_attn.k_proj.out_features // head_dim(config) for layer in model.model.layers}
+    if len(kv_heads) > 1:
+        raise EdgepruneError(
+            f"layers keep different KV-head counts {sorted(kv_heads)}: onnxruntime-genai sizes one cache for "
+            "all layers; export without --fused"
+        )
+    if head_dim(config) % 16:
+        raise EdgepruneError(
+            f"head size {head_dim(config)} is not a multiple of 16, which ONNX Runtime's GroupQueryAttention "
+            "needs: export without --fused"
+        )
+
+
+def head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def builder_for(model: PreTrainedModel, cache_dir: Path):
+    """A builder instance whose `make_model` walks `model` itself, with each layer's own head counts."""
+    import onnx_ir as ir
+
+    base = genai_builder()
+    config = copy.deepcopy(model.config)
+    config.architectures = ["LlamaForCausalLM"]  # the builder picks its class by this; pruned configs may lack it
+
+    class InMemoryLlama(base):
+        def make_model(self, input_path: str) -> None:
+            self.make_inputs_and_outputs()
+            self.make_preprocessing_nodes()
+            self.make_embedding(model.model.embed_tokens.weight)
+            for layer_id, layer in enumerate(model.model.layers):
+                self.layer_id = layer_id
+                self.num_attn_heads = layer.self_attn.q_proj.out_features // self.head_size
+                self.make_layer(layer_id, layer)
+            self.layer_id = len(model.model.layers)
+            self.num_attn_heads = config.num_attention_heads  # what genai_config.json states
+            self.make_layernorm(
+                self.layer_id, model.model.norm, skip=True, simple=self.layernorm_attrs["simple"], location="final_norm"
+            )
+            self.make_lm_head(model.lm_head)
+
+    return InMemoryLlama(config, ir.DataType.FLOAT, ir.DataType.FLOAT, "cpu", str(cache_dir), {})
+
+
+def build_fused(model: PreTrainedModel, folder: Path) -> Path:
+    """Write the fused fp32 graph as one `model.onnx` (no external data) and `genai_config.json` into `folder`."""
+    import torch
+
+    check_fusable(model)
+    model.eval()
+    quiet = io.StringIO()  # the builder prints each layer and a progress bar; nothing below the CLI prints
+    with tempfile.TemporaryDirectory() as scratch, torch.no_grad():
+        scratch = Path(scratch)
+        (scratch / "cache").mkdir()
+        with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
+            builder = builder_for(model, scratch / "cache")
+            builder.make_model("")
+            builder.save_model(str(scratch))
+            graph = onnx.load(str(scratch / builder.filename))  # weights in model.onnx.data beside it
+            onnx.save(graph, str(folder / builder.filename))
+            model.config.save_pretrained(folder)  # what Optimum writes too: evaluation and generate read them
+            model.generation_config.save_pretrained(folder)
+            builder.make_genai_config(str(folder), {}, str(folder))
+    return folder / builder.filename
+
+
+def layer_weights(layer: nn.Module) -> dict[str, np.ndarray]:
+    """A decoder layer's projection weights under the builder's initializer names' suffixes, stored [in, out]."""
+    attn, mlp = layer.self_attn, layer.mlp
+
+    def stored(linear: nn.Linear) -> np.ndarray:
+        return np.ascontiguousarray(linear.weight.detach().float().numpy().T)
+
+    qkv = np.concatenate([stored(attn.q_proj), stored(attn.k_proj), stored(attn.v_proj)], axis=1)
+    return {
+        "attn.qkv_proj": qkv,
+        "attn.o_proj": stored(attn.o_proj),
+        "mlp.gate_proj": stored(mlp.gate_proj),
+        "mlp.up_proj": stored(mlp.up_proj),
+        "mlp.down_proj": stored(mlp.down_proj),
+    }
+
+
+def write_fused_probe(dense_fused: Path, out_file: Path, model: PreTrainedModel) -> Path:
+    """The fused graph of a cut `model` from the dense fused fp32 graph in seconds, instead of a rebuild.
+
+    Each layer's projections are replaced by the cut model's own weights (any neurons or query
+    heads cut, compensated values included), each GroupQueryAttention gets its layer's head count,
+    and the stale shape annotations of changed layers are dropped (ONNX Runtime infers them). The
+    embedding, norms and lm_head are the dense graph's, so only FFN and query-head cuts qualify.
+    """
+    check_fusable(model)
+    graph_model = onnx.load(str(dense_fused))
+    graph = graph_model.graph
+    initializers = {init.name: init for init in graph.initializer}
+    attention = {n.name: n for n in graph.node if n.op_type == "GroupQueryAttention"}
+    size = head_dim(model.config)
+    for index, layer in enumerate(model.model.layers):
+        for suffix, array in layer_weights(layer).items():
+            name = f"model.layers.{index}.{suffix}.MatMul.weight"
+            if name not in initializers:
+                raise EdgepruneError(f"{dense_fused} has no {name}: give the dense graph `export --fused` wrote")
+            initializers[name].CopyFrom(numpy_helper.from_array(array, name))
+        gqa = attention[f"/model/layers.{index}/attn/GroupQueryAttention"]
+        next(a for a in gqa.attribute if a.name == "num_heads").i = layer.self_attn.q_proj.out_features // size
+        for info in [v for v in graph.value_info if f"layers.{index}." in v.name or f"layers.{index}/" in v.name]:
+            graph.value_info.remove(info)
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(graph_model, str(out_file))
+    return out_file

@@ -1,0 +1,172 @@
+"""The fused decoder graph (onnxruntime-genai's builder fed the in-memory model) against Optimum's export."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import VOCAB, make_tokenizer, tiny_bert, tiny_llama
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from edgeprune.errors import EdgepruneError
+from edgeprune.export import export_model
+from edgeprune.export.exporter import Tolerance
+from edgeprune.export.fused import write_fused_probe
+from edgeprune.export.quantize import quantize_model
+from edgeprune.models import adapter_for
+from edgeprune.runtime import OnnxModel, greedy_generate
+from edgeprune.structure import LayerKeep, cut_model
+
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("onnxruntime_genai") is None, reason="onnxruntime-genai (its model builder) not installed"
+)
+TEXT = " ".join(f"w{(i * 37) % 89}" for i in range(40))
+IDS = np.array([[5, 17, 33, 60, 41, 7, 88, 12]], dtype=np.int64)
+ANY = Tolerance(min_top1=0.0, max_relative_diff=float("inf"))
+# fp32: both graphs compute the same float model in a different op order. int4: the same 4-bit blocks
+# (QKV packed or not, the blocks run along each column's inputs), but int8-quantized activations
+# (accuracy_level 4) round differently once the fp32 paths differ by an ulp; the random tiny model
+# amplifies that through 4 layers.
+TOLERANCE = {"fp32": 1e-5, "int4": 5e-2}  # x the largest |logit|
+
+
+def fusable_llama(cut: bool) -> LlamaForCausalLM:
+    """GQA Llama with head size 16 (GroupQueryAttention's minimum multiple); cut: per-layer FFN and query heads."""
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=80,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+        pad_token_id=1,
+        bos_token_id=2,
+        eos_token_id=3,
+        initializer_range=0.2,
+    )
+    model = LlamaForCausalLM(config).eval()
+    if cut:
+        keep = [
+            LayerKeep(ffn=torch.arange(0, 80, i + 2), heads=torch.tensor([0, 2]) if i == 1 else None) for i in range(4)
+        ]
+        cut_model(model, adapter_for(model.config), keep)
+    return model
+
+
+def prefill_and_cached(model: OnnxModel) -> tuple[np.ndarray, np.ndarray]:
+    """All positions' logits in one call, and the same positions as a 3-token prefill then one token at a time."""
+    full = model.forward(IDS)
+    logits, cache = model.step(IDS[:, :3], model.empty_cache(1))
+    stepped = [logits]
+    for pos in range(3, IDS.shape[1]):
+        logits, cache = model.step(IDS[:, pos : pos + 1], cache)
+        stepped.append(logits)
+    return full, np.concatenate(stepped, axis=1)
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fused")
+    found = {}
+    for cut in (False, True):
+        model = fusable_llama(cut)
+        for precision in ("fp32", "int4"):
+            for fused in (False, True):
+                folder = root / f"{'cut' if cut else 'dense'}-{precision}-{'fused' if fused else 'optimum'}"
+                quantize = None if precision == "fp32" else precision
+                result = export_model(
+                    model, make_tokenizer(), folder, quantize=quantize, text=TEXT, tolerance=ANY, fused=fused
+                )
+                found[cut, precision, fused] = (model, result)
+    return found
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int4"])
+@pytest.mark.parametrize("cut", [False, True])
+def test_fused_and_optimum_exports_agree_in_prefill_and_through_the_cache(exports, cut, precision):
+    model, optimum = exports[cut, precision, False]
+    _, fused = exports[cut, precision, True]
+    reference = model(torch.tensor(IDS)).logits.detach().numpy()
+    optimum_full, optimum_cached = prefill_and_cached(OnnxModel(optimum.path))
+    fused_full, fused_cached = prefill_and_cached(OnnxModel(fused.path))
+    limit = TOLERANCE[precision] * np.abs(reference).max()
+    assert np.abs(fused_full - optimum_full).max() <= limit
+    assert np.abs(fused_cached - optimum_cached).max() <= limit
+    assert np.abs(fused_cached - fused_full).max() <= 1e-4 * np.abs(reference).max()  # the cache path is exact
+    if precision == "fp32":
+        assert np.abs(fused_full - reference).max() <= TOLERANCE["fp32"] * np.abs(reference).max()
+    check = fused.verification[precision]
+    assert check.cache_steps == 8 and check.positions > 40
+
+
+def test_fused_folder_is_one_graph_with_a_genai_config(exports):
+    model, result = exports[True, "int4", True]
+    names = sorted(p.name for p in result.path.iterdir())
+    assert [n for n in names if ".onnx" in n] == ["model.onnx"]
+    assert {"genai_config.json", "config.json", "tokenizer.json", "edgeprune.json"} <= set(names)
+    decoder = json.loads((result.path / "genai_config.json").read_text())["model"]["decoder"]
+    assert decoder["filename"] == "model.onnx" and decoder["num_key_value_heads"] == 2
+    assert json.loads((result.path / "edgeprune.json").read_text())["fused"] is True
+    session = OnnxModel(result.path).session
+    ops = {n.op_type for n in __import__("onnx").load(str(result.path / "model.onnx")).graph.node}
+    assert {"GroupQueryAttention", "SkipSimplifiedLayerNormalization", "MatMulNBits", "GatherBlockQuantized"} <= ops
+    assert "logits_to_keep" in {i.name for i in session.get_overridable_initializers()}
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int4"])
+def test_onnxruntime_genai_generates_what_edgeprune_generates(exports, precision):
+    import onnxruntime_genai as og
+
+    _, result = exports[True, precision, True]
+    model = og.Model(str(result.path))
+    params = og.GeneratorParams(model)
+    params.set_search_options(do_sample=False, max_length=20)
+    generator = og.Generator(model, params)
+    prompt = [5, 17, 33, 60, 41]
+    generator.append_tokens(prompt)
+    theirs = []
+    while not generator.is_done():
+        generator.generate_next_token()
+        theirs.append(int(generator.get_next_tokens()[0]))
+    ours = greedy_generate(OnnxModel(result.path), prompt, len(theirs), {3})
+    assert len(ours) >= 3 and theirs[: len(ours)] == ours
+
+
+def test_what_the_fused_graph_cannot_express_is_refused(tmp_path):
+    with pytest.raises(EdgepruneError, match="not a multiple of 16"):
+        export_model(tiny_llama(), make_tokenizer(), tmp_path / "a", text=TEXT, fused=True)
+    with pytest.raises(EdgepruneError, match="drop --fused"):
+        export_model(tiny_bert(), make_tokenizer(), tmp_path / "b", text=TEXT, fused=True)
+    model = fusable_llama(False)
+    cut_model(
+        model,
+        adapter_for(model.config, prune_kv_heads=True),
+        [LayerKeep(heads=torch.tensor([0, 1]))] + [LayerKeep()] * 3,
+    )
+    with pytest.raises(EdgepruneError, match="different KV-head counts"):
+        export_model(model, make_tokenizer(), tmp_path / "c", text=TEXT, fused=True)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_probe_from_the_dense_fused_graph_equals_the_cut_models_own_graph(exports, tmp_path):
+    """FFN neurons and query heads cut by replacing initializers and head counts: no rebuild, same logits."""
+    _, dense = exports[False, "fp32", True]
+    cut_model_, built = exports[True, "fp32", True]
+    probe = write_fused_probe(dense.path / "model.onnx", tmp_path / "probe" / "model.onnx", cut_model_)
+    reference = cut_model_(torch.tensor(IDS)).logits.detach().numpy()
+    probe_full, probe_cached = prefill_and_cached(OnnxModel(probe))
+    built_full, _ = prefill_and_cached(OnnxModel(built.path))
+    limit = TOLERANCE["fp32"] * np.abs(reference).max()
+    assert np.abs(probe_full - reference).max() <= limit and np.abs(probe_cached - reference).max() <= limit
+    assert np.abs(probe_full - built_full).max() <= limit
+    int4 = OnnxModel(quantize_model(probe, tmp_path / "probe" / "model.int4.onnx", "int4"))
+    assert np.abs(int4.forward(IDS) - reference).max() < np.abs(reference).max()  # runs, and is near
+    with pytest.raises(EdgepruneError, match="give the dense graph"):
+        write_fused_probe(exports[False, "fp32", False][1].path / "model.onnx", tmp_path / "x.onnx", cut_model_)
