@@ -814,6 +814,13 @@ def budgets_from_options(latency_ms, speedup, memory_mb, peak_mb, params) -> lis
     help="precisions the search may ship (auto: fp32 and weight-only int8/int4, the closest to dense wins)",
 )
 @click.option("--block-size", default=32, show_default=True, help="weight-only quantization block size")
+@click.option(
+    "--graph",
+    type=click.Choice(["auto", "fused", "optimum"]),
+    default="auto",
+    show_default=True,
+    help="auto: onnxruntime-genai's fused decoder graph where the family allows it (faster), else Optimum's",
+)
 @click.option("--workload", help="decoders: prefill=128,decode=32; encoders: batch=1,sequence=128")
 @click.option("--calibration", help="calibration text file or dataset name (default: packaged text)")
 @click.option(

@@ -39,6 +39,7 @@ from edgeprune.devices.profiles import get_device
 from edgeprune.errors import EdgepruneError
 from edgeprune.evaluate.divergence import Divergence, heldout_divergence
 from edgeprune.export.exporter import FP32_ATOL, check_fp32, export_model
+from edgeprune.export.fused import check_fusable, write_fused_probe
 from edgeprune.export.quantize import BLOCK_SIZE, quantize_model
 from edgeprune.export.sliced import ffn_initializer_names, slice_ffn
 from edgeprune.export.verify import verify_onnx
@@ -51,6 +52,9 @@ from edgeprune.runtime import MODEL_FILE
 from edgeprune.structure import LayerKeep, PruneSpec, count_parameters, cut_model, plan_widths, select_keep
 
 DEFAULT_SPEEDUP = 1.3
+
+
+GRAPHS = ("auto", "fused", "optimum")
 
 
 def default_budgets() -> list[Budget]:
@@ -82,6 +86,7 @@ class RunConfig:
     protect_last: int = 1
     round_to: int = 1
     precision: str = "auto"  # auto: fp32, weight-only int8 and int4 are all candidates; else only this one
+    graph: str = "auto"  # auto: onnxruntime-genai's fused graph where the family allows it, else Optimum's
     block_size: int = BLOCK_SIZE  # weight-only quantization block (inputs per scale)
     workload: Workload = field(default_factory=Workload)
     calibration: str | None = None
@@ -102,6 +107,8 @@ class RunConfig:
     timeout: float | None = None  # seconds per profiling call (None: derived from the workload)
 
     def __post_init__(self) -> None:
+        if self.graph not in GRAPHS:
+            raise EdgepruneError(f"unknown graph '{self.graph}': choose from {', '.join(GRAPHS)}")
         if self.precision != "auto" and self.precision not in PRECISIONS:
             raise EdgepruneError(f"unknown precision '{self.precision}': choose auto or one of {', '.join(PRECISIONS)}")
 
@@ -247,9 +254,10 @@ class ProbeRunner:
         self.loaded, self.adapter, self.scores, self.cfg = loaded, adapter, scores, cfg
         self.calib, self.profiler, self.work = calib, profiler, work
         self.ffn_names: list[dict] | None = None
+        self.fused = uses_fused_graph(loaded.model, cfg.graph)
 
     def export(self, model: nn.Module, folder: Path) -> Path:
-        export_model(model, self.loaded.tokenizer, folder, overwrite=True)
+        export_model(model, self.loaded.tokenizer, folder, overwrite=True, fused=self.fused)
         return folder / MODEL_FILE
 
     def dense_onnx(self) -> Path:
@@ -265,9 +273,17 @@ class ProbeRunner:
         check_fp32(verify_onnx(model, self.loaded.tokenizer, file), FP32_ATOL)
         return file
 
+    def fused_probe(self, model: nn.Module, folder: Path) -> Path:
+        """The cut model's weights and head counts written into the dense fused graph, verified like an export."""
+        file = write_fused_probe(self.dense_onnx(), folder / MODEL_FILE, model)
+        check_fp32(verify_onnx(model, self.loaded.tokenizer, file), FP32_ATOL)
+        return file
+
     def fp32_probe(self, model: nn.Module, keep: list[LayerKeep] | None, folder: Path) -> tuple[Path, str]:
         if keep is None:
-            return self.dense_onnx(), "dense export"
+            return self.dense_onnx(), "dense export" + (" (fused)" if self.fused else "")
+        if self.fused:
+            return self.fused_probe(model, folder), "fused, from dense"
         if all(entry.heads is None for entry in keep):
             return self.sliced(model, keep, folder), "sliced from dense"
         return self.export(model, folder), "full export"
@@ -291,6 +307,20 @@ class ProbeRunner:
             return probe_from(precision, sparsity, model, file, comparison.model, quality, method, comparison.speedup)
         finally:
             shutil.rmtree(folder, ignore_errors=True)
+
+
+def uses_fused_graph(model: nn.Module, graph: str) -> bool:
+    """Whether the run ships onnxruntime-genai's fused graph: asked for, or (auto) the family allows it."""
+    if graph == "optimum":
+        return False
+    if graph == "fused":
+        check_fusable(model)
+        return True
+    try:
+        check_fusable(model)
+    except EdgepruneError:
+        return False
+    return True
 
 
 def parameters_at(model: nn.Module, adapter: FamilyAdapter, scores: GroupScores, cfg: RunConfig) -> Callable:
@@ -463,7 +493,13 @@ def finish(inputs: FinishInputs, search: SearchResult, say: Callable[[str], None
     say(f"exporting and verifying the final model ({best.precision})")
     shipped = inputs.out / "onnx"
     exported = export_model(
-        final, loaded.tokenizer, shipped, quantize=best.precision, block_size=cfg.block_size, overwrite=True
+        final,
+        loaded.tokenizer,
+        shipped,
+        quantize=best.precision,
+        block_size=cfg.block_size,
+        overwrite=True,
+        fused=inputs.runner.fused,
     )
     say("profiling the final model against the dense one (alternating runs)")
     dense_file = inputs.runner.dense_onnx()

@@ -122,3 +122,20 @@ def test_plot_budget_lines_are_the_quantities_the_check_uses(saved_llama, calibr
     latency = budget_lines({**record, "budgets": [{"kind": "latency_ms", "limit": 50.0}]})["speedup"]
     assert latency[0][0] == pytest.approx(record["dense"]["latency_ms"] / 50.0)
     assert (out / "pareto.png").stat().st_size > 10_000
+
+
+def test_fusable_decoder_is_searched_and_shipped_as_the_fused_graph(tmp_path, calibration_file):
+    """Head size 16 lets onnxruntime-genai's builder express the model: probes come from the dense fused graph."""
+    pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai not installed (export --fused needs it)")
+    from tests.conftest import make_tokenizer
+    from tests.test_fused import fusable_llama
+
+    folder = tmp_path / "fusable"
+    fusable_llama(cut=False).save_pretrained(folder)
+    make_tokenizer().save_pretrained(folder)
+    out = tmp_path / "run"
+    result = run(folder, calibration_file, out, [Budget("params", 100_000)], precision="fp32")
+    methods = [p["extra"]["method"] for p in result.probes]
+    assert methods[0] == "dense export (fused)" and set(methods[1:]) == {"fused, from dense"}
+    assert result.final["sparsity"] > 0 and result.met
+    assert "GroupQueryAttention" in shipped_ops(out) and (out / "onnx" / "genai_config.json").is_file()
