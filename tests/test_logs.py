@@ -13,12 +13,14 @@ from edgeprune.logs import LOG_FILE, capture_library_output, notices_logged_in
 
 def test_warnings_and_library_loggers_are_captured_then_restored(tmp_path):
     logger = logging.getLogger("optimum.onnx.some_module")
+    optimum = logging.getLogger("optimum")
+    before = (list(optimum.handlers), optimum.propagate)
     with notices_logged_in(tmp_path):
         warnings.warn("a tracer warning", UserWarning, stacklevel=1)
         logger.warning("Found different candidate ONNX initializers")
     text = (tmp_path / LOG_FILE).read_text()
     assert "a tracer warning" in text and "Found different candidate ONNX initializers" in text
-    assert logging.getLogger("optimum").handlers == [] and logging.getLogger("optimum").propagate
+    assert (optimum.handlers, optimum.propagate) == before  # the library's own set-up is back
     with capture_library_output() as captured:
         pass
     captured.write_to(tmp_path / "missing")  # never creates a folder
