@@ -46,6 +46,8 @@ TAYLOR_AGGREGATIONS = ("sum", "mean", "max", "prod")
 # CPU-sensible calibration: LLM-Pruner's 10 sequences for gradients, 32 for activation statistics.
 DEFAULT_CALIB_SAMPLES = {"taylor": 10}
 ACTIVATION_CALIB_SAMPLES = 32
+ACTIVATION_CRITERION = "fluctuation"  # compensation reads activations: it takes the activation criteria's default
+SELECTIONS = ("scores", "obs")
 
 
 def calibration_options(command):
@@ -162,11 +164,11 @@ def score_with_progress(
 
 @main.command()
 @click.argument("model", required=False)
-@click.option("--criterion", default="magnitude", show_default=True, help="scoring criterion (see `score --help`)")
+@click.option("--criterion", default="fluctuation", show_default=True, help="scoring criterion (see `score --help`)")
 @click.option("--sparsity", type=float, required=True, help="fraction of prunable parameters to remove, in [0, 1)")
 @click.option("--targets", default="ffn,heads", show_default=True, help="groups to cut: ffn, heads or both")
-@click.option("--protect-first", default=0, show_default=True, help="leave the first K layers whole")
-@click.option("--protect-last", default=0, show_default=True, help="leave the last K layers whole")
+@click.option("--protect-first", default=1, show_default=True, help="leave the first K layers whole")
+@click.option("--protect-last", default=1, show_default=True, help="leave the last K layers whole")
 @click.option("--round-to", default=1, show_default=True, help="round each layer's FFN width to a multiple of M")
 @click.option("--prune-kv-heads", is_flag=True, help="allow removing whole KV groups (runtime needs per-layer caches)")
 @click.option("--scores", "scores_path", type=click.Path(path_type=Path), help="reuse scores from `edgeprune score`")
@@ -181,9 +183,22 @@ def score_with_progress(
 )
 @click.option("--min-keep", default=0.1, show_default=True, help="global allocation keeps this fraction of each layer")
 @click.option(
+    "--compensate/--no-compensate",
+    default=True,
+    show_default=True,
+    help="re-fit each cut output projection by least squares on the calibration text, layer by layer",
+)
+@click.option(
+    "--selection",
+    type=click.Choice(SELECTIONS),
+    default="scores",
+    show_default=True,
+    help="scores: keep the criterion's best groups; obs: remove the groups the re-fit rebuilds best",
+)
+@click.option(
     "--bias-compensation",
     is_flag=True,
-    help="FLAP: add the removed channels' mean output to the output projection's bias",
+    help="also fit a bias (adds one to Llama projections); with --no-compensate: FLAP's mean compensation",
 )
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="folder for the pruned model")
 @click.option("--overwrite", is_flag=True, help="replace an existing output folder")
@@ -206,6 +221,8 @@ def prune(
     criterion_options: tuple[str, ...],
     allocation: str,
     min_keep: float,
+    compensate: bool,
+    selection: str,
     bias_compensation: bool,
     output: Path,
     overwrite: bool,
@@ -231,9 +248,11 @@ def prune(
     else:
         scores = score_with_progress(loaded, adapter, criterion, calib_settings, taylor, aggregation, criterion_options)
     scores.check_matches(loaded.model, adapter)
+    if selection == "obs" and not compensate:
+        raise EdgepruneError("--selection obs chooses groups by their error after the re-fit: drop --no-compensate")
     before_cut = None
-    if bias_compensation:
-        from edgeprune.criteria.fluctuation import compensate_bias, output_means
+    if bias_compensation and not compensate:
+        from edgeprune.compensate import compensate_bias, output_means
 
         batch = load_calibration(loaded.tokenizer, criterion, *calib_settings)
         with console.status("measuring mean activations for bias compensation"):
@@ -242,7 +261,21 @@ def prune(
         def before_cut(keep):
             compensate_bias(loaded.model, adapter, keep, means)
 
-    summary = prune_model(loaded.model, adapter, scores, spec, before_cut)
+    if compensate:
+        from edgeprune.compensate import CompensateOptions, compensated_cut
+
+        positions = getattr(loaded.model.config, "max_position_embeddings", calib_seq_len)
+        fitting = (calibration, calib_samples, min(calib_seq_len, positions), seed)  # windows the model can read
+        batch = load_calibration(loaded.tokenizer, ACTIVATION_CRITERION, *fitting)
+        options = CompensateOptions(add_bias=bias_compensation)
+
+        def cut(model, adapter, keep, plan):
+            with console.status(f"cutting and re-fitting layer by layer ({selection} selection)"):
+                return compensated_cut(model, adapter, keep, plan, batch, selection, options)
+
+    else:
+        cut = None
+    summary = prune_model(loaded.model, adapter, scores, spec, before_cut, cut)
     provenance = {
         "source": loaded.source,
         "source_sha256": loaded.source_hash,
@@ -250,6 +283,7 @@ def prune(
         "seed": seed,
         "calibration": {"source": calibration or "packaged", "samples": calib_samples, "seq_len": calib_seq_len},
         "bias_compensation": bias_compensation,
+        "compensation": {"selection": selection} if compensate else None,
         "spec": {**spec.__dict__, "targets": list(spec.targets), "prune_kv_heads": prune_kv_heads},
         "params_before": summary.params_before,
         "params_after": summary.params_after,
