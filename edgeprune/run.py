@@ -31,6 +31,7 @@ from edgeprune.budget import (
 )
 from edgeprune.calibration import load_text, sample_windows, tokenize_text
 from edgeprune.checkpoint import save_pruned, versions
+from edgeprune.compensate import cut_and_compensate
 from edgeprune.criteria import GroupScores, ScoringInputs, score_groups
 from edgeprune.devices.profiler import Profiler, ProfileResult, Workload, profiler_for
 from edgeprune.devices.profiles import get_device
@@ -38,7 +39,7 @@ from edgeprune.errors import EdgepruneError
 from edgeprune.evaluate import perplexity
 from edgeprune.export.exporter import FP32_ATOL, INT8_FILE, check_fp32, export_model
 from edgeprune.export.quantize import quantize_int8
-from edgeprune.export.sliced import ffn_initializer_names, slice_ffn
+from edgeprune.export.sliced import ffn_bias_names, ffn_initializer_names, slice_ffn, write_ffn
 from edgeprune.export.verify import verify_onnx
 from edgeprune.loading import LoadedModel, load_model
 from edgeprune.models import FamilyAdapter, adapter_for, is_decoder
@@ -79,6 +80,7 @@ class RunConfig:
     seed: int = 0
     recover: bool = False
     recover_options: dict = field(default_factory=dict)
+    compensate: bool = True  # re-fit each cut output projection on the calibration windows (compensate.py)
 
     def spec(self, sparsity: float) -> PruneSpec:
         return PruneSpec(
@@ -158,14 +160,24 @@ def matmul_params(model: nn.Module) -> int:
 
 
 def pruned_copy(
-    model: nn.Module, adapter: FamilyAdapter, scores: GroupScores, spec: PruneSpec
+    model: nn.Module,
+    adapter: FamilyAdapter,
+    scores: GroupScores,
+    spec: PruneSpec,
+    calibration: torch.Tensor | None = None,
 ) -> tuple[nn.Module, list[LayerKeep] | None]:
-    """A cut copy of the dense model and the keep-indices that made it (None at sparsity 0)."""
+    """A cut copy of the dense model and the keep-indices that made it (None at sparsity 0).
+
+    With `calibration` windows the cut output projections are re-fit on them, layer by layer.
+    """
     pruned = copy.deepcopy(model)
     if spec.sparsity == 0:
         return pruned, None
     keep = select_keep(model, adapter, scores, plan_widths(model, adapter, scores, spec))
-    cut_model(pruned, adapter, keep)
+    if calibration is None:
+        cut_model(pruned, adapter, keep)
+    else:
+        cut_and_compensate(pruned, adapter, keep, calibration)
     return pruned, keep
 
 
@@ -220,6 +232,10 @@ class ProbeRunner:
         self.loaded, self.adapter, self.scores, self.cfg = loaded, adapter, scores, cfg
         self.calib, self.profiler, self.work = calib, profiler, work
         self.ffn_names: list[dict] | None = None
+        self.ffn_bias_names: list[dict] | None = None
+
+    def refit_windows(self) -> torch.Tensor | None:
+        return self.calib.windows if self.cfg.compensate else None
 
     def export(self, model: nn.Module, folder: Path) -> Path:
         export_model(model, self.loaded.tokenizer, folder, quantize=self.cfg.quantize, overwrite=True)
@@ -234,13 +250,19 @@ class ProbeRunner:
         """The probe from the dense graph's sliced initializers, verified like a real export."""
         dense_fp32 = onnx_file(self.dense_onnx().parent, None)
         if self.ffn_names is None:
-            self.ffn_names = ffn_initializer_names(self.loaded.model, self.adapter, onnx.load(str(dense_fp32)).graph)
-        file = slice_ffn(dense_fp32, folder / MODEL_FILE, self.ffn_names, keep)
+            graph = onnx.load(str(dense_fp32)).graph
+            self.ffn_names = ffn_initializer_names(self.loaded.model, self.adapter, graph)
+            self.ffn_bias_names = ffn_bias_names(self.ffn_names, graph)
+        if self.cfg.compensate:  # re-fit weights differ from the dense ones: write them, not slices
+            file = write_ffn(dense_fp32, folder / MODEL_FILE, self.ffn_names, self.ffn_bias_names, model, self.adapter)
+        else:
+            file = slice_ffn(dense_fp32, folder / MODEL_FILE, self.ffn_names, keep)
         check_fp32(verify_onnx(model, self.loaded.tokenizer, file), FP32_ATOL)
         return quantize_int8(file, folder / INT8_FILE) if self.cfg.quantize == "int8" else file
 
     def __call__(self, sparsity: float) -> Probe:
-        model, keep = pruned_copy(self.loaded.model, self.adapter, self.scores, self.cfg.spec(sparsity))
+        spec = self.cfg.spec(sparsity)
+        model, keep = pruned_copy(self.loaded.model, self.adapter, self.scores, spec, self.refit_windows())
         folder = self.work / f"s{sparsity:.3f}"
         if keep is None:
             file, method = self.dense_onnx(), "dense export"
@@ -332,7 +354,7 @@ def run_job(
 def finish(cfg, out, loaded, adapter, scores, calib, runner: ProbeRunner, search: SearchResult, device, say) -> dict:
     """Cut at the chosen sparsity, recover, save, export, compare against dense, report."""
     best = search.best
-    final, _ = pruned_copy(loaded.model, adapter, scores, cfg.spec(best.sparsity))
+    final, _ = pruned_copy(loaded.model, adapter, scores, cfg.spec(best.sparsity), runner.refit_windows())
     recovery = None
     if cfg.recover:
         from edgeprune.recover import recover_model

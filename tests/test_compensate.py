@@ -184,3 +184,34 @@ def test_prune_cli_compensates_by_default_and_selects_by_obs(saved_llama, tmp_pa
     assert widths[0] == widths[-1] == 96 and min(widths) < 96  # first and last layers kept whole by default
     result = prune("--selection", "obs", "--no-compensate", "-o", str(tmp_path / "no"))
     assert result.exit_code == 1 and "drop --no-compensate" in result.output
+
+
+@pytest.mark.parametrize("family", ["llama", "bert"])
+def test_dense_graph_with_the_refit_ffn_written_in_matches_the_compensated_model(
+    family, llama, bert, tokenizer, tmp_path
+):
+    """run's cheap probes: the dense ONNX graph with the cut model's own (re-fit) FFN tensors written in."""
+    import onnx
+
+    from edgeprune.export import export_model, verify_onnx
+    from edgeprune.export.sliced import ffn_bias_names, ffn_initializer_names, write_ffn
+
+    model = llama if family == "llama" else bert
+    adapter = adapter_for(model.config)
+    export_model(model, tokenizer, tmp_path / "dense")
+    graph = onnx.load(str(tmp_path / "dense" / "model.onnx")).graph
+    names = ffn_initializer_names(model, adapter, graph)
+    biases = ffn_bias_names(names, graph)
+    gen = torch.Generator().manual_seed(0)
+    keep = [LayerKeep(ffn=torch.randperm(96, generator=gen)[: 30 + 10 * i].sort().values) for i in range(2)]
+    keep += [LayerKeep() for _ in adapter.layers(model)[2:]]
+    cut = copy.deepcopy(model)
+    cut_and_compensate(cut, adapter, keep, calibration(length=16))
+    written = write_ffn(
+        tmp_path / "dense" / "model.onnx", tmp_path / "probe" / "model.onnx", names, biases, cut, adapter
+    )
+    check = verify_onnx(cut, tokenizer, written)
+    assert check.max_abs_diff < 1e-4 * max(1.0, check.max_abs_logit)
+    plain = copy.deepcopy(model)
+    cut_model(plain, adapter, keep)
+    assert verify_onnx(plain, tokenizer, written).max_abs_diff > 1e-3  # the re-fit values are in the graph
