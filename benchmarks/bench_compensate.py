@@ -62,7 +62,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--criteria", default="fluctuation,mi,taylor,random")
     parser.add_argument("--cuts", default=",".join(CUTS))
-    parser.add_argument("--methods", default="none,ls,obs")
+    parser.add_argument("--methods", default="obs,ls,none")
     parser.add_argument("--calib-samples", type=int, default=64, help="windows of 128 tokens for the re-fit")
     parser.add_argument("--ppl-tokens", type=int, default=16384)
     parser.add_argument("--threads", type=int, default=2)
@@ -100,15 +100,20 @@ def main() -> None:
                     continue  # OBS needs no criterion: measured once per cut
                 if done(args.out, key):
                     continue
-                if scores is None:
+                if method == "obs":  # OBS chooses its own groups: only the (uniform) plan is needed
+                    scores_for_plan = score_groups("random", model, adapter, ScoringInputs(seed=0))
+                    spec = cut_spec(cut, model, adapter, scores_for_plan)
+                    plan = plan_widths(model, adapter, scores_for_plan, spec)
+                elif scores is None:
                     samples = SCORE_SAMPLES.get(criterion, 32)
                     calib = calibration_batch(tokenizer, valid, samples, 128, seed=0)
                     start = time.perf_counter()
                     scores = score_groups(criterion, model, adapter, ScoringInputs(calibration=calib, seed=0))
                     score_seconds = time.perf_counter() - start
-                spec = cut_spec(cut, model, adapter, scores)
-                plan = plan_widths(model, adapter, scores, spec)
-                keep = select_keep(model, adapter, scores, plan)
+                if method != "obs":
+                    spec = cut_spec(cut, model, adapter, scores)
+                    plan = plan_widths(model, adapter, scores, spec)
+                    keep = select_keep(model, adapter, scores, plan)
                 pruned = copy.deepcopy(model)
                 start = time.perf_counter()
                 if method == "none":

@@ -48,6 +48,7 @@ DEFAULT_CALIB_SAMPLES = {"taylor": 10}
 ACTIVATION_CALIB_SAMPLES = 32
 ACTIVATION_CRITERION = "fluctuation"  # compensation reads activations: it takes the activation criteria's default
 SELECTIONS = ("scores", "obs")
+LAYER_MEASURES = ("block-influence", "block-information")
 
 
 def calibration_options(command):
@@ -162,11 +163,70 @@ def score_with_progress(
         return score_groups(criterion, loaded.model, adapter, inputs)
 
 
+def prune_whole_layers(
+    model: str | None, settings: tuple, calib_settings: tuple, output: Path, overwrite: bool
+) -> None:
+    """`prune --targets layers`: remove the least important whole layers (sparsity x the unprotected layers)."""
+    from edgeprune.checkpoint import refuse_existing_output, save_pruned
+    from edgeprune.layers import layer_importance, layers_to_remove, remove_layers
+    from edgeprune.loading import load_model
+    from edgeprune.models import adapter_for
+    from edgeprune.structure import count_parameters
+
+    sparsity, protect_first, protect_last, measure = settings
+    if not 0.0 <= sparsity < 1.0:
+        raise EdgepruneError(f"sparsity {sparsity} is outside [0, 1): give a fraction such as 0.2")
+    output = refuse_existing_output(output, overwrite)
+    with console.status("loading model"):
+        loaded = load_model(model)
+    adapter = adapter_for(loaded.model.config)
+    calibration, samples, seq_len, seed = calib_settings
+    positions = getattr(loaded.model.config, "max_position_embeddings", seq_len)
+    batch = load_calibration(
+        loaded.tokenizer, ACTIVATION_CRITERION, calibration, samples, min(seq_len, positions), seed
+    )
+    with console.status(f"measuring layer importance ({measure})"):
+        importance = layer_importance(loaded.model, adapter, batch, measure)
+    n_layers = len(importance)
+    n_remove = round(sparsity * max(0, n_layers - protect_first - protect_last))
+    removed = layers_to_remove(importance, n_remove, protect_first, protect_last)
+    params_before = count_parameters(loaded.model)
+    remove_layers(loaded.model, adapter, removed)
+    provenance = {
+        "source": loaded.source,
+        "source_sha256": loaded.source_hash,
+        "criterion": measure,
+        "seed": seed,
+        "layer_importance": importance.tolist(),
+        "spec": {
+            "targets": ["layers"],
+            "sparsity": sparsity,
+            "protect_first": protect_first,
+            "protect_last": protect_last,
+        },
+        "params_before": params_before,
+        "params_after": count_parameters(loaded.model),
+        "total_removed": 1 - count_parameters(loaded.model) / params_before,
+    }
+    with console.status(f"saving to {output}"):
+        save_pruned(loaded.model, loaded.tokenizer, output, provenance, overwrite=overwrite, protect=loaded.folder)
+    out.print(f"removed layers {removed} of {n_layers} from {loaded.source} ({measure}) -> {output}")
+
+
 @main.command()
 @click.argument("model", required=False)
 @click.option("--criterion", default="fluctuation", show_default=True, help="scoring criterion (see `score --help`)")
 @click.option("--sparsity", type=float, required=True, help="fraction of prunable parameters to remove, in [0, 1)")
-@click.option("--targets", default="ffn,heads", show_default=True, help="groups to cut: ffn, heads or both")
+@click.option(
+    "--targets", default="ffn,heads", show_default=True, help="groups to cut: ffn, heads or both; or whole layers"
+)
+@click.option(
+    "--layer-measure",
+    type=click.Choice(LAYER_MEASURES),
+    default="block-influence",
+    show_default=True,
+    help="--targets layers: how a layer's importance is measured",
+)
 @click.option("--protect-first", default=1, show_default=True, help="leave the first K layers whole")
 @click.option("--protect-last", default=1, show_default=True, help="leave the last K layers whole")
 @click.option("--round-to", default=1, show_default=True, help="round each layer's FFN width to a multiple of M")
@@ -221,6 +281,7 @@ def prune(
     criterion_options: tuple[str, ...],
     allocation: str,
     min_keep: float,
+    layer_measure: str,
     compensate: bool,
     selection: str,
     bias_compensation: bool,
@@ -234,6 +295,11 @@ def prune(
     from edgeprune.models import adapter_for
     from edgeprune.structure import PruneSpec, prune_model
 
+    if parse_targets(targets) == ("layers",):
+        layer_settings = (sparsity, protect_first, protect_last, layer_measure)
+        return prune_whole_layers(
+            model, layer_settings, (calibration, calib_samples, calib_seq_len, seed), output, overwrite
+        )
     spec = PruneSpec(
         sparsity, parse_targets(targets), protect_first, protect_last, round_to, allocation, min_keep=min_keep
     )
