@@ -40,7 +40,7 @@ def parse_targets(value: str) -> tuple[str, ...]:
     return tuple(t.strip() for t in value.split(",") if t.strip())
 
 
-ALLOCATIONS = ("uniform", "global")
+ALLOCATIONS = ("uniform", "global", "errors")
 TAYLOR_ORDERS = ("first", "second", "vector")
 TAYLOR_AGGREGATIONS = ("sum", "mean", "max", "prod")
 # CPU-sensible calibration: LLM-Pruner's 10 sequences for gradients, 32 for activation statistics.
@@ -239,7 +239,8 @@ def prune_whole_layers(
     type=click.Choice(ALLOCATIONS),
     default="uniform",
     show_default=True,
-    help="uniform: same sparsity per layer; global: rank groups across layers on normalized scores",
+    help="uniform: same sparsity per layer; global: rank groups across layers on normalized scores; "
+    "errors: FFN widths where the re-fit error is smallest (needs compensation)",
 )
 @click.option("--min-keep", default=0.1, show_default=True, help="global allocation keeps this fraction of each layer")
 @click.option(
@@ -300,8 +301,11 @@ def prune(
         return prune_whole_layers(
             model, layer_settings, (calibration, calib_samples, calib_seq_len, seed), output, overwrite
         )
+    if allocation == "errors" and not compensate:
+        raise EdgepruneError("--allocation errors ranks removals by their error after the re-fit: drop --no-compensate")
+    planned = "uniform" if allocation == "errors" else allocation  # the errors move the uniform plan's neurons
     spec = PruneSpec(
-        sparsity, parse_targets(targets), protect_first, protect_last, round_to, allocation, min_keep=min_keep
+        sparsity, parse_targets(targets), protect_first, protect_last, round_to, planned, min_keep=min_keep
     )
     output = refuse_existing_output(output, overwrite)
     with console.status("loading model"):
@@ -328,7 +332,8 @@ def prune(
             compensate_bias(loaded.model, adapter, keep, means)
 
     if compensate:
-        from edgeprune.compensate import CompensateOptions, compensated_cut
+        from edgeprune.compensate import CompensateOptions, allocate_by_errors, compensated_cut
+        from edgeprune.structure import select_keep
 
         positions = getattr(loaded.model.config, "max_position_embeddings", calib_seq_len)
         fitting = (calibration, calib_samples, min(calib_seq_len, positions), seed)  # windows the model can read
@@ -336,6 +341,10 @@ def prune(
         options = CompensateOptions(add_bias=bias_compensation)
 
         def cut(model, adapter, keep, plan):
+            if allocation == "errors":
+                with console.status("allocating the cut across layers by re-fit error"):
+                    plan = allocate_by_errors(model, adapter, batch, plan, min_keep, options)
+                keep = select_keep(model, adapter, scores, plan)
             with console.status(f"cutting and re-fitting layer by layer ({selection} selection)"):
                 return compensated_cut(model, adapter, keep, plan, batch, selection, options)
 

@@ -21,6 +21,7 @@ batches, W and G⁻¹ updated after each batch.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -118,10 +119,25 @@ def obs_removal_order(
     (a bias's ones column) always stay. With `groups` (a KV group per unit) no group drops below
     `per_group_keep` units, so GQA layers keep equal query heads per KV group.
     """
+    return obs_removal(gram, weight, units, n_remove, batch, damping, groups, per_group_keep)[0]
+
+
+def obs_removal(
+    gram: torch.Tensor,
+    weight: torch.Tensor,
+    units: torch.Tensor,
+    n_remove: int,
+    batch: int = 32,
+    damping: float = 1e-4,
+    groups: torch.Tensor | None = None,
+    per_group_keep: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`obs_removal_order` and the output error each unit added when it went (same order)."""
     weight = weight.double().clone()
     ginv = damped_inverse(gram, damping)
     alive = torch.ones(len(units), dtype=torch.bool)
     order: list[int] = []
+    errors: list[float] = []
     while len(order) < n_remove:
         eligible = alive.clone()
         if groups is not None:
@@ -132,7 +148,9 @@ def obs_removal_order(
             raise EdgepruneError("OBS selection ran out of removable groups: lower the sparsity")
         costs = removal_costs(weight, ginv, units[candidates])
         step = 1 if groups is not None else min(batch, n_remove - len(order))
-        chosen = candidates[torch.argsort(costs)[:step]]
+        picked = torch.argsort(costs)[:step]
+        chosen = candidates[picked]
+        errors += costs[picked].tolist()
         cols = units[chosen].reshape(-1)
         g_inv_ss = torch.linalg.inv(ginv[cols][:, cols])
         weight -= weight[:, cols] @ g_inv_ss @ ginv[cols]
@@ -141,7 +159,7 @@ def obs_removal_order(
         ginv[cols, cols] = 1.0  # removed columns: inert, never chosen again (not alive)
         alive[chosen] = False
         order += chosen.tolist()
-    return torch.tensor(order, dtype=torch.long)
+    return torch.tensor(order, dtype=torch.long), torch.tensor(errors, dtype=torch.float64)
 
 
 def kept_units(n_units: int, removed: torch.Tensor) -> torch.Tensor:
@@ -347,6 +365,69 @@ def cut_by_obs(
     widths = [adapter.widths(layer) for layer in adapter.layers(model)]
     cuts = [(p.heads < w.heads, p.ffn < w.ffn) for p, w in zip(plan, widths, strict=True)]
     return compensate_layers(model, adapter, calibration, obs_chooser(adapter, plan, options), cuts, options)
+
+
+# -- allocation across layers from the re-fit errors ------------------------------------------
+
+
+def dense_ffn_grams(model: nn.Module, adapter: FamilyAdapter, calibration: torch.Tensor, batch_size: int = 8):
+    """Gram of every layer's FFN activations on the uncut model, one pass over the calibration windows."""
+    grams = [Gram.empty(adapter.ffn_output(layer).in_features) for layer in adapter.layers(model)]
+    handles = [
+        adapter.ffn_output(layer).register_forward_pre_hook(lambda _m, args, g=gram: g.add(args[0]))
+        for layer, gram in zip(adapter.layers(model), grams, strict=True)
+    ]
+    try:
+        with torch.no_grad():
+            for start in range(0, len(calibration), batch_size):
+                model(input_ids=calibration[start : start + batch_size])
+    finally:
+        for handle in handles:
+            handle.remove()
+    return grams
+
+
+def allocate_by_errors(
+    model: nn.Module,
+    adapter: FamilyAdapter,
+    calibration: torch.Tensor,
+    plan: list[LayerWidths],
+    min_keep: float = 0.1,
+    options: CompensateOptions = CompensateOptions(),
+) -> list[LayerWidths]:
+    """FFN widths that remove as many neurons as `plan` in total, where the re-fit error is smallest.
+
+    Each cut layer's OBS path (on the uncut model) gives the output error of every further neuron
+    removed, relative to the layer's FFN output energy tr(W G Wᵀ), so layers compare on one scale;
+    the cheapest removals across layers win (error-sorted, as global pruning but with costs that
+    already count the re-fit), and every layer keeps `min_keep` of its neurons. Heads keep `plan`'s widths.
+    """
+    layers = adapter.layers(model)
+    cut = [i for i, (layer, p) in enumerate(zip(layers, plan, strict=True)) if p.ffn < adapter.widths(layer).ffn]
+    budget = sum(adapter.widths(layers[i]).ffn - plan[i].ffn for i in cut)
+    grams = dense_ffn_grams(model, adapter, calibration, options.batch_size)
+    candidates: list[tuple[float, int]] = []
+    for i in cut:
+        width = adapter.widths(layers[i]).ffn
+        weight = adapter.ffn_output(layers[i]).weight.detach().double()
+        energy = float((weight @ grams[i].xtx * weight).sum())
+        removable = width - max(1, math.ceil(min_keep * width))
+        _, errors = obs_removal(
+            grams[i].xtx, weight, torch.arange(width)[:, None], removable, options.obs_batch, options.damping
+        )
+        cumulative = torch.cummax(errors, 0).values / max(energy, 1e-300)  # removal order costs only rise
+        candidates += [(float(c), i) for c in cumulative]
+    removed = {i: 0 for i in cut}
+    for _, i in sorted(candidates)[:budget]:
+        removed[i] += 1
+    return [
+        LayerWidths(
+            ffn=p.ffn + (adapter.widths(layers[i]).ffn - p.ffn) - removed[i], heads=p.heads, kv_heads=p.kv_heads
+        )
+        if i in removed
+        else p
+        for i, p in enumerate(plan)
+    ]
 
 
 # -- FLAP's bias compensation (the mean of the removed channels, no re-fit) ------------------

@@ -184,6 +184,14 @@ def test_prune_cli_compensates_by_default_and_selects_by_obs(saved_llama, tmp_pa
     assert widths[0] == widths[-1] == 96 and min(widths) < 96  # first and last layers kept whole by default
     result = prune("--selection", "obs", "--no-compensate", "-o", str(tmp_path / "no"))
     assert result.exit_code == 1 and "drop --no-compensate" in result.output
+    for allocation in ("errors", "uniform"):
+        result = prune("--allocation", allocation, "--targets", "ffn", "-o", str(tmp_path / allocation))
+        assert result.exit_code == 0, result.output
+    errors, uniform = (
+        load_pruned(tmp_path / name)[0].config.pruned_layer_widths["intermediate_size"]
+        for name in ("errors", "uniform")
+    )
+    assert errors[0] == errors[-1] == 96 and sum(errors) == sum(uniform)  # the same neurons, placed by error
 
 
 @pytest.mark.parametrize("family", ["llama", "bert"])
@@ -215,3 +223,22 @@ def test_dense_graph_with_the_refit_ffn_written_in_matches_the_compensated_model
     plain = copy.deepcopy(model)
     cut_model(plain, adapter, keep)
     assert verify_onnx(plain, tokenizer, written).max_abs_diff > 1e-3  # the re-fit values are in the graph
+
+
+def test_error_allocation_takes_more_from_the_layer_that_rebuilds_itself(llama):
+    """Layer 2's neurons 48..95 copy neurons 0..47 (same gate, doubled up rows): half its FFN can go for
+    no error after the re-fit, so the error allocation removes more there than the uniform plan does."""
+    from edgeprune.compensate import allocate_by_errors
+
+    adapter = adapter_for(llama.config)
+    for j in range(48):
+        make_neuron_a_multiple(llama, adapter, layer=2, copy_of=j, removed=48 + j)
+    plan = layer_widths(llama, adapter)
+    plan = [
+        type(w)(ffn=w.ffn - 24 if i in (1, 2) else w.ffn, heads=w.heads, kv_heads=w.kv_heads)
+        for i, w in enumerate(plan)
+    ]
+    allocated = allocate_by_errors(llama, adapter, calibration(), plan, options=CompensateOptions(obs_batch=4))
+    assert sum(w.ffn for w in allocated) == sum(w.ffn for w in plan)
+    assert allocated[2].ffn <= 96 - 40 and allocated[1].ffn > plan[1].ffn
+    assert allocated[0].ffn == allocated[3].ffn == 96
