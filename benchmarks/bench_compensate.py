@@ -9,7 +9,9 @@ once without BOS, non-overlapping windows). Cuts:
 - `default35`: the default `run` job's kind of cut, FFN neurons of layers 1..28, the sparsity that
   removes 35% of all parameters (the default job's final model: 34.5%).
 Methods: `none` (plain cut), `ls` (the criterion's groups, down_proj/o_proj re-fit layer by layer),
-`obs` (groups chosen by their error after the re-fit; no criterion). Seconds per stage are wall time.
+`obs` (groups chosen by their error after the re-fit; no criterion), `alloc` (`obs` after the FFN
+neurons of the uniform plan are moved to the layers where the re-fit error is lowest). Seconds per
+stage are wall time (and process CPU time for the cut).
 Resumable: every row is appended to --out and skipped on a rerun.
 
     python benchmarks/bench_compensate.py --threads 2
@@ -26,7 +28,7 @@ import torch
 from bench_common import append_result, data_dir, read_results
 
 from edgeprune.calibration import calibration_batch, tokenize_text
-from edgeprune.compensate import CompensateOptions, cut_and_compensate, cut_by_obs
+from edgeprune.compensate import CompensateOptions, allocate_by_errors, cut_and_compensate, cut_by_obs
 from edgeprune.criteria import ScoringInputs, score_groups
 from edgeprune.evaluate import perplexity
 from edgeprune.loading import load_model
@@ -94,13 +96,13 @@ def main() -> None:
         for cut in args.cuts.split(","):
             for method in methods:
                 key = {"cut": cut, "method": method, **base}
-                if method != "obs":
+                if method not in ("obs", "alloc"):
                     key["criterion"] = criterion
-                elif criterion != args.criteria.split(",")[0]:
+                elif method in ("obs", "alloc") and criterion != args.criteria.split(",")[0]:
                     continue  # OBS needs no criterion: measured once per cut
                 if done(args.out, key):
                     continue
-                if method == "obs":  # OBS chooses its own groups: only the (uniform) plan is needed
+                if method in ("obs", "alloc"):  # OBS chooses its own groups: only the (uniform) plan is needed
                     scores_for_plan = score_groups("random", model, adapter, ScoringInputs(seed=0))
                     spec = cut_spec(cut, model, adapter, scores_for_plan)
                     plan = plan_widths(model, adapter, scores_for_plan, spec)
@@ -110,28 +112,32 @@ def main() -> None:
                     start = time.perf_counter()
                     scores = score_groups(criterion, model, adapter, ScoringInputs(calibration=calib, seed=0))
                     score_seconds = time.perf_counter() - start
-                if method != "obs":
+                if method not in ("obs", "alloc"):
                     spec = cut_spec(cut, model, adapter, scores)
                     plan = plan_widths(model, adapter, scores, spec)
                     keep = select_keep(model, adapter, scores, plan)
                 pruned = copy.deepcopy(model)
-                start = time.perf_counter()
+                start, cpu_start = time.perf_counter(), time.process_time()
                 if method == "none":
                     cut_model(pruned, adapter, keep)
                 elif method == "ls":
                     cut_and_compensate(pruned, adapter, keep, refit_calib, CompensateOptions())
-                else:
+                else:  # obs; alloc: OBS after moving the uniform plan's FFN neurons to where errors are lowest
+                    if method == "alloc":
+                        plan = allocate_by_errors(pruned, adapter, refit_calib, plan)
                     cut_by_obs(pruned, adapter, plan, refit_calib, CompensateOptions())
-                cut_seconds = time.perf_counter() - start
+                cut_seconds, cut_cpu = time.perf_counter() - start, time.process_time() - cpu_start
                 ppl, eval_seconds = evaluate(pruned)
                 row = {
                     **key,
-                    "criterion": key.get("criterion", "obs"),
+                    "criterion": key.get("criterion", method),
+                    "ffn_widths": [w.ffn for w in plan],
                     "sparsity": spec.sparsity,
                     "params": count_parameters(pruned),
                     "ppl128": ppl,
-                    "score_seconds": None if method == "obs" else score_seconds,
+                    "score_seconds": None if method in ("obs", "alloc") else score_seconds,
                     "cut_seconds": cut_seconds,
+                    "cut_cpu_seconds": cut_cpu,
                     "eval_seconds": eval_seconds,
                 }
                 append_result(args.out, row)
