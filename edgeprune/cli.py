@@ -311,7 +311,8 @@ def prune(
     with console.status("loading model"):
         loaded = load_model(model)
     adapter = adapter_for(loaded.model.config, prune_kv_heads=prune_kv_heads)
-    calib_settings = (calibration, calib_samples, calib_seq_len, seed)
+    calib_seq_len = min(calib_seq_len, getattr(loaded.model.config, "max_position_embeddings", calib_seq_len))
+    calib_settings = (calibration, calib_samples, calib_seq_len, seed)  # windows no longer than the model reads
     if scores_path is not None:
         scores = GroupScores.load(scores_path)
         criterion = scores.criterion or criterion
@@ -335,9 +336,7 @@ def prune(
         from edgeprune.compensate import CompensateOptions, allocate_by_errors, compensated_cut
         from edgeprune.structure import select_keep
 
-        positions = getattr(loaded.model.config, "max_position_embeddings", calib_seq_len)
-        fitting = (calibration, calib_samples, min(calib_seq_len, positions), seed)  # windows the model can read
-        batch = load_calibration(loaded.tokenizer, ACTIVATION_CRITERION, *fitting)
+        batch = load_calibration(loaded.tokenizer, ACTIVATION_CRITERION, *calib_settings)
         options = CompensateOptions(add_bias=bias_compensation)
 
         def cut(model, adapter, keep, plan):
@@ -405,7 +404,8 @@ def score(
     with console.status("loading model"):
         loaded = load_model(model)
     adapter = adapter_for(loaded.model.config, prune_kv_heads=prune_kv_heads)
-    calib_settings = (calibration, calib_samples, calib_seq_len, seed)
+    calib_seq_len = min(calib_seq_len, getattr(loaded.model.config, "max_position_embeddings", calib_seq_len))
+    calib_settings = (calibration, calib_samples, calib_seq_len, seed)  # windows no longer than the model reads
     scores = score_with_progress(loaded, adapter, criterion, calib_settings, taylor, aggregation, criterion_options)
     output = output.expanduser()
     output.parent.mkdir(parents=True, exist_ok=True)
