@@ -404,8 +404,7 @@ def score(
     with console.status("loading model"):
         loaded = load_model(model)
     adapter = adapter_for(loaded.model.config, prune_kv_heads=prune_kv_heads)
-    calib_seq_len = min(calib_seq_len, getattr(loaded.model.config, "max_position_embeddings", calib_seq_len))
-    calib_settings = (calibration, calib_samples, calib_seq_len, seed)  # windows no longer than the model reads
+    calib_settings = (calibration, calib_samples, calib_seq_len, seed)
     scores = score_with_progress(loaded, adapter, criterion, calib_settings, taylor, aggregation, criterion_options)
     output = output.expanduser()
     output.parent.mkdir(parents=True, exist_ok=True)
