@@ -30,8 +30,8 @@ import torch
 from bench_common import data_dir
 
 from edgeprune.calibration import calibration_batch, tokenize_text
+from edgeprune.compensate import compensate_bias, output_means
 from edgeprune.criteria import CRITERIA, GroupScores, ScoringInputs, score_groups
-from edgeprune.criteria.fluctuation import compensate_bias, output_means
 from edgeprune.evaluate import perplexity
 from edgeprune.loading import load_model
 from edgeprune.models import LayerWidths, adapter_for

@@ -59,6 +59,7 @@ def save_pruned(
         record = {
             **provenance,
             "layer_widths": getattr(model.config, WIDTHS_KEY, None),
+            "removed_layers": getattr(model.config, "removed_layers", None),  # original indices of deleted layers
             "versions": versions(),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }

@@ -61,12 +61,15 @@ def parse_targets(value: str) -> tuple[str, ...]:
     return tuple(t.strip() for t in value.split(",") if t.strip())
 
 
-ALLOCATIONS = ("uniform", "global")
+ALLOCATIONS = ("uniform", "global", "errors")
 TAYLOR_ORDERS = ("first", "second", "vector")
 TAYLOR_AGGREGATIONS = ("sum", "mean", "max", "prod")
 # CPU-sensible calibration: LLM-Pruner's 10 sequences for gradients, 32 for activation statistics.
 DEFAULT_CALIB_SAMPLES = {"taylor": 10}
 ACTIVATION_CALIB_SAMPLES = 32
+ACTIVATION_CRITERION = "fluctuation"  # compensation reads activations: it takes the activation criteria's default
+SELECTIONS = ("scores", "obs")
+LAYER_MEASURES = ("block-influence", "block-information")
 
 
 def calibration_options(command):
@@ -185,13 +188,72 @@ def score_with_progress(
         return score_groups(criterion, loaded.model, adapter, inputs)
 
 
+def prune_whole_layers(
+    model: str | None, settings: tuple, calib_settings: tuple, output: Path, overwrite: bool
+) -> None:
+    """`prune --targets layers`: remove the least important whole layers (sparsity x the unprotected layers)."""
+    from edgeprune.checkpoint import refuse_existing_output, save_pruned
+    from edgeprune.layers import layer_importance, layers_to_remove, remove_layers
+    from edgeprune.loading import load_model
+    from edgeprune.models import adapter_for
+    from edgeprune.structure import count_parameters
+
+    sparsity, protect_first, protect_last, measure = settings
+    if not 0.0 <= sparsity < 1.0:
+        raise EdgepruneError(f"sparsity {sparsity} is outside [0, 1): give a fraction such as 0.2")
+    output = refuse_existing_output(output, overwrite)
+    with console.status("loading model"):
+        loaded = load_model(model)
+    adapter = adapter_for(loaded.model.config)
+    calibration, samples, seq_len, seed = calib_settings
+    positions = getattr(loaded.model.config, "max_position_embeddings", seq_len)
+    batch = load_calibration(
+        loaded.tokenizer, ACTIVATION_CRITERION, calibration, samples, min(seq_len, positions), seed
+    )
+    with console.status(f"measuring layer importance ({measure})"):
+        importance = layer_importance(loaded.model, adapter, batch, measure)
+    n_layers = len(importance)
+    n_remove = round(sparsity * max(0, n_layers - protect_first - protect_last))
+    removed = layers_to_remove(importance, n_remove, protect_first, protect_last)
+    params_before = count_parameters(loaded.model)
+    remove_layers(loaded.model, adapter, removed)
+    provenance = {
+        "source": loaded.source,
+        "source_sha256": loaded.source_hash,
+        "criterion": measure,
+        "seed": seed,
+        "layer_importance": importance.tolist(),
+        "spec": {
+            "targets": ["layers"],
+            "sparsity": sparsity,
+            "protect_first": protect_first,
+            "protect_last": protect_last,
+        },
+        "params_before": params_before,
+        "params_after": count_parameters(loaded.model),
+        "total_removed": 1 - count_parameters(loaded.model) / params_before,
+    }
+    with console.status(f"saving to {output}"):
+        save_pruned(loaded.model, loaded.tokenizer, output, provenance, overwrite=overwrite, protect=loaded.folder)
+    out.print(f"removed layers {removed} of {n_layers} from {loaded.source} ({measure}) -> {output}")
+
+
 @main.command()
 @click.argument("model", required=False)
-@click.option("--criterion", default="magnitude", show_default=True, help="scoring criterion (see `score --help`)")
+@click.option("--criterion", default="fluctuation", show_default=True, help="scoring criterion (see `score --help`)")
 @click.option("--sparsity", type=float, required=True, help="fraction of prunable parameters to remove, in [0, 1)")
-@click.option("--targets", default="ffn,heads", show_default=True, help="groups to cut: ffn, heads or both")
-@click.option("--protect-first", default=0, show_default=True, help="leave the first K layers whole")
-@click.option("--protect-last", default=0, show_default=True, help="leave the last K layers whole")
+@click.option(
+    "--targets", default="ffn,heads", show_default=True, help="groups to cut: ffn, heads or both; or whole layers"
+)
+@click.option(
+    "--layer-measure",
+    type=click.Choice(LAYER_MEASURES),
+    default="block-influence",
+    show_default=True,
+    help="--targets layers: how a layer's importance is measured",
+)
+@click.option("--protect-first", default=1, show_default=True, help="leave the first K layers whole")
+@click.option("--protect-last", default=1, show_default=True, help="leave the last K layers whole")
 @click.option("--round-to", default=1, show_default=True, help="round each layer's FFN width to a multiple of M")
 @click.option("--prune-kv-heads", is_flag=True, help="allow removing whole KV groups (runtime needs per-layer caches)")
 @click.option("--scores", "scores_path", type=click.Path(path_type=Path), help="reuse scores from `edgeprune score`")
@@ -202,13 +264,27 @@ def score_with_progress(
     type=click.Choice(ALLOCATIONS),
     default="uniform",
     show_default=True,
-    help="uniform: same sparsity per layer; global: rank groups across layers on normalized scores",
+    help="uniform: same sparsity per layer; global: rank groups across layers on normalized scores; "
+    "errors: FFN widths where the re-fit error is smallest (needs compensation)",
 )
 @click.option("--min-keep", default=0.1, show_default=True, help="global allocation keeps this fraction of each layer")
 @click.option(
+    "--compensate/--no-compensate",
+    default=True,
+    show_default=True,
+    help="re-fit each cut output projection by least squares on the calibration text, layer by layer",
+)
+@click.option(
+    "--selection",
+    type=click.Choice(SELECTIONS),
+    default="scores",
+    show_default=True,
+    help="scores: keep the criterion's best groups; obs: remove the groups the re-fit rebuilds best",
+)
+@click.option(
     "--bias-compensation",
     is_flag=True,
-    help="FLAP: add the removed channels' mean output to the output projection's bias",
+    help="also fit a bias (adds one to Llama projections); with --no-compensate: FLAP's mean compensation",
 )
 @TOKENIZER_OPTION
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="folder for the pruned model")
@@ -232,6 +308,9 @@ def prune(
     criterion_options: tuple[str, ...],
     allocation: str,
     min_keep: float,
+    layer_measure: str,
+    compensate: bool,
+    selection: str,
     bias_compensation: bool,
     tokenizer: str | None,
     output: Path,
@@ -245,23 +324,34 @@ def prune(
     from edgeprune.outputs import check_output, local_inputs
     from edgeprune.structure import PruneSpec, prune_model
 
+    if parse_targets(targets) == ("layers",):
+        layer_settings = (sparsity, protect_first, protect_last, layer_measure)
+        return prune_whole_layers(
+            model, layer_settings, (calibration, calib_samples, calib_seq_len, seed), output, overwrite
+        )
+    if allocation == "errors" and not compensate:
+        raise EdgepruneError("--allocation errors ranks removals by their error after the re-fit: drop --no-compensate")
+    planned = "uniform" if allocation == "errors" else allocation  # the errors move the uniform plan's neurons
     spec = PruneSpec(
-        sparsity, parse_targets(targets), protect_first, protect_last, round_to, allocation, min_keep=min_keep
+        sparsity, parse_targets(targets), protect_first, protect_last, round_to, planned, min_keep=min_keep
     )
     output = check_output(output, overwrite, local_inputs(model, scores_path, calibration))
     with console.status("loading model"):
         loaded = load_model(model, tokenizer)
     adapter = adapter_for(loaded.model.config, prune_kv_heads=prune_kv_heads)
-    calib_settings = (calibration, calib_samples, calib_seq_len, seed)
+    calib_seq_len = min(calib_seq_len, getattr(loaded.model.config, "max_position_embeddings", calib_seq_len))
+    calib_settings = (calibration, calib_samples, calib_seq_len, seed)  # windows no longer than the model reads
     if scores_path is not None:
         scores = GroupScores.load(scores_path)
         criterion = scores.criterion or criterion
     else:
         scores = score_with_progress(loaded, adapter, criterion, calib_settings, taylor, aggregation, criterion_options)
     scores.check_matches(loaded.model, adapter)
+    if selection == "obs" and not compensate:
+        raise EdgepruneError("--selection obs chooses groups by their error after the re-fit: drop --no-compensate")
     before_cut = None
-    if bias_compensation:
-        from edgeprune.criteria.fluctuation import compensate_bias, output_means
+    if bias_compensation and not compensate:
+        from edgeprune.compensate import compensate_bias, output_means
 
         batch = load_calibration(loaded, criterion, *calib_settings)
         with console.status("measuring mean activations for bias compensation"):
@@ -270,7 +360,24 @@ def prune(
         def before_cut(keep):
             compensate_bias(loaded.model, adapter, keep, means)
 
-    summary = prune_model(loaded.model, adapter, scores, spec, before_cut)
+    if compensate:
+        from edgeprune.compensate import CompensateOptions, allocate_by_errors, compensated_cut
+        from edgeprune.structure import select_keep
+
+        batch = load_calibration(loaded.tokenizer, ACTIVATION_CRITERION, *calib_settings)
+        options = CompensateOptions(add_bias=bias_compensation)
+
+        def cut(model, adapter, keep, plan):
+            if allocation == "errors":
+                with console.status("allocating the cut across layers by re-fit error"):
+                    plan = allocate_by_errors(model, adapter, batch, plan, min_keep, options)
+                keep = select_keep(model, adapter, scores, plan)
+            with console.status(f"cutting and re-fitting layer by layer ({selection} selection)"):
+                return compensated_cut(model, adapter, keep, plan, batch, selection, options)
+
+    else:
+        cut = None
+    summary = prune_model(loaded.model, adapter, scores, spec, before_cut, cut)
     provenance = {
         "source": loaded.source,
         "source_sha256": loaded.source_hash,
@@ -278,6 +385,7 @@ def prune(
         "seed": seed,
         "calibration": {"source": calibration or "packaged", "samples": calib_samples, "seq_len": calib_seq_len},
         "bias_compensation": bias_compensation,
+        "compensation": {"selection": selection} if compensate else None,
         "spec": {**spec.__dict__, "targets": list(spec.targets), "prune_kv_heads": prune_kv_heads},
         "params_before": summary.params_before,
         "params_after": summary.params_after,

@@ -33,6 +33,7 @@ from edgeprune.budget import (
 )
 from edgeprune.calibration import heldout_start, load_text, sample_windows, tokenize_text
 from edgeprune.checkpoint import save_pruned, versions
+from edgeprune.compensate import cut_and_compensate
 from edgeprune.criteria import GroupScores, ScoringInputs, score_groups
 from edgeprune.devices.profiler import Profiler, ProfileResult, Workload, profiler_for
 from edgeprune.devices.profiles import get_device
@@ -41,7 +42,7 @@ from edgeprune.evaluate.divergence import Divergence, heldout_divergence
 from edgeprune.export.exporter import FP32_ATOL, check_fp32, export_model
 from edgeprune.export.fused import check_fusable, write_fused_probe
 from edgeprune.export.quantize import BLOCK_SIZE, quantize_model
-from edgeprune.export.sliced import ffn_initializer_names, slice_ffn
+from edgeprune.export.sliced import ffn_bias_names, ffn_initializer_names, slice_ffn, write_ffn
 from edgeprune.export.verify import verify_onnx
 from edgeprune.loading import LoadedModel, load_model, require_tokenizer
 from edgeprune.models import FamilyAdapter, adapter_for, is_decoder
@@ -103,6 +104,7 @@ class RunConfig:
     recover: bool = True  # a pruned final model is distilled from the dense one (decoders)
     recover_data: str | None = None  # None: text the dense model writes (`recover.selftext.default_data`)
     recovery: RecoveryConfig = field(default_factory=run_recovery)
+    compensate: bool = True  # re-fit each cut output projection on the calibration windows (compensate.py)
     tokenizer: str | None = None  # --tokenizer, for a model saved without one
     timeout: float | None = None  # seconds per profiling call (None: derived from the workload)
 
@@ -188,14 +190,24 @@ def matmul_params(model: nn.Module) -> int:
 
 
 def pruned_copy(
-    model: nn.Module, adapter: FamilyAdapter, scores: GroupScores, spec: PruneSpec
+    model: nn.Module,
+    adapter: FamilyAdapter,
+    scores: GroupScores,
+    spec: PruneSpec,
+    calibration: torch.Tensor | None = None,
 ) -> tuple[nn.Module, list[LayerKeep] | None]:
-    """A cut copy of the dense model and the keep-indices that made it (None at sparsity 0)."""
+    """A cut copy of the dense model and the keep-indices that made it (None at sparsity 0).
+
+    With `calibration` windows the cut output projections are re-fit on them, layer by layer.
+    """
     pruned = copy.deepcopy(model)
     if spec.sparsity == 0:
         return pruned, None
     keep = select_keep(model, adapter, scores, plan_widths(model, adapter, scores, spec))
-    cut_model(pruned, adapter, keep)
+    if calibration is None:
+        cut_model(pruned, adapter, keep)
+    else:
+        cut_and_compensate(pruned, adapter, keep, calibration)
     return pruned, keep
 
 
@@ -254,7 +266,11 @@ class ProbeRunner:
         self.loaded, self.adapter, self.scores, self.cfg = loaded, adapter, scores, cfg
         self.calib, self.profiler, self.work = calib, profiler, work
         self.ffn_names: list[dict] | None = None
+        self.ffn_bias_names: list[dict] | None = None
         self.fused = uses_fused_graph(loaded.model, cfg.graph)
+
+    def refit_windows(self) -> torch.Tensor | None:
+        return self.calib.windows if self.cfg.compensate else None
 
     def export(self, model: nn.Module, folder: Path) -> Path:
         export_model(model, self.loaded.tokenizer, folder, overwrite=True, fused=self.fused)
@@ -268,8 +284,13 @@ class ProbeRunner:
         """The probe from the dense graph's sliced initializers, verified like a real export."""
         dense = self.dense_onnx()
         if self.ffn_names is None:
-            self.ffn_names = ffn_initializer_names(self.loaded.model, self.adapter, onnx.load(str(dense)).graph)
-        file = slice_ffn(dense, folder / MODEL_FILE, self.ffn_names, keep)
+            graph = onnx.load(str(dense)).graph
+            self.ffn_names = ffn_initializer_names(self.loaded.model, self.adapter, graph)
+            self.ffn_bias_names = ffn_bias_names(self.ffn_names, graph)
+        if self.cfg.compensate:  # re-fit weights differ from the dense ones: write them, not slices
+            file = write_ffn(dense, folder / MODEL_FILE, self.ffn_names, self.ffn_bias_names, model, self.adapter)
+        else:
+            file = slice_ffn(dense, folder / MODEL_FILE, self.ffn_names, keep)
         check_fp32(verify_onnx(model, self.loaded.tokenizer, file), FP32_ATOL)
         return file
 
@@ -289,7 +310,8 @@ class ProbeRunner:
         return self.export(model, folder), "full export"
 
     def __call__(self, precision: str, sparsity: float) -> Probe:
-        model, keep = pruned_copy(self.loaded.model, self.adapter, self.scores, self.cfg.spec(sparsity))
+        spec = self.cfg.spec(sparsity)
+        model, keep = pruned_copy(self.loaded.model, self.adapter, self.scores, spec, self.refit_windows())
         folder = self.work / f"{precision}-s{sparsity:.3f}"
         fp32, method = self.fp32_probe(model, keep, folder)
         file = fp32
@@ -462,7 +484,8 @@ class RunResult:
 def finish(inputs: FinishInputs, search: SearchResult, say: Callable[[str], None]) -> RunResult:
     """Cut at the chosen sparsity, recover, save, export at the chosen precision, compare against dense, report."""
     cfg, loaded, best = inputs.cfg, inputs.loaded, search.best
-    final, _ = pruned_copy(loaded.model, inputs.adapter, inputs.scores, cfg.spec(best.sparsity))
+    spec = cfg.spec(best.sparsity)
+    final, _ = pruned_copy(loaded.model, inputs.adapter, inputs.scores, spec, inputs.runner.refit_windows())
     recovery = None
     if cfg.recover and best.sparsity > 0 and is_decoder(final.config):
         from edgeprune.recover import recover_model

@@ -280,20 +280,26 @@ def prune_model(
     scores: GroupScores,
     spec: PruneSpec,
     before_cut: Callable[[list[LayerKeep]], None] | None = None,
+    cut: Callable[[nn.Module, FamilyAdapter, list[LayerKeep], list[LayerWidths]], object] | None = None,
 ) -> PruneSummary:
     """Cut `model` in place at `spec` using `scores`; returns the parameter accounting.
 
-    `before_cut(keep)` runs while the removed weights still exist (FLAP's bias compensation).
+    `before_cut(keep)` runs while the removed weights still exist (FLAP's bias compensation);
+    `cut(model, adapter, keep, plan)` replaces the plain cut (compensation re-fits as it cuts).
     """
     pruned_layers = spec.pruned_layers(len(adapter.layers(model)))
     if not pruned_layers:
         raise EdgepruneError("every layer is protected: lower --protect-first/--protect-last")
     params_before = count_parameters(model)
     prunable_before = prunable_parameters(model, adapter, pruned_layers)
-    keep = select_keep(model, adapter, scores, plan_widths(model, adapter, scores, spec))
+    plan = plan_widths(model, adapter, scores, spec)
+    keep = select_keep(model, adapter, scores, plan)
     if before_cut is not None:
         before_cut(keep)
-    cut_model(model, adapter, keep)
+    if cut is None:
+        cut_model(model, adapter, keep)
+    else:
+        cut(model, adapter, keep, plan)
     return PruneSummary(
         params_before=params_before,
         params_after=count_parameters(model),

@@ -8,8 +8,8 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM
 
+from edgeprune.compensate import compensate_bias, output_means
 from edgeprune.criteria import CRITERIA, ScoringInputs, score_groups
-from edgeprune.criteria.fluctuation import compensate_bias, output_means
 from edgeprune.criteria.taylor import accumulate_gradients, gradients_only_for, lm_targets
 from edgeprune.errors import EdgepruneError
 from edgeprune.models import adapter_for

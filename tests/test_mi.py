@@ -96,7 +96,7 @@ def calibration(n_seq: int = 4, seq_len: int = 16) -> torch.Tensor:
     return torch.randint(7, VOCAB, (n_seq, seq_len), generator=torch.Generator().manual_seed(5))
 
 
-@pytest.mark.parametrize("selection", ["output-info", "entropy", "mrmr", "redundancy", "paper"])
+@pytest.mark.parametrize("selection", ["output-info", "conditional", "entropy", "mrmr", "redundancy", "paper"])
 def test_one_finite_score_per_group_on_tiny_llama(llama, selection):
     adapter = adapter_for(llama.config)
     options = {"selection": selection, "n_positions": 48, "seeds": 2, "clusters": 2}
@@ -131,3 +131,24 @@ def test_bad_option_is_a_user_error():
         MIOptions.from_dict({"widht_rule": "median"})
     with pytest.raises(EdgepruneError, match="width_rule"):
         MIOptions.from_dict({"width_rule": "scott"})
+
+
+def test_conditional_information_scores_a_rebuildable_neuron_lowest():
+    """Neuron 4 = neuron 0 + neuron 1 carries the most output on its own, but the kept ones rebuild it:
+    plain output information keeps it, conditional information (what the re-fit cannot rebuild) does not."""
+    from edgeprune.compensate import Gram
+    from edgeprune.criteria.mi import conditional_residuals
+
+    z = random_layer(256, 5, seed=2)
+    z[:, 2:4] *= 0.5  # quiet, independent neurons: what a contribution ranking drops first
+    z[:, 4] = z[:, 0] + z[:, 1]
+    gram = Gram.empty(5)
+    gram.add(z)
+    w = torch.ones(3, 5, dtype=torch.float64)
+    opts = MIOptions(gamma=1.0)
+    # S(y | y) is not 0 for the matrix-based estimator (K∘K is the Gram at a narrower width): that is the floor
+    floor = float(ffn_output_info(z, w, opts, removed=torch.zeros_like(z))[0])
+    plain = ffn_output_info(z, w, opts) - floor
+    conditional = ffn_output_info(z, w, opts, removed=conditional_residuals(z, gram.xtx, damping=1e-8)) - floor
+    assert int(plain.argmin()) in (2, 3) and int(plain.argmax()) == 4
+    assert int(conditional.argmin()) in (0, 1, 4) and float(conditional.min()) < 1e-3 * float(plain.min())

@@ -20,6 +20,10 @@ for the elimination forms the reverse elimination order, so one scoring serves e
 - `entropy`: S_α of the contribution-scaled activation (no pairs; the exact path's use).
 - `output-info`: bits of the layer's FFN output y = Σ_k a_k w_k lost when neuron k is removed,
   S(y) - I(y; y - a_k w_k) = S(y | y - a_k w_k), one kernel width for y.
+- `conditional`: the same, conditioned on what stays: only the residual r_k of a_k given the other
+  neurons (least squares over all calibration tokens) is lost once the layer is re-fit
+  (edgeprune.compensate), so S(y | y - r_k w_k); redundancy means "can be rebuilt from what stays".
+  In the Gaussian case this ranks like OBS's ‖w_k‖²·Var(r_k).
 - `redundancy`: drop a member of the most redundant kept pair; `member` = `entropy` (lower
   information goes) or `contribution` (lower E[a²]·‖w‖² goes).
 - `paper`: random kept pairs, one member dropped when I > the `threshold` quantile of the
@@ -55,7 +59,7 @@ from edgeprune.criteria.base import GroupScores, ScoringInputs, register
 from edgeprune.errors import EdgepruneError
 from edgeprune.models import FamilyAdapter
 
-SELECTIONS = ("mrmr", "entropy", "output-info", "redundancy", "paper")
+SELECTIONS = ("mrmr", "entropy", "output-info", "conditional", "redundancy", "paper")
 WIDTH_RULES = ("silverman", "median", "fixed")
 WIDTH_SCOPES = ("layer", "neuron")
 SCALES = ("contribution", "none")
@@ -327,9 +331,16 @@ def info_lost_exact(d_y: torch.Tensor, d_without: torch.Tensor, sigma: float, al
 
 
 def ffn_output_info(
-    z: torch.Tensor, w: torch.Tensor, opts: MIOptions, sample: PairSample | None = None
+    z: torch.Tensor,
+    w: torch.Tensor,
+    opts: MIOptions,
+    sample: PairSample | None = None,
+    removed: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Bits of the FFN output y = z wᵀ lost when each neuron k is removed: S(y | y - z_k w_k).
+    """Bits of the FFN output y = z wᵀ lost when each neuron k is removed: S(y | y - r_k w_k).
+
+    r = z (default): the neuron's whole activation goes. r = the residual of z_k given the other neurons
+    (`conditional`): what is lost once the rest is re-fit, since least squares rebuilds the explained part.
 
     ‖Δ(y - z_k w_k)‖² = ‖Δy‖² - 2 Δz_k (Δy·w_k) + Δz_k² ‖w_k‖² on every position pair, so each
     neuron costs one elementwise pass over the pairs and one matrix-vector product (α = 2);
@@ -337,6 +348,7 @@ def ffn_output_info(
     """
     n = z.shape[0]
     y = z @ w.T
+    r = z if removed is None else removed
     iu, ju, scale = sample or position_pairs(n)
     dy = y[iu] - y[ju]
     d_y = dy.square().sum(1)
@@ -347,7 +359,7 @@ def ffn_output_info(
         p = y @ w
         parts = []
         for c in range(0, z.shape[1], 64):
-            zc, pc = z[:, c : c + 64].T, p[:, c : c + 64].T
+            zc, pc = r[:, c : c + 64].T, p[:, c : c + 64].T
             dz, dp = zc[:, :, None] - zc[:, None, :], pc[:, :, None] - pc[:, None, :]
             d_without = full_y - 2 * dz * dp + dz.square() * w_sq[c : c + 64, None, None]
             parts.append(info_lost_exact(full_y, d_without, sigma, opts.alpha))
@@ -358,7 +370,7 @@ def ffn_output_info(
     g = torch.zeros_like(s_w)
     for start in range(0, len(iu), PAIR_CHUNK):
         sl = slice(start, start + PAIR_CHUNK)
-        dz = z[iu[sl]] - z[ju[sl]]
+        dz = r[iu[sl]] - r[ju[sl]]
         k_w = dz.square().mul_(w_sq).addcmul_(dz, p[iu[sl]].sub_(p[ju[sl]]), value=-2).add_(d_y[sl, None])
         k_w = k_w.clamp_min_(0).mul_(-1 / sigma**2).exp_()  # in place: this loop is the criterion's cost
         s_w += k_w.sum(0)
@@ -474,13 +486,28 @@ def paper_order(mi: torch.Tensor, keep_value: torch.Tensor, quantile: float, gen
 # -- one layer -----------------------------------------------------------------------------
 
 
-def ffn_layer_orders(z: torch.Tensor, w: torch.Tensor, opts: MIOptions, gen: torch.Generator) -> list[torch.Tensor]:
-    """Scores of one layer's FFN neurons (one tensor; `paper`: one per seed) from activations z [n, N]."""
+def conditional_residuals(z: torch.Tensor, gram: torch.Tensor, damping: float = 1e-4) -> torch.Tensor:
+    """Each column's residual after regressing it on all the others: (z G⁻¹)_k / [G⁻¹]_kk (G over all tokens)."""
+    from edgeprune.compensate import damped_inverse
+
+    ginv = damped_inverse(gram, damping)
+    return ((z.double() @ ginv) / ginv.diagonal()).to(z.dtype)
+
+
+def ffn_layer_orders(
+    z: torch.Tensor, w: torch.Tensor, opts: MIOptions, gen: torch.Generator, gram: torch.Tensor | None = None
+) -> list[torch.Tensor]:
+    """Scores of one layer's FFN neurons (one tensor; `paper`: one per seed) from activations z [n, N].
+
+    `gram` (AᵀA of the layer's activations over all calibration tokens) is what `conditional` regresses on.
+    """
     z = z.double() if opts.alpha != 2.0 else z.float()
     w = w.to(z.dtype)
     sample = position_pairs(z.shape[0], opts.max_pairs, gen)
     if opts.selection == "output-info":
         return [ffn_output_info(z, w, opts, sample)]
+    if opts.selection == "conditional":
+        return [ffn_output_info(z, w, opts, sample, removed=conditional_residuals(z, gram))]
     w_norm = w.norm(dim=0)
     c = z * w_norm if opts.scale == "contribution" else z
     sigma = kernel_widths(c, opts.width_rule, opts.width_scope, opts.gamma)
@@ -535,6 +562,25 @@ def choose_seed(
 # -- the criterion ---------------------------------------------------------------------------
 
 
+def ffn_grams(model: nn.Module, adapter: FamilyAdapter, calibration: torch.Tensor) -> list[torch.Tensor]:
+    """AᵀA (float64) of every layer's FFN activations over all calibration tokens, for `conditional`."""
+    from edgeprune.compensate import Gram
+
+    grams = [Gram.empty(adapter.ffn_output(layer).in_features) for layer in adapter.layers(model)]
+    handles = [
+        adapter.ffn_output(layer).register_forward_pre_hook(lambda _m, args, g=gram: g.add(args[0]))
+        for layer, gram in zip(adapter.layers(model), grams, strict=True)
+    ]
+    try:
+        with torch.no_grad():
+            for start in range(0, len(calibration), 8):
+                model(input_ids=calibration[start : start + 8])
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [gram.xtx for gram in grams]
+
+
 def split_calibration(calibration: torch.Tensor, opts: MIOptions) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Statistics batch and (for `paper`) held-out sequences for the KL choice."""
     if opts.selection != "paper" or opts.seeds == 1:
@@ -557,9 +603,10 @@ def score_mi(model: nn.Module, adapter: FamilyAdapter, inputs: ScoringInputs) ->
         return [s.sampled for s in stats]
 
     ffn_acts = sampled(adapter.ffn_output)
+    grams = ffn_grams(model, adapter, calibration) if opts.selection == "conditional" else [None] * len(layers)
     per_layer = []
-    for i, (z, layer) in enumerate(zip(ffn_acts, layers, strict=True)):
-        per_layer.append(ffn_layer_orders(z, adapter.ffn_output(layer).weight.detach(), opts, gen))
+    for i, (z, layer, gram) in enumerate(zip(ffn_acts, layers, grams, strict=True)):
+        per_layer.append(ffn_layer_orders(z, adapter.ffn_output(layer).weight.detach(), opts, gen, gram))
         inputs.report("mi: FFN layers", i + 1, len(layers))
     del ffn_acts
     choice = 0

@@ -71,3 +71,74 @@ def slice_ffn(dense_onnx: Path, out_file: Path, names: list[dict[str, list]], ke
     out_file.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(model, str(out_file))
     return out_file
+
+
+def ffn_bias_names(names: list[dict[str, list]], graph: onnx.GraphProto) -> list[dict[str, list]]:
+    """Per layer: (Add node name, input position) of the bias added to each FFN MatMul's output, or None.
+
+    Found through the graph (MatMul of the weight -> Add of a constant), not by content: the exporter
+    shares equal biases (all-zero ones, across layers) through Identity nodes, so a bias is rewired to an
+    initializer of its own when written.
+    """
+    constants = {init.name for init in graph.initializer}
+    constants |= {
+        node.output[0]
+        for node in graph.node
+        if node.op_type == "Constant" or (node.op_type == "Identity" and node.input[0] in constants)
+    }
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+
+    def bias_of(weight: str) -> tuple[str, int] | None:
+        for matmul in consumers.get(weight, []):
+            for add in consumers.get(matmul.output[0], []):
+                if add.op_type == "Add":
+                    positions = [k for k, name in enumerate(add.input) if name in constants]
+                    if positions:
+                        return add.name, positions[0]
+        return None
+
+    return [
+        {"inputs": [bias_of(name) for name in layer["inputs"]], "output": bias_of(layer["output"])} for layer in names
+    ]
+
+
+def write_ffn(
+    dense_onnx: Path,
+    out_file: Path,
+    names: list[dict[str, list]],
+    bias_names: list[dict[str, list]],
+    cut: nn.Module,
+    adapter: FamilyAdapter,
+) -> Path:
+    """A copy of the dense graph holding the cut model's own FFN weights and biases (re-fit ones included).
+
+    `slice_ffn` only drops neurons; after compensation the kept down_proj columns (and a bias) have
+    new values, so every FFN initializer is replaced by the cut model's tensor, in the graph's layout.
+    """
+    model = onnx.load(str(dense_onnx))
+    initializers = {init.name: init for init in model.graph.initializer}
+    adds = {node.name: node for node in model.graph.node if node.op_type == "Add"}
+
+    def write_bias(where: tuple[str, int] | None, bias: torch.Tensor | None) -> None:
+        if (where is None) != (bias is None):
+            raise EdgepruneError("the cut model's FFN biases differ from the dense graph's: export the probe in full")
+        if where is not None:
+            add, position = adds[where[0]], where[1]
+            name = f"{add.name}/refit_bias"
+            model.graph.initializer.append(numpy_helper.from_array(bias.detach().float().numpy(), name))
+            add.input[position] = name
+
+    for layer, weights, biases in zip(adapter.layers(cut), names, bias_names, strict=True):
+        linears = [*adapter.ffn_inputs(layer), adapter.ffn_output(layer)]
+        for linear, weight_name, bias_where in zip(
+            linears, [*weights["inputs"], weights["output"]], [*biases["inputs"], biases["output"]], strict=True
+        ):
+            array = np.ascontiguousarray(linear.weight.detach().float().T.numpy())  # MatMul stores [in, out]
+            initializers[weight_name].CopyFrom(numpy_helper.from_array(array, weight_name))
+            write_bias(bias_where, linear.bias)
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(out_file))
+    return out_file
