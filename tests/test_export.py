@@ -84,10 +84,25 @@ def test_decoder_graph_has_a_cache_per_layer_with_the_kept_heads(exported):
     np.testing.assert_allclose(last[:, 0], every[:, -1], atol=1e-6)
 
 
-def test_int8_runs_and_mostly_agrees(exported):
+# Dynamic int8 against fp32, relative to the largest |logit|: 7-bit per-channel weights and 8-bit activations
+# round each quantized matmul by about 1% rms of its output scale; compounded through the tiny models' layers
+# that measured 2.7% (Llama) and 1.1% (BERT). A saturating kernel (8-bit weights through AVX2's VPMADDUBSW)
+# measured 9.1% with 78% agreement on clear positions. The integer products are exact on every CPU once
+# nothing saturates, so positions whose fp32 top-2 margin is 2.5x the bound cannot flip on any CPU.
+INT8_RMS_BOUND = 0.04
+CLEAR_MARGIN = 2.5 * INT8_RMS_BOUND
+
+
+def test_int8_is_close_to_fp32_and_agrees_where_the_top1_is_clear(exported):
+    ids = np.asarray([make_tokenizer()(TEXT)["input_ids"]])
     for _, result in exported.values():
-        int8 = result.verification["int8"]
-        assert int8.top1_agreement >= 0.75
+        fp32, int8 = (OnnxModel(result.path / name).forward(ids)[0] for name in ("model.onnx", INT8_FILE))
+        scale = np.abs(fp32).max()
+        assert np.sqrt(np.mean((int8 - fp32) ** 2)) < INT8_RMS_BOUND * scale
+        top2 = np.sort(fp32, axis=-1)[:, -2:]
+        clear = top2[:, 1] - top2[:, 0] > CLEAR_MARGIN * scale
+        assert clear.sum() >= 5  # enough clear positions for the agreement to mean something
+        assert (int8.argmax(-1) == fp32.argmax(-1))[clear].all()
         assert result.files[INT8_FILE] < result.files["model.onnx"]
 
 
