@@ -21,6 +21,7 @@ from test_cli import assert_one_line_error
 from edgeprune.cli import main
 from edgeprune.errors import EdgepruneError
 from edgeprune.export import INT8_FILE, export_model, resolve_task
+from edgeprune.export.exporter import FP32_ATOL
 from edgeprune.export.quantize import quantize_int8
 from edgeprune.models import adapter_for
 from edgeprune.runtime import OnnxModel, greedy_generate, open_session
@@ -59,7 +60,7 @@ def test_export_matches_pytorch(exported, family):
     widths = layer_widths(model, adapter_for(model.config))
     assert len({w.ffn for w in widths}) == len(widths)  # really non-uniform
     fp32 = result.verification["fp32"]
-    assert fp32.max_abs_diff < 1e-4 and fp32.top1_agreement == 1.0
+    assert fp32.max_abs_diff < FP32_ATOL * max(1.0, fp32.max_abs_logit) and fp32.top1_agreement == 1.0
     assert fp32.positions >= 40 and fp32.max_abs_logit > 1.0
     folder = result.path
     assert {"model.onnx", INT8_FILE, "tokenizer.json", "config.json", "edgeprune.json"} <= {
@@ -81,7 +82,8 @@ def test_decoder_graph_has_a_cache_per_layer_with_the_kept_heads(exported):
     every, _ = onnx.step(ids, onnx.empty_cache(1))  # what perplexity needs (logits_to_keep defaults to 0)
     last, _ = onnx.step(ids, onnx.empty_cache(1), keep=1)  # what prefill needs
     assert every.shape == (1, 5, 96) and last.shape == (1, 1, 96)
-    np.testing.assert_allclose(last[:, 0], every[:, -1], atol=1e-6)
+    # the same position through a 1-row and a 5-row lm_head matmul: float32 ulps of the logits apart
+    np.testing.assert_allclose(last[:, 0], every[:, -1], rtol=0, atol=1e-6 * np.abs(every).max())
 
 
 # Dynamic int8 against fp32, relative to the largest |logit|: 7-bit per-channel weights and 8-bit activations
@@ -184,7 +186,8 @@ def test_cli_export_of_a_pruned_folder(saved_bert, tmp_path):
     assert result.exit_code == 0, result.output
     assert "model.onnx" in result.output
     record = json.loads((tmp_path / "e.json").read_text())
-    assert record["verification"]["fp32"]["max_abs_diff"] < 1e-4
+    fp32 = record["verification"]["fp32"]
+    assert fp32["max_abs_diff"] < FP32_ATOL * max(1.0, fp32["max_abs_logit"])
     ids = np.array([[7, 8, 9, 10]], dtype=np.int64)
     assert OnnxModel(onnx).forward(ids).shape == (1, 4, 96)
 
