@@ -1,6 +1,7 @@
 """Session memory of ONNX Runtime on the default decoder: dense fp32, weight-only int8 and int4 (MatMulNBits),
-ORT's default session options ("before") against `edgeprune.runtime.session_options` ("after"), with the
-weights inside model.onnx ("single") or in a model.onnx_data file beside it ("external", memory-mapped).
+with the weights inside model.onnx ("single") or in a model.onnx_data file beside it ("external",
+memory-mapped), under `edgeprune.runtime.session_options` ("before") and under those plus no CPU arena and
+exact initializer allocation ("after", the candidate settings).
 
     edgeprune export smollm2-135m -o /tmp/dense
     python benchmarks/bench_memory.py /tmp/dense [--work /tmp/bench_memory] [--rounds 3] [--threads 2]
@@ -27,24 +28,21 @@ import onnx
 import onnxruntime as ort
 
 from edgeprune.devices.runner import file_size_mb, rss_mb
-from edgeprune.runtime import MEMORY_CONFIG, OnnxModel, session_options
+from edgeprune.runtime import OnnxModel, session_options
 
 OUT = Path(__file__).parent / "out"
 PREFILL, DECODE = 128, 32
 BITS = {"int8": 8, "int4": 4}
 
 
-def before_options(threads: int) -> ort.SessionOptions:
-    """The session options edgeprune used before: ORT's defaults for arena, initializers and pre-packing."""
-    options = session_options(threads)
-    options.enable_cpu_mem_arena = True
-    for key in MEMORY_CONFIG:
-        options.add_session_config_entry(key, "0")
-    return options
-
-
 def options_for(settings: str, threads: int) -> ort.SessionOptions:
-    return before_options(threads) if settings == "before" else session_options(threads)
+    """`before`: what edgeprune opens sessions with; `after`: without the CPU arena and with initializers
+    allocated exactly instead of through it."""
+    options = session_options(threads)
+    if settings == "after":
+        options.enable_cpu_mem_arena = False
+        options.add_session_config_entry("session.use_device_allocator_for_initializers", "1")
+    return options
 
 
 def run_workload(model: OnnxModel, ids: np.ndarray) -> float:

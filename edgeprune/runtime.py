@@ -31,23 +31,19 @@ def model_file(path: str | Path) -> Path:
     return candidate
 
 
-# Session memory (benchmarks/bench_memory.py): ORT's CPU arena grows in doubling chunks it never returns, and
-# by default initializers are placed in it too; both off, the dense SmolLM2 session (539 MB file) dropped
-# from 958 to 816-860 MB after loading. Pre-packing stays on: it makes copies, but the sgemm kernels need them.
-MEMORY_CONFIG = {"session.use_device_allocator_for_initializers": "1"}
-
-
 def session_options(threads: int | None = None) -> ort.SessionOptions:
-    """Every session edgeprune opens (generate, profiler runner, evaluation, verification) uses these, so a
-    `--peak-mb` budget measures what ships: sequential execution, a fixed intra-op thread count (0 or None:
-    ONNX Runtime's default), no CPU arena, initializers allocated exactly."""
+    """Sequential execution with a fixed intra-op thread count (0 or None: ONNX Runtime's default).
+
+    Every session edgeprune opens (generate, the profiler's runner, evaluation, verification) comes from
+    here, so a `--peak-mb` budget measures what ships. The CPU arena and ORT's initializer allocation stay
+    at their defaults: turning both off changed no session's memory on SmolLM2 and cost ~4% latency; what
+    ONNX Runtime holds twice is the weights inside model.onnx, and weights in a model.onnx_data file beside
+    it are memory-mapped instead (session 1.45x -> 1.21x the file for fp32; benchmarks/bench_memory.py).
+    """
     options = ort.SessionOptions()
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.inter_op_num_threads = 1
     options.log_severity_level = 3  # errors only: ORT warns on every load that logits_to_keep is overridable
-    options.enable_cpu_mem_arena = False
-    for key, value in MEMORY_CONFIG.items():
-        options.add_session_config_entry(key, value)
     if threads:
         options.intra_op_num_threads = threads
     return options

@@ -215,23 +215,3 @@ def test_int8_keeps_down_projections_in_float(llama, tokenizer, tmp_path):
     float_matmuls = [n.name for n in quantized.node if n.op_type == "MatMul" and "/mlp/" in n.name]
     assert sorted(float_matmuls) == sorted(f"/model/layers.{i}/mlp/down_proj/MatMul" for i in range(4))
     assert any(n.op_type in ("MatMulInteger", "DynamicQuantizeMatMul") for n in quantized.node)
-
-
-def test_every_session_is_opened_with_the_shipped_memory_settings(exported):
-    """The profiler's runner, evaluation and generation open sessions through runtime.session_options, so a
-    --peak-mb budget measures the session memory of what ships (no CPU arena, exact initializer buffers)."""
-    from edgeprune.devices.runner import Measured
-    from edgeprune.evaluate.onnx_model import OnnxCausalLM
-    from edgeprune.runtime import MEMORY_CONFIG
-
-    _, result = exported["llama"]
-    workload = {"batch": 1, "sequence": 8, "prefill": 8, "decode": 1}
-    sessions = {
-        "profiler": Measured(str(result.path), workload, 1, None, 0).model.session,
-        "evaluation": OnnxCausalLM(result.path).runtime.session,
-        "generate": OnnxModel(result.path).session,
-    }
-    for where, session in sessions.items():
-        options = session.get_session_options()
-        assert options.enable_cpu_mem_arena is False, where
-        assert {key: options.get_session_config_entry(key) for key in MEMORY_CONFIG} == MEMORY_CONFIG, where
