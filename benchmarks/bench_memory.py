@@ -8,9 +8,10 @@ exact initializer allocation ("after", the candidate settings).
 
 Each (file, settings) is measured in a fresh process: its RSS before the session, after loading (and the
 peak while loading), and after one workload (prefill 128 + decode 32); "session MB" is the peak over the
-process before the session, what the profiler reports as session_rss_mb. Latency: a before and an after
-session of the same file alternate in one process (A B B A ...); the ratio is the median of per-round
-ratios, so machine drift cancels. Writes benchmarks/out/bench_memory.json and prints a Markdown table.
+process before the session, what the profiler reports as session_rss_mb. Latency: sessions of one model
+(in-file weights, external weights, external weights with the "after" settings) alternate in one process,
+the order reversed every other round; ratios are medians of per-round ratios, so machine drift cancels.
+Writes benchmarks/out/bench_memory.json and prints Markdown tables.
 """
 
 from __future__ import annotations
@@ -75,21 +76,26 @@ def measure_in_child(path: Path, settings: str, threads: int) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def alternating_latency(path: Path, threads: int, rounds: int) -> dict:
-    """Before and after sessions of one file, alternating; after/before latency as a median of round ratios."""
-    models = {s: OnnxModel(path, options=options_for(s, threads)) for s in ("before", "after")}
+def alternating_latency(sessions: dict[str, tuple[Path, str]], threads: int, rounds: int) -> dict:
+    """Sessions of one model (label -> file, settings) run in turn, the order reversed every other round;
+    each one's latency over the first's as a median of per-round ratios, so machine drift cancels."""
+    models = {
+        label: OnnxModel(path, options=options_for(settings, threads)) for label, (path, settings) in sessions.items()
+    }
     ids = np.random.default_rng(0).integers(0, 1000, (1, PREFILL))
     for model in models.values():
         run_workload(model, ids)  # warm-up
-    samples: dict[str, list[float]] = {"before": [], "after": []}
+    samples: dict[str, list[float]] = {label: [] for label in models}
     for round_ in range(rounds):
-        for settings in ("before", "after") if round_ % 2 == 0 else ("after", "before"):
-            samples[settings].append(run_workload(models[settings], ids))
-    ratios = [a / b for a, b in zip(samples["after"], samples["before"], strict=True)]
+        for label in list(models) if round_ % 2 == 0 else list(models)[::-1]:
+            samples[label].append(run_workload(models[label], ids))
+    first = samples[next(iter(samples))]
     return {
-        "before_ms": statistics.median(samples["before"]),
-        "after_ms": statistics.median(samples["after"]),
-        "after_over_before": statistics.median(ratios),
+        label: {
+            "median_ms": statistics.median(values),
+            "over_first": statistics.median(v / f for v, f in zip(values, first, strict=True)),
+        }
+        for label, values in samples.items()
     }
 
 
@@ -161,15 +167,23 @@ def main() -> None:
                 row = {"model": name, "layout": layout, "settings": settings, "file_mb": file_size_mb(path)}
                 rows.append(row | measure_in_child(path, settings, args.threads))
                 print(table(rows[-1:]).splitlines()[-1], flush=True)
-        latency[name] = alternating_latency(layouts["external"], args.threads, args.rounds)
-        print(name, "latency (external layout)", latency[name], flush=True)
+        sessions = {
+            "single, before": (layouts["single"], "before"),
+            "external, before": (layouts["external"], "before"),
+            "external, after": (layouts["external"], "after"),
+        }
+        latency[name] = alternating_latency(sessions, args.threads, args.rounds)
+        print(name, "latency", latency[name], flush=True)
     OUT.mkdir(exist_ok=True)
     record = {"rows": rows, "latency": latency, "threads": args.threads, "ort_version": ort.__version__}
     (OUT / "bench_memory.json").write_text(json.dumps(record, indent=2) + "\n")
     print(table(rows))
-    print("\n| model | before ms | after ms | after / before (median of alternating rounds) |\n|---|---:|---:|---:|")
-    for name, lat in latency.items():
-        print(f"| {name} | {lat['before_ms']:.0f} | {lat['after_ms']:.0f} | {lat['after_over_before']:.3f} |")
+    labels = list(next(iter(latency.values())))
+    print("\n| model | " + " | ".join(f"{label} ms (x {labels[0]})" for label in labels) + " |")
+    print("|---|" + "---:|" * len(labels))
+    for name, per_label in latency.items():
+        cells = [f"{v['median_ms']:.0f} ({v['over_first']:.3f})" for v in per_label.values()]
+        print(f"| {name} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":
