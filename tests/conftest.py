@@ -106,13 +106,16 @@ def tiny_model(family: str, **overrides):
     return TINY_MODELS[family](**overrides)
 
 
-@pytest.fixture(autouse=True)
-def ort_test_threads(monkeypatch):
-    """Sessions the tests open in this process use TEST_THREADS unless a test asks for a count."""
+@pytest.fixture(scope="session", autouse=True)
+def ort_test_threads():
+    """Sessions the tests open in this process use TEST_THREADS unless a test asks for a count (session scope:
+    set up before the module fixtures that export and verify models)."""
     from edgeprune import runtime
 
     default = runtime.session_options
-    monkeypatch.setattr(runtime, "session_options", lambda threads=None: default(threads or TEST_THREADS))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(runtime, "session_options", lambda threads=None: default(threads or TEST_THREADS))
+        yield
 
 
 @pytest.fixture

@@ -141,7 +141,7 @@ def slice_ffn(dense_onnx: Path, out_file: Path, names: list[dict[str, list]], ke
             continue
         for name in layer_names["inputs"]:  # stored [in, out]: neurons are columns
             replace(name, entry.ffn, axis=1)
-        for bias in layer_names.get("biases", []):
+        for bias in layer_names["biases"]:
             if bias is not None:
                 replace_bias(*bias, entry.ffn)
         replace(layer_names["output"], entry.ffn, axis=0)  # stored [neurons, hidden]
