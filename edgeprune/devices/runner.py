@@ -108,9 +108,9 @@ class Measured:
         for _ in range(warmup - 1):
             self.run_once()
         self.samples = {key: [] for key in self.samples}
+        self.resident_share_mb = rss_mb("VmRSS") - self.baseline_mb  # read first: the peak read later covers it
         self.peak_rss_mb = rss_mb("VmHWM")
         self.session_rss_mb = self.peak_rss_mb - self.baseline_mb
-        self.resident_share_mb = rss_mb("VmRSS") - self.baseline_mb
 
     def report(self, process_mb: float, alone: bool) -> dict:
         """Alone, the process's own numbers. Beside another model the process holds both sessions, so a model's
