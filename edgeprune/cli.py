@@ -207,9 +207,7 @@ def prune_whole_layers(
     adapter = adapter_for(loaded.model.config)
     calibration, samples, seq_len, seed = calib_settings
     positions = getattr(loaded.model.config, "max_position_embeddings", seq_len)
-    batch = load_calibration(
-        loaded.tokenizer, ACTIVATION_CRITERION, calibration, samples, min(seq_len, positions), seed
-    )
+    batch = load_calibration(loaded, ACTIVATION_CRITERION, calibration, samples, min(seq_len, positions), seed)
     with console.status(f"measuring layer importance ({measure})"):
         importance = layer_importance(loaded.model, adapter, batch, measure)
     n_layers = len(importance)
@@ -364,7 +362,7 @@ def prune(
         from edgeprune.compensate import CompensateOptions, allocate_by_errors, compensated_cut
         from edgeprune.structure import select_keep
 
-        batch = load_calibration(loaded.tokenizer, ACTIVATION_CRITERION, *calib_settings)
+        batch = load_calibration(loaded, ACTIVATION_CRITERION, *calib_settings)
         options = CompensateOptions(add_bias=bias_compensation)
 
         def cut(model, adapter, keep, plan):

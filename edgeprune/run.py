@@ -213,9 +213,10 @@ def pruned_copy(
 
 def measure_quality(file: Path, dense: nn.Module, calib: Calibration, cfg: RunConfig) -> Divergence | None:
     """Divergence from the dense model on the held-out tail, through ORT on this exact file (None: too little text)."""
-    if len(calib.heldout) < cfg.eval_seq_len:
+    seq_len = min(cfg.eval_seq_len, getattr(dense.config, "max_position_embeddings", cfg.eval_seq_len))
+    if len(calib.heldout) < seq_len:
         return None
-    return heldout_divergence(file, dense, calib.heldout, seq_len=cfg.eval_seq_len)
+    return heldout_divergence(file, dense, calib.heldout, seq_len=seq_len)
 
 
 def probe_from(

@@ -11,7 +11,11 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import BertConfig, BertForMaskedLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 VOCAB = 96
-torch.set_num_threads(1)  # tiny models gain nothing from threads, and spinning threads starve a busy machine
+# Tiny models gain nothing from threads, and spinning threads starve a busy machine: 1 by default.
+# EDGEPRUNE_TEST_THREADS=2 runs torch and every ONNX Runtime session the tests open on 2 threads, to check
+# that tolerances hold for other reduction orders too.
+TEST_THREADS = int(os.environ.get("EDGEPRUNE_TEST_THREADS", "1"))
+torch.set_num_threads(TEST_THREADS)
 
 
 def shared_data_dir() -> Path:
@@ -69,7 +73,7 @@ def tiny_llama(seed: int = 0, **overrides) -> LlamaForCausalLM:
     return LlamaForCausalLM(config).eval()
 
 
-def tiny_bert(seed: int = 0) -> BertForMaskedLM:
+def tiny_bert(seed: int = 0, **overrides) -> BertForMaskedLM:
     """3 layers, 4 heads of 8, FFN 96."""
     torch.manual_seed(seed)
     config = BertConfig(
@@ -81,8 +85,37 @@ def tiny_bert(seed: int = 0) -> BertForMaskedLM:
         max_position_embeddings=64,
         pad_token_id=1,
         initializer_range=0.2,
+        **overrides,
     )
     return BertForMaskedLM(config).eval()
+
+
+# One tiny model per family of edgeprune.models.FAMILIES, by the family's first model_type;
+# tests/test_coverage.py fails when a family has none.
+TINY_MODELS = {"llama": tiny_llama, "bert": tiny_bert}
+
+
+def family_names() -> list[str]:
+    """Every registered model family, for parametrizing tests."""
+    from edgeprune.models import FAMILIES
+
+    return [family.model_types[0] for family in FAMILIES]
+
+
+def tiny_model(family: str, **overrides):
+    return TINY_MODELS[family](**overrides)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def ort_test_threads():
+    """Sessions the tests open in this process use TEST_THREADS unless a test asks for a count (session scope:
+    set up before the module fixtures that export and verify models)."""
+    from edgeprune import runtime
+
+    default = runtime.session_options
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(runtime, "session_options", lambda threads=None: default(threads or TEST_THREADS))
+        yield
 
 
 @pytest.fixture

@@ -10,13 +10,14 @@ from transformers import LlamaForCausalLM
 
 from edgeprune.compensate import compensate_bias, output_means
 from edgeprune.criteria import CRITERIA, ScoringInputs, score_groups
+from edgeprune.criteria.base import NEEDS_CALIBRATION
 from edgeprune.criteria.taylor import accumulate_gradients, gradients_only_for, lm_targets
 from edgeprune.errors import EdgepruneError
 from edgeprune.models import adapter_for
 from edgeprune.structure import PruneSpec, layer_widths, prune_model
-from tests.conftest import VOCAB, tiny_llama
+from tests.conftest import VOCAB, family_names, tiny_llama, tiny_model
 
-MINE = ("taylor", "fluctuation", "wanda-sp")
+CALIBRATED = sorted(name for name in CRITERIA if name in NEEDS_CALIBRATION)
 
 
 def calibration(n: int = 4, length: int = 16, seed: int = 0) -> torch.Tensor:
@@ -50,12 +51,12 @@ def ablation_loss_changes(model, down, ids: torch.Tensor) -> torch.Tensor:
     return loss[:width] - loss[width]
 
 
-@pytest.mark.parametrize("family", ["llama", "bert"])
-@pytest.mark.parametrize("name", MINE)
-def test_one_finite_score_per_group(name, family, llama, bert):
-    model = llama if family == "llama" else bert
+@pytest.mark.parametrize("family", family_names())
+@pytest.mark.parametrize("criterion", sorted(CRITERIA))
+def test_one_finite_score_per_group(criterion, family):
+    model = tiny_model(family)
     adapter = adapter_for(model.config)
-    scores = score_groups(name, model, adapter, ScoringInputs(calibration=calibration()))
+    scores = score_groups(criterion, model, adapter, ScoringInputs(calibration=calibration()))
     widths = layer_widths(model, adapter)
     assert [(len(f), len(h)) for f, h in zip(scores.ffn, scores.heads, strict=True)] == [
         (w.ffn, w.heads) for w in widths
@@ -75,11 +76,11 @@ def test_taylor_variants_on_pruned_widths(option, llama):
     assert all(s.isfinite().all() for s in [*scores.ffn, *scores.heads])
 
 
-@pytest.mark.parametrize("name", MINE)
-def test_same_seed_same_scores(name, bert):
+@pytest.mark.parametrize("criterion", sorted(CRITERIA))
+def test_same_seed_same_scores(criterion, bert):
     adapter = adapter_for(bert.config)
     ids = calibration()
-    a, b = (score_groups(name, bert, adapter, ScoringInputs(calibration=ids, seed=5)) for _ in range(2))
+    a, b = (score_groups(criterion, bert, adapter, ScoringInputs(calibration=ids, seed=5)) for _ in range(2))
     assert all(torch.equal(x, y) for x, y in zip(a.ffn + a.heads, b.ffn + b.heads, strict=True))
 
 
@@ -135,8 +136,11 @@ def test_taylor_fisher_is_mean_of_per_sequence_squared_gradients(llama):
         by_hand += weight.grad.square() / len(ids)
         mean_grad += weight.grad / len(ids)
     llama.zero_grad()
-    torch.testing.assert_close(fisher[weight], by_hand, rtol=1e-4, atol=1e-10)
-    torch.testing.assert_close(batch_grad, mean_grad, rtol=1e-4, atol=1e-8)
+    # The same float32 gradients summed in another order (micro-batches vs one row at a time, and BLAS
+    # reductions that differ by CPU and thread count): elements near zero differ by a few float32 ulps of
+    # the largest element, so the absolute tolerance is relative to it (1e-5 = about 80 ulps).
+    for got, expected in ((fisher[weight], by_hand), (batch_grad, mean_grad)):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5 * float(expected.abs().max()))
 
 
 def test_taylor_refusals(llama):
@@ -150,7 +154,7 @@ def test_taylor_refusals(llama):
     adapter = adapter_for(llama.config)
     with pytest.raises(EdgepruneError, match="taylor option taylor='third'"):
         score_groups("taylor", llama, adapter, ScoringInputs(calibration=calibration(), options={"taylor": "third"}))
-    for name in MINE:
+    for name in CALIBRATED:
         with pytest.raises(EdgepruneError, match="needs calibration"):
             score_groups(name, llama, adapter, ScoringInputs())
 
@@ -232,10 +236,6 @@ def test_bias_compensation_refused_where_checkpoint_cannot_store_it():
             PruneSpec(0.3, targets=("ffn",)),
             lambda keep: compensate_bias(model, adapter, keep, means),
         )
-
-
-def test_registry_has_the_criteria():
-    assert set(MINE) <= set(CRITERIA)
 
 
 def tiny_classifier(bert) -> torch.nn.Module:

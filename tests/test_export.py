@@ -21,7 +21,7 @@ from test_cli import assert_one_line_error
 from edgeprune.cli import main
 from edgeprune.errors import EdgepruneError
 from edgeprune.export import export_model, resolve_task
-from edgeprune.export.exporter import Tolerance
+from edgeprune.export.exporter import FP32_ATOL, Tolerance
 from edgeprune.export.quantize import quantize_int8, quantize_weight_only
 from edgeprune.models import adapter_for
 from edgeprune.runtime import OnnxModel, greedy_generate, open_session
@@ -60,7 +60,7 @@ def test_export_matches_pytorch(exported, family):
     widths = layer_widths(model, adapter_for(model.config))
     assert len({w.ffn for w in widths}) == len(widths)  # really non-uniform
     fp32 = result.verification["fp32"]
-    assert fp32.max_abs_diff < 1e-4 and fp32.top1_agreement == 1.0
+    assert fp32.max_abs_diff < FP32_ATOL * max(1.0, fp32.max_abs_logit) and fp32.top1_agreement == 1.0
     assert fp32.positions >= 40 and fp32.max_abs_logit > 1.0
     folder = result.path
     assert {"model.onnx", "tokenizer.json", "config.json", "edgeprune.json"} <= {p.name for p in folder.iterdir()}
@@ -80,7 +80,8 @@ def test_decoder_graph_has_a_cache_per_layer_with_the_kept_heads(exported):
     every, _ = onnx.step(ids, onnx.empty_cache(1))  # what perplexity needs (logits_to_keep defaults to 0)
     last, _ = onnx.step(ids, onnx.empty_cache(1), keep=1)  # what prefill needs
     assert every.shape == (1, 5, 96) and last.shape == (1, 1, 96)
-    np.testing.assert_allclose(last[:, 0], every[:, -1], atol=1e-6)
+    # the same position through a 1-row and a 5-row lm_head matmul: float32 ulps of the logits apart
+    np.testing.assert_allclose(last[:, 0], every[:, -1], rtol=0, atol=1e-6 * np.abs(every).max())
 
 
 ANY = Tolerance(min_top1=0.0, max_relative_diff=float("inf"))
@@ -136,6 +137,29 @@ def test_quantized_model_failing_its_check_leaves_no_folder(tmp_path):
         export_model(tiny_llama(), make_tokenizer(), tmp_path / "out", quantize="int3", text=TEXT)
     with pytest.raises(EdgepruneError, match="4 or 8 bits"):
         quantize_weight_only(tmp_path / "m.onnx", tmp_path / "q.onnx", 2)
+
+
+# Dynamic int8 against fp32, relative to the largest |logit|: 7-bit per-channel weights and 8-bit activations
+# round each quantized matmul by about 1% rms of its output scale; compounded through the tiny models' layers
+# that measured 2.7% (Llama) and 1.1% (BERT). A saturating kernel (8-bit weights through AVX2's VPMADDUBSW)
+# measured 9.1% with 78% agreement on clear positions. The integer products are exact on every CPU once
+# nothing saturates, so positions whose fp32 top-2 margin is 2.5x the bound cannot flip on any CPU.
+INT8_RMS_BOUND = 0.04
+CLEAR_MARGIN = 2.5 * INT8_RMS_BOUND
+
+
+def test_dynamic_int8_is_close_to_fp32_and_agrees_where_the_top1_is_clear(exported, tmp_path):
+    ids = np.asarray([make_tokenizer()(TEXT)["input_ids"]])
+    for name, (_, result) in exported.items():
+        dynamic = quantize_int8(result.path / "model.onnx", tmp_path / f"{name}.dynamic-int8.onnx")
+        fp32, int8 = (OnnxModel(path).forward(ids)[0] for path in (result.path / "model.onnx", dynamic))
+        scale = np.abs(fp32).max()
+        assert np.sqrt(np.mean((int8 - fp32) ** 2)) < INT8_RMS_BOUND * scale
+        top2 = np.sort(fp32, axis=-1)[:, -2:]
+        clear = top2[:, 1] - top2[:, 0] > CLEAR_MARGIN * scale
+        assert clear.sum() >= 5  # enough clear positions for the agreement to mean something
+        assert (int8.argmax(-1) == fp32.argmax(-1))[clear].all()
+        assert dynamic.stat().st_size < result.sizes["fp32"]
 
 
 def test_greedy_generation_matches_transformers(exported):
@@ -216,7 +240,8 @@ def test_cli_export_of_a_pruned_folder(saved_bert, tmp_path):
     assert result.exit_code == 0, result.output
     assert "model.onnx" in result.output
     record = json.loads((tmp_path / "e.json").read_text())
-    assert record["verification"]["fp32"]["max_abs_diff"] < 1e-4
+    fp32 = record["verification"]["fp32"]
+    assert fp32["max_abs_diff"] < FP32_ATOL * max(1.0, fp32["max_abs_logit"])
     ids = np.array([[7, 8, 9, 10]], dtype=np.int64)
     assert OnnxModel(onnx).forward(ids).shape == (1, 4, 96)
 

@@ -4,13 +4,24 @@ from __future__ import annotations
 
 import json
 import random
+import statistics
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import family_names, make_tokenizer, tiny_model
 
+from edgeprune.budget import Budget
 from edgeprune.checkpoint import load_pruned
 from edgeprune.cli import main
+from edgeprune.devices.profiler import ProfileResult, Stats, Workload, compare_results
+from edgeprune.devices.runner import file_size_mb
+from edgeprune.models import adapter_for
+from edgeprune.run import RunConfig, parameters_at, pruned_copy, run_job
+from edgeprune.runtime import OnnxModel, model_file
+from edgeprune.structure import count_parameters
 
 
 @pytest.fixture
@@ -40,7 +51,12 @@ def test_run_writes_every_artifact_and_meets_params_budget(saved_llama, calibrat
     assert sum(p.numel() for p in model.parameters()) <= 60000
     record = json.loads((out / "report.json").read_text())
     assert record["budgets"][0]["met"] and record["final"]["params"] <= 60000
-    assert record["final"]["latency_ms"] > 0 and record["dense"]["latency_ms"] > 0
+    for row in ("final", "dense"):  # each row reports the median of its own timed runs
+        samples = record["profile"][row]["samples"]["latency_ms"]
+        assert len(samples) == 2 and record[row]["latency_ms"] == statistics.median(samples)
+    final, dense = (record["profile"][row]["samples"]["latency_ms"] for row in ("final", "dense"))
+    paired = [d / f for f, d in zip(final, dense, strict=True)]
+    assert record["final"]["speedup_alternating"] == pytest.approx(statistics.median(paired), rel=1e-12)
     assert record["final"]["perplexity"] is not None
     # quantization alone cannot meet a parameter budget; each precision is then cut at the same analytic
     # sparsity, and at equal cut fp32 is the closest to dense
@@ -124,3 +140,96 @@ def test_default_recovery_text_leaves_out_the_held_out_tail(tokenizer, calibrati
     everything = tokenize_text(tokenizer, calibration_file.read_text())
     assert torch.equal(written, everything[: len(written)])  # the head of the text, in order
     assert len(written) + len(calib.heldout) <= len(everything)  # and none of the held-out tail
+
+
+class FileSizeProfiler:
+    """Deterministic profiler: runs each file once in ONNX Runtime (it must load and run), and times it as
+    1 ms per MB on disk, so a budget search on it is repeatable while every probe file is really used."""
+
+    def __init__(self):
+        self.files: list[Path] = []
+
+    def profile(self, onnx: Path, workload: Workload) -> ProfileResult:
+        path = model_file(onnx)
+        model = OnnxModel(path)
+        model.forward(np.arange(7, 7 + 8, dtype=np.int64)[None])
+        self.files.append(path)
+        ms = file_size_mb(path)
+        timing = Stats(ms, ms, ms, 0.0)
+        kind = "decoder" if model.is_decoder else "encoder"
+        return ProfileResult(
+            str(path), kind, "fake", workload, 3, 0, 1, ["CPUExecutionProvider"], "", "", ms, ms, ms, ms, timing,
+            None, None, None, None, None, {"latency_ms": [ms] * 3, "prefill_ms": [], "decode_ms_per_token": []},
+        )  # fmt: skip
+
+    def compare(self, onnx: Path, baseline: Path, workload: Workload):
+        return compare_results(self.profile(onnx, workload), self.profile(baseline, workload))
+
+
+# Every probe path of ProbeRunner: FFN-only cuts sliced from the dense graph, head cuts exported in
+# full, and sliced probes quantized (weight-only int8, dynamic int8).
+PROBE_PATHS = {
+    "sliced": ({"targets": ("ffn",), "precision": "fp32"}, "sliced from dense", "model.onnx"),
+    "full": ({"targets": ("ffn", "heads"), "precision": "fp32"}, "full export", "model.onnx"),
+    "int8": ({"targets": ("ffn",), "precision": "int8"}, "sliced from dense + int8", "model.int8.onnx"),
+    "dynamic-int8": (
+        {"targets": ("ffn",), "precision": "dynamic-int8"},
+        "sliced from dense + dynamic-int8",
+        "model.dynamic-int8.onnx",
+    ),
+}
+
+
+@pytest.mark.parametrize("path", PROBE_PATHS)
+@pytest.mark.parametrize("family", family_names())
+def test_run_meets_a_speedup_on_every_family_through_every_probe_path(family, path, calibration_file, tmp_path):
+    """`run` on each family (BERT's sliced probes once failed: its FFN bias was left uncut) and probe path."""
+    options, method, file_name = PROBE_PATHS[path]
+    folder = tmp_path / family
+    model = tiny_model(family)
+    model.save_pretrained(folder)
+    make_tokenizer().save_pretrained(folder)
+    params_limit = int(0.97 * count_parameters(model))  # quantization alone meets the speedup: make the run cut
+    cfg = RunConfig(
+        budgets=[Budget("speedup", 1.1), Budget("params", params_limit)],
+        model=str(folder),
+        criterion="magnitude",
+        calibration=str(calibration_file),
+        calib_samples=4,
+        calib_seq_len=16,
+        eval_tokens=256,
+        max_probes=4,
+        protect_first=0,
+        protect_last=0,
+        **options,
+    )
+    cfg.recover = False
+    profiler = FileSizeProfiler()
+    result = run_job(cfg, tmp_path / "run", profiler=profiler)
+    probes = [p for p in result.probes if p["sparsity"] > 0]
+    assert result.probes[0]["extra"]["method"] == "dense export"
+    assert method in {p["extra"]["method"] for p in probes}  # (small head plans may round to FFN-only)
+    # what was timed is the path's own file (and the dense reference)
+    assert {p.name for p in profiler.files} == {file_name, "model.onnx"}
+    assert result.budgets[0].met and result.final["speedup_alternating"] >= 1.1
+    meeting = [p for p in probes if p["speedup"] >= 1.1 * 1.02 and p["params"] <= params_limit]
+    chosen = min(meeting, key=lambda p: p["sparsity"])
+    assert result.final["sparsity"] == chosen["sparsity"] > 0
+    pruned, _ = load_pruned(tmp_path / "run" / "pruned")
+    assert result.final["params"] == count_parameters(pruned) < count_parameters(model)
+
+
+@pytest.mark.parametrize("targets", [("ffn",), ("ffn", "heads")])
+@pytest.mark.parametrize("family", family_names())
+def test_parameters_at_equals_a_real_cut(family, targets):
+    """The budget search trusts parameters_at without cutting: it must count what the cut leaves, exactly."""
+    from edgeprune.criteria import ScoringInputs, score_groups
+
+    model = tiny_model(family)
+    adapter = adapter_for(model.config)
+    scores = score_groups("random", model, adapter, ScoringInputs(seed=3))
+    cfg = RunConfig(budgets=[], targets=targets, protect_first=1, protect_last=0)
+    params = parameters_at(model, adapter, scores, cfg)
+    counted = {s: count_parameters(pruned_copy(model, adapter, scores, cfg.spec(s))[0]) for s in (0.0, 0.1, 0.23, 0.4)}
+    assert {s: params(s) for s in counted} == counted
+    assert len(set(counted.values())) == len(counted)  # every sparsity really cut something different

@@ -108,18 +108,22 @@ class Measured:
         for _ in range(warmup - 1):
             self.run_once()
         self.samples = {key: [] for key in self.samples}
+        self.resident_share_mb = rss_mb("VmRSS") - self.baseline_mb  # read first: the peak read later covers it
         self.peak_rss_mb = rss_mb("VmHWM")
         self.session_rss_mb = self.peak_rss_mb - self.baseline_mb
 
-    def report(self) -> dict:
+    def report(self, process_mb: float, alone: bool) -> dict:
+        """Alone, the process's own numbers. Beside another model the process holds both sessions, so a model's
+        peak and resident memory are its own share on top of the process before any model (`process_mb`):
+        what a process serving only this model would use (before, each showed the sum of both)."""
         batch, length = self.ids.shape
-        resident = rss_mb("VmRSS")
+        resident = rss_mb("VmRSS") if alone else process_mb + self.resident_share_mb
         result = {
             "model": str(self.path),
             "kind": "decoder" if self.model.is_decoder else "encoder",
             "file_size_mb": file_size_mb(self.path),
             "providers": self.model.session.get_providers(),
-            "peak_rss_mb": max(self.peak_rss_mb, resident),
+            "peak_rss_mb": max(self.peak_rss_mb, resident) if alone else process_mb + self.session_rss_mb,
             "session_rss_mb": self.session_rss_mb,
             "rss_mb": resident,
             "latency_ms": stats(self.samples["latency_ms"]),
@@ -154,6 +158,7 @@ def alternating_order(n_models: int, runs: int) -> list[int]:
 
 def measure(spec: dict) -> dict:
     threads = int(spec.get("threads") or 0)
+    process_mb = rss_mb("VmRSS")
     models = []
     for i, path in enumerate(spec["models"]):
         if i:
@@ -167,7 +172,7 @@ def measure(spec: dict) -> dict:
         models[0].peak_rss_mb = rss_mb("VmHWM")
         models[0].session_rss_mb = models[0].peak_rss_mb - models[0].baseline_mb
     return {
-        "results": [m.report() for m in models],
+        "results": [m.report(process_mb, alone=len(models) == 1) for m in models],
         "host": {
             "machine": platform.machine(),
             "python": platform.python_version(),

@@ -1,11 +1,14 @@
 """Cheap budget-search probes: cut FFN neurons out of an already exported dense ONNX graph.
 
 Tracing a 135M decoder through the exporter takes minutes; an FFN cut only changes the
-shapes of gate/up/down weights (their MatMul initializers, stored transposed), and no other
-node depends on the FFN width. So a probe loads the dense graph, slices those initializers
-and saves: seconds. Initializers are anonymous (`onnx::MatMul_1338`), so each torch
-weight is matched to its initializer by content. Head cuts change reshape/expand constants
-and are not handled here: callers export such probes in full.
+shapes of the FFN weights (their MatMul initializers, stored transposed) and of the FFN
+input biases (BERT's intermediate bias), and no other node depends on the FFN width. So a
+probe loads the dense graph, slices those constants and saves: seconds. Initializers are
+anonymous (`onnx::MatMul_1338`), so each torch weight is matched to its initializer by
+content; a bias is found through the graph (the constant added to that MatMul's output),
+because the exporter folds equal biases into one initializer shared through Identity nodes.
+Head cuts change reshape/expand constants and are not handled here: callers export such
+probes in full.
 """
 
 from __future__ import annotations
@@ -23,13 +26,44 @@ from edgeprune.errors import EdgepruneError
 from edgeprune.models import FamilyAdapter
 from edgeprune.structure import LayerKeep
 
+FULL_EXPORT = "export the probe in full"
+
 
 def content_key(array: np.ndarray) -> str:
     return hashlib.sha1(np.ascontiguousarray(array, dtype=np.float32).tobytes()).hexdigest()
 
 
+def constant_value(graph: onnx.GraphProto, name: str) -> np.ndarray | None:
+    """The value behind `name` if it is a constant (an initializer or Constant node, through Identity nodes)."""
+    initializers = {init.name: init for init in graph.initializer}
+    producers = {out: node for node in graph.node for out in node.output}
+    while name not in initializers:
+        node = producers.get(name)
+        if node is None or node.op_type not in ("Identity", "Constant"):
+            return None
+        if node.op_type == "Constant":
+            values = [attr.t for attr in node.attribute if attr.name == "value"]
+            return numpy_helper.to_array(values[0]) if values else None
+        name = node.input[0]
+    return numpy_helper.to_array(initializers[name])
+
+
+def bias_slot(graph: onnx.GraphProto, weight: str, width: int) -> list | None:
+    """[output of the Add node, input index] where a [width] constant bias joins the MatMul by `weight`."""
+    products = {node.output[0] for node in graph.node if node.op_type == "MatMul" and weight in node.input}
+    for node in graph.node:
+        if node.op_type != "Add" or not products & set(node.input):
+            continue
+        slot = 1 if node.input[0] in products else 0
+        value = constant_value(graph, node.input[slot])
+        if value is not None and value.shape == (width,):
+            return [node.output[0], slot]
+    return None
+
+
 def ffn_initializer_names(model: nn.Module, adapter: FamilyAdapter, graph: onnx.GraphProto) -> list[dict[str, list]]:
-    """Per layer: names of the initializers holding each FFN input linear (transposed) and the output linear."""
+    """Per layer: the initializers of each FFN input linear (transposed) and of the output linear, and where
+    each input linear's bias is added (None for linears without bias)."""
     by_content = {
         hashlib.sha1(init.raw_data).hexdigest(): init.name
         for init in graph.initializer
@@ -41,33 +75,77 @@ def ffn_initializer_names(model: nn.Module, adapter: FamilyAdapter, graph: onnx.
         if key not in by_content:
             raise EdgepruneError(
                 "the dense ONNX graph does not hold this model's FFN weights unchanged (optimized or quantized?): "
-                "export the probe in full"
+                + FULL_EXPORT
             )
         return by_content[key]
 
+    def bias_of(linear: nn.Linear) -> list | None:
+        if linear.bias is None:
+            return None
+        found = bias_slot(graph, name_of(linear), linear.out_features)
+        if found is None:
+            raise EdgepruneError(f"the dense ONNX graph adds no constant bias to an FFN input linear: {FULL_EXPORT}")
+        return found
+
     return [
-        {"inputs": [name_of(lin) for lin in adapter.ffn_inputs(layer)], "output": name_of(adapter.ffn_output(layer))}
+        {
+            "inputs": [name_of(lin) for lin in adapter.ffn_inputs(layer)],
+            "biases": [bias_of(lin) for lin in adapter.ffn_inputs(layer)],
+            "output": name_of(adapter.ffn_output(layer)),
+        }
         for layer in adapter.layers(model)
     ]
+
+
+def drop_unused(graph: onnx.GraphProto, names: set[str]) -> None:
+    """Remove the constants named `names` (and the Identity/Constant chains behind them) once nothing reads them."""
+    producers = {out: node for node in graph.node for out in node.output}
+    initializers = {init.name: init for init in graph.initializer}
+    pending = set(names)
+    while pending:
+        name = pending.pop()
+        if any(name in node.input for node in graph.node) or name in {out.name for out in graph.output}:
+            continue
+        if name in initializers:
+            graph.initializer.remove(initializers.pop(name))
+        elif name in producers and producers[name].op_type in ("Identity", "Constant"):
+            node = producers.pop(name)
+            graph.node.remove(node)
+            pending.update(node.input)
 
 
 def slice_ffn(dense_onnx: Path, out_file: Path, names: list[dict[str, list]], keep: list[LayerKeep]) -> Path:
     """Write a copy of the dense graph keeping only the FFN neurons in `keep` (heads must be untouched)."""
     if any(entry.heads is not None for entry in keep):
-        raise EdgepruneError("a sliced probe cannot cut attention heads: export the probe in full")
+        raise EdgepruneError(f"a sliced probe cannot cut attention heads: {FULL_EXPORT}")
     model = onnx.load(str(dense_onnx))
-    initializers = {init.name: init for init in model.graph.initializer}
+    graph = model.graph
+    initializers = {init.name: init for init in graph.initializer}
+    adds = {node.output[0]: node for node in graph.node if node.op_type == "Add"}
+    replaced: set[str] = set()
 
     def replace(name: str, index: torch.Tensor, axis: int) -> None:
         array = numpy_helper.to_array(initializers[name])
         initializers[name].CopyFrom(numpy_helper.from_array(np.take(array, index.numpy(), axis=axis), name))
+
+    def replace_bias(add_output: str, slot: int, index: torch.Tensor) -> None:
+        """A bias of its own for this Add: the dense one may be shared with other layers' Adds."""
+        add = adds[add_output]
+        replaced.add(add.input[slot])
+        sliced = np.take(constant_value(graph, add.input[slot]), index.numpy())
+        add.input[slot] = f"{add_output}.sliced_bias"
+        graph.initializer.append(numpy_helper.from_array(sliced, add.input[slot]))
 
     for layer_names, entry in zip(names, keep, strict=True):
         if entry.ffn is None:
             continue
         for name in layer_names["inputs"]:  # stored [in, out]: neurons are columns
             replace(name, entry.ffn, axis=1)
+        for bias in layer_names["biases"]:
+            if bias is not None:
+                replace_bias(*bias, entry.ffn)
         replace(layer_names["output"], entry.ffn, axis=0)  # stored [neurons, hidden]
+    drop_unused(graph, replaced)
     out_file.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(model, str(out_file))
     return out_file

@@ -136,7 +136,9 @@ class FamilyAdapter(ABC):
         per_head = self.query_head_params(layer)
         per_kv = self.kv_head_params(layer)
         attn = attn_now - (now.heads - widths.heads) * per_head - (now.kv_heads - widths.kv_heads) * per_kv
-        return self.ffn_neuron_params(layer) * widths.ffn + attn
+        output_bias = self.ffn_output(layer).bias  # one per hidden unit, kept whatever the FFN width (BERT)
+        ffn_fixed = output_bias.numel() if output_bias is not None else 0
+        return self.ffn_neuron_params(layer) * widths.ffn + ffn_fixed + attn
 
     @abstractmethod
     def query_head_params(self, layer: nn.Module) -> int:
