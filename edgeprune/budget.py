@@ -298,8 +298,9 @@ def search_candidates(
     """The best-quality candidate meeting every budget, or UnreachableBudget naming what each precision reached.
 
     The fp32 dense model is always measured first: it is the reference of every speedup and divergence.
-    Quantization-only candidates come next; pruning is searched (per precision, at most `max_probes`
-    probes each) only when none of them meets the budgets.
+    Quantization-only candidates come next (seconds each); pruning is searched (per precision, at most
+    `max_probes` probes each) when none of them meets the budgets, or, when some do, on the precisions
+    closer to dense that missed: a light cut on top of int8 can beat int4 alone.
     """
     check_budgets_given(budgets)
     search = Search(run_probe, log, max_sparsity)
@@ -307,12 +308,12 @@ def search_candidates(
     unpruned = [dense] + [search(p, 0.0) for p in precisions if p != "fp32"]
     unpruned = [p for p in unpruned if p.precision in precisions]
     meeting = [p for p in unpruned if all_met(budgets, p, dense)]
-    if meeting:
-        best = min(meeting, key=quality_rank)
-        reason = choice_reason(best, meeting, "without pruning")
-        return SearchResult(best, dense, search.order, search.measured, meeting, reason)
-    winners, misses = [], []
-    for precision in precisions:
+    best_unpruned = min(meeting, key=quality_rank) if meeting else None
+    # pruning is searched on the precisions that could still beat the best unpruned answer: all of them
+    # when none meets the budgets, else only those closer to dense that missed (a light cut may then win)
+    to_prune = [p.precision for p in unpruned if best_unpruned is None or better(p, best_unpruned)]
+    winners, misses = list(meeting), []
+    for precision in to_prune:
         try:
             winners.append(
                 least_sparsity(
@@ -327,7 +328,13 @@ def search_candidates(
             "or choose a faster target"
         )
     best = min(winners, key=quality_rank)
-    return SearchResult(best, dense, search.order, search.measured, winners, choice_reason(best, winners, "pruned"))
+    how = "without pruning" if best.sparsity == 0 else "pruned"
+    return SearchResult(best, dense, search.order, search.measured, winners, choice_reason(best, winners, how))
+
+
+def better(probe: Probe, than: Probe) -> bool:
+    """Strictly closer to dense (a measured divergence beats none)."""
+    return quality_rank(probe) < quality_rank(than)
 
 
 PRECISION_RANK = {name: rank for rank, name in enumerate(PRECISIONS)}

@@ -177,7 +177,8 @@ def search_all(tmp_path, budgets, fake=None, **kw):
 def test_quantization_only_candidate_wins_when_it_meets_the_budget(tmp_path):
     result, fake = search_all(tmp_path, [Budget("speedup", 1.3)])
     assert result.best.key == ("int8", 0.0)  # int4 is faster but further from dense
-    assert all(s == 0.0 for _, s in fake.calls)  # no pruning probe was needed
+    # only fp32, closer to dense than int8, was tried with a cut (and lost: the cut costs more than int8)
+    assert {p for p, s in fake.calls if s > 0} == {"fp32"}
     assert "int8 unpruned" in result.reason and "int4 unpruned" in result.reason
 
 
@@ -213,7 +214,22 @@ def test_unreachable_candidates_name_each_precision(tmp_path):
 
 def test_memory_budget_reached_by_quantization_alone(tmp_path):
     result, fake = search_all(tmp_path, [Budget("memory_mb", 1.5)])  # fp32 dense 4 MB, int8 1.1 MB
-    assert result.best.key == ("int8", 0.0) and all(s == 0.0 for _, s in fake.calls)
+    assert result.best.key == ("int8", 0.0) and {p for p, s in fake.calls if s > 0} <= {"fp32"}
+
+
+def test_a_light_cut_on_a_faithful_precision_beats_a_coarse_one(tmp_path):
+    """int4 alone meets 1.5x but drifts far from dense; int8 plus a light cut meets it closer to dense."""
+    coarse = {"fp32": 0.0, "int8": 0.004, "int4": 0.3}
+    fake = FakeCandidates(prune_divergence=0.5)
+    fake_divergence = QUANT_DIVERGENCE.copy()
+    QUANT_DIVERGENCE.update(coarse)
+    try:
+        result, _ = search_all(tmp_path, [Budget("speedup", 1.5)], fake=fake)
+    finally:
+        QUANT_DIVERGENCE.update(fake_divergence)
+    assert result.best.precision == "int8" and result.best.sparsity > 0
+    assert ("int4", 0.0) in {c.key for c in result.candidates}  # it was a candidate, and lost on quality
+    assert "pruned" in result.reason
 
 
 def test_candidate_search_resumes_without_remeasuring(tmp_path):

@@ -77,7 +77,8 @@ def test_quantization_alone_wins_when_it_meets_the_budget(saved_llama, calibrati
     out = tmp_path / "run"
     result = run(saved_llama, calibration_file, out, [Budget("speedup", 1.5)])
     assert (result.final["precision"], result.final["sparsity"]) == ("int8", 0.0)
-    assert all(p["sparsity"] == 0 for p in result.probes)  # no pruning was tried
+    # a cut was only tried on fp32, the one precision closer to dense than int8 (and it lost on quality)
+    assert {p["precision"] for p in result.probes if p["sparsity"] > 0} <= {"fp32"}
     int4 = next(p for p in result.probes if p["precision"] == "int4")
     assert int4["speedup"] > result.final["speedup"]  # int4 was faster, but further from dense
     assert int4["divergence"] > result.final["divergence"]
