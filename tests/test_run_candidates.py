@@ -64,6 +64,7 @@ def run(saved_llama, calibration_file, out, budgets, **options):
         calib_seq_len=16,
         eval_seq_len=16,
         timing_margin=0.0,
+        recover=False,  # recovery has its own tests (test_run, test_distill); here only the choice matters
         **options,
     )
     return run_job(cfg, out, profiler=BytesProfiler())
