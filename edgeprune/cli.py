@@ -337,6 +337,12 @@ def prune(
     with console.status("loading model"):
         loaded = load_model(model, tokenizer)
     adapter = adapter_for(loaded.model.config, prune_kv_heads=prune_kv_heads)
+    from edgeprune.criteria.base import NEEDS_CALIBRATION
+
+    text_free = scores_path is not None or criterion not in NEEDS_CALIBRATION
+    if compensate and loaded.tokenizer is None and text_free and selection == "scores" and allocation != "errors":
+        compensate = False  # compensation runs whenever calibration text is available; without a tokenizer it is not
+        console.print("note: the model has no tokenizer, so the cut is not re-fit (pass --tokenizer to re-fit it)")
     calib_seq_len = min(calib_seq_len, getattr(loaded.model.config, "max_position_embeddings", calib_seq_len))
     calib_settings = (calibration, calib_samples, calib_seq_len, seed)  # windows no longer than the model reads
     if scores_path is not None:

@@ -123,7 +123,10 @@ def test_finetune_head_without_tokenizer_names_the_option(bare_bert, tmp_path):
 
 
 def test_recover_of_a_pruned_folder_without_tokenizer_names_the_option(bare_llama, text_file, tmp_path):
-    assert run("prune", bare_llama, "--sparsity", "0.3", "-o", tmp_path / "pruned").exit_code == 0
+    assert (
+        run("prune", bare_llama, "--criterion", "magnitude", "--sparsity", "0.3", "-o", tmp_path / "pruned").exit_code
+        == 0
+    )
     result = run("recover", tmp_path / "pruned", "--data", text_file, "-o", tmp_path / "out")
     assert_one_line_error(result, "--tokenizer")
 
