@@ -189,21 +189,27 @@ def score_with_progress(
 
 
 def prune_whole_layers(
-    model: str | None, settings: tuple, calib_settings: tuple, output: Path, overwrite: bool
+    model: str | None,
+    settings: tuple,
+    calib_settings: tuple,
+    output: Path,
+    overwrite: bool,
+    tokenizer: str | None = None,
 ) -> None:
     """`prune --targets layers`: remove the least important whole layers (sparsity x the unprotected layers)."""
-    from edgeprune.checkpoint import refuse_existing_output, save_pruned
+    from edgeprune.checkpoint import save_pruned
     from edgeprune.layers import layer_importance, layers_to_remove, remove_layers
     from edgeprune.loading import load_model
     from edgeprune.models import adapter_for
+    from edgeprune.outputs import check_output, local_inputs
     from edgeprune.structure import count_parameters
 
     sparsity, protect_first, protect_last, measure = settings
     if not 0.0 <= sparsity < 1.0:
         raise EdgepruneError(f"sparsity {sparsity} is outside [0, 1): give a fraction such as 0.2")
-    output = refuse_existing_output(output, overwrite)
+    output = check_output(output, overwrite, local_inputs(model, calib_settings[0]))
     with console.status("loading model"):
-        loaded = load_model(model)
+        loaded = load_model(model, tokenizer)
     adapter = adapter_for(loaded.model.config)
     calibration, samples, seq_len, seed = calib_settings
     positions = getattr(loaded.model.config, "max_position_embeddings", seq_len)
@@ -231,7 +237,7 @@ def prune_whole_layers(
         "params_after": count_parameters(loaded.model),
         "total_removed": 1 - count_parameters(loaded.model) / params_before,
     }
-    with console.status(f"saving to {output}"):
+    with console.status(f"saving to {output}"), notices_logged_in(output):
         save_pruned(loaded.model, loaded.tokenizer, output, provenance, overwrite=overwrite, protect=loaded.folder)
     out.print(f"removed layers {removed} of {n_layers} from {loaded.source} ({measure}) -> {output}")
 
@@ -325,7 +331,7 @@ def prune(
     if parse_targets(targets) == ("layers",):
         layer_settings = (sparsity, protect_first, protect_last, layer_measure)
         return prune_whole_layers(
-            model, layer_settings, (calibration, calib_samples, calib_seq_len, seed), output, overwrite
+            model, layer_settings, (calibration, calib_samples, calib_seq_len, seed), output, overwrite, tokenizer
         )
     if allocation == "errors" and not compensate:
         raise EdgepruneError("--allocation errors ranks removals by their error after the re-fit: drop --no-compensate")
