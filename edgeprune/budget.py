@@ -317,7 +317,16 @@ def search_candidates(
         try:
             winners.append(
                 least_sparsity(
-                    search, precision, dense, budgets, params_at, max_probes, tol, latency_rtol, ideal_latency_slope
+                    search,
+                    precision,
+                    dense,
+                    budgets,
+                    params_at,
+                    max_probes,
+                    tol,
+                    latency_rtol,
+                    ideal_latency_slope,
+                    beat=best_unpruned,
                 )
             )
         except UnreachableBudget as err:
@@ -374,8 +383,12 @@ def least_sparsity(
     tol: float,
     latency_rtol: float,
     ideal_latency_slope: float,
+    beat: Probe | None = None,
 ) -> Probe:
     """The least-pruned probe of one precision meeting every budget, or UnreachableBudget.
+
+    With `beat`, the search gives up as soon as a probe that misses the budgets is already further
+    from dense than `beat`: every probe that could pass is cut deeper, hence further still.
 
     `params_at(s)` is the analytic parameter count at sparsity s. `ideal_latency_slope` is the
     fraction of dense latency that removing everything prunable would save (from FLOPs); it
@@ -398,7 +411,13 @@ def least_sparsity(
         hi = min((p.sparsity for p in passing), default=None)
         p = search(precision, clip_guess(guess, lo, hi, search.max_sparsity, tol))
         tried.append(p)
-        (passing if all_met(budgets, p, dense) else failing).append(p)
+        met = all_met(budgets, p, dense)
+        (passing if met else failing).append(p)
+        if not met and beat is not None and not better(p, beat):
+            raise UnreachableBudget(
+                f"{describe_candidate(p)} already misses the budget further from dense than {describe_candidate(beat)}",
+                detail=f"cannot beat {describe_candidate(beat)} (at sparsity {p.sparsity} already further from dense)",
+            )
         if not passing and p.sparsity >= search.max_sparsity:
             break
         guess = next_guess(failing, passing, dense, target, search.max_sparsity)

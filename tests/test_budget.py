@@ -236,3 +236,11 @@ def test_candidate_search_resumes_without_remeasuring(tmp_path):
     first, fake = search_all(tmp_path, [Budget("speedup", 2.0)])
     again, fake_again = search_all(tmp_path, [Budget("speedup", 2.0)])
     assert fake_again.calls == [] and again.best == first.best and again.measured == 0
+
+
+def test_a_precision_that_cannot_beat_the_answer_is_abandoned_early(tmp_path):
+    """fp32 must be cut ~40% to reach 1.3x; its first failing probe is already further from dense than int8."""
+    result, fake = search_all(tmp_path, [Budget("speedup", 1.3)], fake=FakeCandidates(prune_divergence=5.0))
+    assert result.best.key == ("int8", 0.0)
+    # the first guess (ideal latency model) passes; the next, lighter cut misses and is already worse: stop
+    assert len([1 for p, s in fake.calls if p == "fp32" and s > 0]) == 2
