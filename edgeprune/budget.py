@@ -264,25 +264,6 @@ class Search:
         return probe
 
 
-def search_sparsity(
-    run_probe: Callable[[float], Probe],
-    budgets: list[Budget],
-    params_at: Callable[[float], int],
-    log: ProbeLog,
-    max_sparsity: float = 0.8,
-    max_probes: int = 8,
-    tol: float = 0.01,
-    latency_rtol: float = 0.03,
-    ideal_latency_slope: float = 0.5,
-) -> SearchResult:
-    """The least-pruned fp32 probe meeting every budget, or UnreachableBudget (one precision, `run_probe(s)`)."""
-    search = Search(lambda _, s: run_probe(s), log, max_sparsity)
-    check_budgets_given(budgets)
-    dense = search("fp32", 0.0)
-    best = least_sparsity(search, "fp32", dense, budgets, params_at, max_probes, tol, latency_rtol, ideal_latency_slope)
-    return SearchResult(best, dense, search.order, search.measured, [best])
-
-
 def search_candidates(
     run_probe: Callable[[str, float], Probe],
     budgets: list[Budget],

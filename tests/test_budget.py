@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from edgeprune.budget import Budget, Probe, ProbeLog, UnreachableBudget, search_sparsity
+from edgeprune.budget import Budget, Probe, ProbeLog, UnreachableBudget, search_candidates
 from edgeprune.errors import EdgepruneError
 
 DENSE_PARAMS = 1_000_000
@@ -36,7 +36,8 @@ class FakeProfiler:
 def search(tmp_path, budgets, profiler=None, **kw):
     profiler = profiler or FakeProfiler()
     log = ProbeLog(tmp_path / "search.jsonl", {"budgets": [b.__dict__ for b in budgets]})
-    return search_sparsity(profiler, budgets, params_at, log, **kw), profiler
+    # one precision: the sparsity search alone
+    return search_candidates(lambda _, s: profiler(s), budgets, params_at, log, precisions=("fp32",), **kw), profiler
 
 
 @pytest.mark.parametrize("speedup", [1.1, 1.25, 1.5])
