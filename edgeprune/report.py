@@ -146,7 +146,7 @@ def pareto_png(record: dict, path: Path) -> None:
                 continue
             xs = [probe_speedup(p, record) if quantity == "speedup" else p["onnx_mb"] for p in rows]
             ys = [p.get("divergence") for p in rows]
-            ax.plot(xs, ys, "o-", color=color, label=f"{precision} (left: unpruned, then more pruned)")
+            ax.plot(xs, ys, "o-", color=color, label=f"{precision}, joined in order of sparsity")
         x_final = final["speedup_alternating"] if quantity == "speedup" else final["onnx_mb"]
         ax.plot([x_final], [final.get("divergence")], "*", color="tab:red", markersize=16, label="shipped")
         for x, text in lines[quantity]:
