@@ -564,21 +564,9 @@ def choose_seed(
 
 def ffn_grams(model: nn.Module, adapter: FamilyAdapter, calibration: torch.Tensor) -> list[torch.Tensor]:
     """AᵀA (float64) of every layer's FFN activations over all calibration tokens, for `conditional`."""
-    from edgeprune.compensate import Gram
+    from edgeprune.compensate import dense_ffn_grams
 
-    grams = [Gram.empty(adapter.ffn_output(layer).in_features) for layer in adapter.layers(model)]
-    handles = [
-        adapter.ffn_output(layer).register_forward_pre_hook(lambda _m, args, g=gram: g.add(args[0]))
-        for layer, gram in zip(adapter.layers(model), grams, strict=True)
-    ]
-    try:
-        with torch.no_grad():
-            for start in range(0, len(calibration), 8):
-                model(input_ids=calibration[start : start + 8])
-    finally:
-        for handle in handles:
-            handle.remove()
-    return [gram.xtx for gram in grams]
+    return [gram.xtx for gram in dense_ffn_grams(model, adapter, calibration)]
 
 
 def split_calibration(calibration: torch.Tensor, opts: MIOptions) -> tuple[torch.Tensor, torch.Tensor | None]:
