@@ -243,6 +243,15 @@ def atomic_output_file(path: Path) -> Iterator[Path]:
         raise
 
 
+def write_atomic(path: Path, data: str | bytes) -> None:
+    """Write a whole file through `atomic_output_file`: a reader never sees half of it."""
+    with atomic_output_file(path) as tmp:
+        if isinstance(data, bytes):
+            tmp.write_bytes(data)
+        else:
+            tmp.write_text(data, encoding="utf-8")
+
+
 def check_run_output(out: Path, overwrite: bool, inputs: Iterable[Path | None]) -> Path:
     """`run`'s guard before any work: OUT resumes only in its own run folder, else it must be new or empty."""
     out = Path(out).expanduser().absolute()

@@ -6,8 +6,9 @@ Input is one plain dict (the run record) so the report can be rebuilt from repor
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
+
+from edgeprune.outputs import atomic_output_file, write_atomic
 
 SUMMARY_ROWS = (
     ("params", "parameters", "{:,.0f}"),
@@ -23,13 +24,6 @@ SUMMARY_ROWS = (
     ("top1_agreement", "top-1 agreement with dense", "{:.1%}"),
 )
 PRECISION_COLORS = {"fp32": "tab:blue", "int8": "tab:green", "int4": "tab:purple", "dynamic-int8": "tab:brown"}
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write beside the target, then rename: a reader never sees half a file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    tmp.replace(path)
 
 
 def format_value(value, fmt: str) -> str:
@@ -157,15 +151,14 @@ def pareto_png(record: dict, path: Path) -> None:
     axes[0].set_ylabel("divergence from dense on held-out text (lower is better)")
     fig.suptitle(f"{record['model']} on {record['device']}: every candidate the search measured", fontsize=10)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp)
+    with atomic_output_file(path) as tmp:  # keeps the .png suffix matplotlib reads the format from
+        fig.savefig(tmp)
     plt.close(fig)
-    tmp.replace(path)
 
 
 def write_report(record: dict, out: Path) -> None:
     """report.json, report.md and pareto.png in `out`, each written atomically."""
     out.mkdir(parents=True, exist_ok=True)
-    write_atomic(out / "report.json", (json.dumps(record, indent=2) + "\n").encode())
-    write_atomic(out / "report.md", summary_markdown(record).encode())
+    write_atomic(out / "report.json", json.dumps(record, indent=2) + "\n")
+    write_atomic(out / "report.md", summary_markdown(record))
     pareto_png(record, out / "pareto.png")

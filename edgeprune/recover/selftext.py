@@ -22,6 +22,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from edgeprune.calibration import PACKAGED_TEXT, heldout_start, tokenize_text
 from edgeprune.errors import EdgepruneError
+from edgeprune.outputs import write_atomic
 from edgeprune.recover.data import alpaca_prompt
 
 INSTRUCTIONS = Path(__file__).resolve().parents[1] / "data" / "instructions.txt"
@@ -121,12 +122,6 @@ def sample_continuations(
     return continuations
 
 
-def write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
-
-
 def write_self_text(
     teacher: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -146,8 +141,8 @@ def write_self_text(
     seconds = time.monotonic() - started
     rows = [{"prompt": p, "text": p + c} for p, c in zip(prompts, continuations, strict=True)]
     work.mkdir(parents=True, exist_ok=True)
-    write_atomically(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
-    write_atomically(meta_path, json.dumps({"settings": meta, "seconds": round(seconds, 1)}, indent=1) + "\n")
+    write_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+    write_atomic(meta_path, json.dumps({"settings": meta, "seconds": round(seconds, 1)}, indent=1) + "\n")
     return path
 
 
@@ -170,5 +165,5 @@ def default_data(
         return write_self_text(teacher, tokenizer, prompt_text, work, config or SelfTextConfig(), teacher_id)
     work.mkdir(parents=True, exist_ok=True)
     path = work / HEAD_TEXT_FILE
-    write_atomically(path, prompt_text)
+    write_atomic(path, prompt_text)
     return path
