@@ -583,8 +583,8 @@ def recover(
 @click.option("--task", default="auto", show_default=True, help="auto, text-generation-with-past, fill-mask, ...")
 @click.option(
     "--quantize",
-    type=click.Choice(["int8", "int4", "dynamic-int8"]),
-    help="ship model.onnx at this precision (int8/int4: weight-only MatMulNBits), verified against PyTorch",
+    type=click.Choice(["int8", "int8-b64", "int8-b128", "int4-mixed", "int4", "dynamic-int8"]),
+    help="ship model.onnx at this precision (int8*/int4*: weight-only MatMulNBits), verified against PyTorch",
 )
 @click.option("--optimize", is_flag=True, help="save ONNX Runtime's graph fusions into model.onnx")
 @click.option("--fused", is_flag=True, help="decoders: onnxruntime-genai's fused graph (+ genai_config.json)")
@@ -926,12 +926,14 @@ def budgets_from_options(latency_ms, speedup, memory_mb, peak_mb, params) -> lis
 @click.option("--round-to", default=1, show_default=True, help="round each layer's FFN width to a multiple of M")
 @click.option(
     "--precision",
-    type=click.Choice(["auto", "fp32", "int8", "int4", "dynamic-int8"]),
+    type=click.Choice(["auto", "fp32", "int8", "int8-b64", "int8-b128", "int4-mixed", "int4", "dynamic-int8"]),
     default="auto",
     show_default=True,
-    help="precisions the search may ship (auto: fp32 and weight-only int8/int4, the closest to dense wins)",
+    help="precisions the search may ship (auto: fp32 and every weight-only int8/int4 one, the closest to dense wins)",
 )
-@click.option("--block-size", default=32, show_default=True, help="weight-only quantization block size")
+@click.option(
+    "--block-size", default=32, show_default=True, help="int8/int4/int4-mixed quantization block (int8-bN: N)"
+)
 @click.option(
     "--graph",
     type=click.Choice(["auto", "fused", "optimum"]),

@@ -172,6 +172,7 @@ def search_all(tmp_path, budgets, fake=None, **kw):
 
     fake = fake or FakeCandidates()
     log = ProbeLog(tmp_path / "search.jsonl", {"budgets": [b.__dict__ for b in budgets]})
+    kw.setdefault("precisions", ("fp32", "int8", "int4"))  # the rules, on the three precisions the tables name
     return search_candidates(fake, budgets, params_at, log, **kw), fake
 
 
@@ -245,3 +246,32 @@ def test_a_precision_that_cannot_beat_the_answer_is_abandoned_early(tmp_path):
     assert result.best.key == ("int8", 0.0)
     # the first guess (ideal latency model) passes; the next, lighter cut misses and is already worse: stop
     assert len([1 for p, s in fake.calls if p == "fp32" and s > 0]) == 2
+
+
+# The precision levers as measured on the 2-core AVX2 CPU without VNNI (benchmarks/RESULTS.md, "Precision
+# levers"): int8 in 128 blocks is faster than int4 there, and every lever sits between int8 and int4 in quality.
+LEVER_SPEEDUP = {"fp32": 1.0, "int8": 1.22, "int8-b64": 1.4, "int8-b128": 1.6, "int4-mixed": 1.45, "int4": 1.55}
+LEVER_DIVERGENCE = {"fp32": 0.0, "int8": 0.005, "int8-b64": 0.008, "int8-b128": 0.012, "int4-mixed": 0.06, "int4": 0.29}
+
+
+def test_auto_search_measures_every_precision_lever_and_ships_the_closest_meeting_one(tmp_path):
+    from edgeprune.budget import AUTO_PRECISIONS, PRECISIONS
+
+    assert AUTO_PRECISIONS == ("fp32", "int8", "int8-b64", "int8-b128", "int4-mixed", "int4")
+    assert PRECISIONS == (*AUTO_PRECISIONS, "dynamic-int8")
+    saved = QUANT_SPEEDUP.copy(), QUANT_DIVERGENCE.copy(), QUANT_BYTES.copy()
+    QUANT_SPEEDUP.update(LEVER_SPEEDUP)
+    QUANT_DIVERGENCE.update(LEVER_DIVERGENCE)
+    QUANT_BYTES.update({"int8-b64": 1.05, "int8-b128": 1.05, "int4-mixed": 0.8})
+    try:
+        fake = FakeCandidates(prune_divergence=5.0)
+        result, _ = search_all(tmp_path, [Budget("speedup", 1.3)], fake=fake, precisions=AUTO_PRECISIONS)
+        faster, _ = search_all(tmp_path / "1.5", [Budget("speedup", 1.5)], precisions=AUTO_PRECISIONS)
+    finally:
+        for table, old in zip((QUANT_SPEEDUP, QUANT_DIVERGENCE, QUANT_BYTES), saved, strict=True):
+            table.clear()
+            table.update(old)
+    assert {p for p, s in fake.calls if s == 0} == set(AUTO_PRECISIONS)  # every lever measured unpruned
+    assert result.best.key == ("int8-b64", 0.0)  # int8 misses 1.3x; b64 meets it closest to dense
+    assert "int8-b128 unpruned" in result.reason and "int4 unpruned" in result.reason
+    assert faster.best.key == ("int8-b128", 0.0)  # faster than int4 here and far closer to dense

@@ -5,6 +5,11 @@ Precisions, as named across edgeprune:
 - "int8" / "int4": weight-only, block-wise symmetric (MatMulNBits, the format onnxruntime-genai
   ships); activations stay float, so decode, which is bound by reading weights, speeds up almost
   in proportion to the bytes saved;
+- "int8-b64" / "int8-b128": int8 with 64 or 128 inputs per scale: fewer scales to apply, and on CPUs
+  whose int8 kernel is slow per block (AVX2 without VNNI) faster than int8 and int4; a little further
+  from dense (benchmarks/RESULTS.md, "Precision levers");
+- "int4-mixed": int4, with the MatMuls a 4-bit error hurts most (every down projection, the first and
+  last layers) at 8 bits;
 - "dynamic-int8": `quantize_dynamic`, int8 weights per output channel and uint8 activations
   quantized at every call (slower than weight-only in decode on CPUs measured so far).
 """
@@ -12,6 +17,7 @@ Precisions, as named across edgeprune:
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,11 +29,35 @@ from onnxruntime.quantization import QuantType, quantize_dynamic
 
 from edgeprune.errors import EdgepruneError
 
-PRECISIONS = ("fp32", "int8", "int4", "dynamic-int8")
-WEIGHT_ONLY_BITS = {"int8": 8, "int4": 4}
+MIN_BLOCK, MAX_BLOCK = 16, 256  # the block lengths ONNX Runtime's MatMulNBits CPU kernels (MLAS) take
 BLOCK_SIZE = 32  # quality of 4-bit falls off with larger blocks; 32 is what onnxruntime-genai uses for CPU
 VOCAB_BITS = 8  # least bits for the embedding and tied lm_head (see quantize_weight_only)
 ACCURACY_LEVEL = 4  # int8 activations inside the kernel: the dot-product (VNNI / NEON sdot) paths run
+
+
+@dataclass(frozen=True)
+class WeightOnly:
+    """How a weight-only precision is made: projection bits, block (None: the caller's), MatMuls kept at 8 bits."""
+
+    bits: int
+    block_size: int | None = None
+    mixed: bool = False  # the MatMuls `sensitive_matmuls` names keep 8 bits, in blocks of MIXED_EIGHT_BIT_BLOCK
+
+
+# Measured on the default decoder (KL from dense on held-out text): int4 0.29; with every down_proj at 8 bits
+# 0.19, qkv 0.20, up 0.25, gate 0.27, o 0.28; the first and last two layers whole 0.21; those and down 0.15;
+# those, down and qkv 0.055 (the separate reductions roughly add up).
+MIXED_EIGHT_BIT_BLOCK = 128  # at 8 bits a 128 block costs KL 0.012 vs 0.005 and runs faster (AVX2: 1.3x)
+MIXED_END_LAYERS = 2  # layers at each end kept at 8 bits by "int4-mixed"
+MIXED_KINDS = ("qkv_proj", "q_proj", "k_proj", "v_proj", "down_proj")  # kept at 8 bits in every layer by int4-mixed
+WEIGHT_ONLY = {
+    "int8": WeightOnly(8),
+    "int8-b64": WeightOnly(8, 64),
+    "int8-b128": WeightOnly(8, 128),
+    "int4-mixed": WeightOnly(4, mixed=True),
+    "int4": WeightOnly(4),
+}
+PRECISIONS = ("fp32", *WEIGHT_ONLY, "dynamic-int8")  # most to least faithful, dynamic int8 last (on request)
 
 # MatMuls left in fp32 by dynamic int8: SmolLM2's down_proj inputs (SwiGLU products) have outliers that uint8
 # activations flatten; keeping them fp32 lifted dense top-1 agreement from 62% to 85% (137 -> 217 MB).
@@ -74,40 +104,66 @@ def matmul_nbits_quantizer() -> type:
 
 
 def quantize_weight_only(
-    source: Path, target: Path, bits: int, block_size: int = BLOCK_SIZE, embedding: bool = True
+    source: Path,
+    target: Path,
+    bits: int,
+    block_size: int = BLOCK_SIZE,
+    embedding: bool = True,
+    symmetric: bool = True,
+    eight_bit: tuple[str, ...] = (),
+    eight_bit_block: int | None = None,
 ) -> Path:
-    """Every MatMul with a constant weight becomes MatMulNBits: `bits`-bit symmetric blocks of `block_size` inputs.
+    """Every MatMul with a constant weight becomes MatMulNBits: `bits`-bit blocks of `block_size` inputs.
 
-    Round-to-nearest, no calibration data: seconds for a 135M decoder. With `embedding`, the token
+    Round-to-nearest, no calibration data: seconds for a 135M decoder. `symmetric` False stores a
+    zero point per block (min/max instead of +-max: a finer step where a block is lopsided). MatMuls
+    whose name contains one of `eight_bit` keep 8 bits (mixed precision), in blocks of `eight_bit_block`
+    (None: `block_size`). With `embedding`, the token
     embedding becomes GatherBlockQuantized; a tied lm_head shares its packed tensor, so the
     vocabulary matrix, a fifth of SmolLM2's weights, is stored once. That matrix keeps at least
     VOCAB_BITS: at 4 bits it cost the default decoder 11% more held-out perplexity.
     """
-    if bits not in WEIGHT_ONLY_BITS.values():
+    if bits not in (4, 8):
         raise EdgepruneError(f"weight-only quantization takes 4 or 8 bits, not {bits}")
-    if block_size < 16 or block_size & (block_size - 1):
-        raise EdgepruneError(f"block size {block_size} is not a power of two >= 16: use 32 (or 64, 128)")
+    if block_size < MIN_BLOCK or block_size > MAX_BLOCK or block_size & (block_size - 1):
+        raise EdgepruneError(
+            f"block size {block_size} is not a power of two from {MIN_BLOCK} to {MAX_BLOCK}: use 32 (or 64, 128)"
+        )
     model = onnx.load(str(source))
-    token_embedding = find_token_embedding(model.graph, block_size) if embedding else None
+    token_embedding = find_token_embedding(model.graph) if embedding else None
     vocab_bits = max(bits, VOCAB_BITS)
+    vocab_block = fitting_block(token_embedding.hidden, block_size) if token_embedding is not None else block_size
     head = head_matmul(model.graph, token_embedding) if token_embedding is not None else None
-    for pass_bits, exclude in ((bits, [head] if head else []), (vocab_bits, [])):
+    wider = [n.name for n in model.graph.node if n.op_type == "MatMul" and any(p in n.name for p in eight_bit)]
+    heads = [head] if head else []
+    # each pass quantizes what the earlier ones excluded; the tied head last, symmetric in the table's blocks
+    # (GatherBlockQuantized reads them with the implicit zero point)
+    passes = [(bits, block_size, symmetric, wider + heads)]
+    passes += [(8, eight_bit_block or block_size, True, heads)] if wider else []
+    passes += [(vocab_bits, vocab_block, True, [])] if heads else []
+    for pass_bits, pass_block, pass_symmetric, exclude in passes:
         quantizer = matmul_nbits_quantizer()(
             model,
             bits=pass_bits,
-            block_size=block_size,
-            is_symmetric=True,
+            block_size=pass_block,
+            is_symmetric=pass_symmetric,
             accuracy_level=ACCURACY_LEVEL,
             nodes_to_exclude=exclude,
         )
-        quantizer.process()  # the second pass finds only the excluded head left with a constant weight
+        quantizer.process()
         model = quantizer.model.model
-        if not exclude:
-            break
     if token_embedding is not None:
-        quantize_embedding(model.graph, token_embedding, vocab_bits, block_size)
+        quantize_embedding(model.graph, token_embedding, vocab_bits, vocab_block)
     onnx.save(model, str(target))
     return Path(target)
+
+
+def fitting_block(hidden: int, block_size: int) -> int:
+    """The largest power of two <= `block_size` dividing `hidden`: GatherBlockQuantized needs whole blocks per row
+    (SmolLM2's 576 takes 64, not 128); the tied head shares the table's blocks, so it is quantized with the same."""
+    while hidden % block_size:
+        block_size //= 2
+    return block_size
 
 
 def head_matmul(graph: onnx.GraphProto, embedding: TokenEmbedding) -> str | None:
@@ -130,10 +186,11 @@ class TokenEmbedding:
     gather: str  # node name
     table: str | None
     head_weight: str | None
+    hidden: int  # row length of the table
 
 
-def find_token_embedding(graph: onnx.GraphProto, block_size: int) -> TokenEmbedding | None:
-    """Locate the embedding (None if there is none whose hidden size fills whole blocks); untie an Optimum head.
+def find_token_embedding(graph: onnx.GraphProto) -> TokenEmbedding | None:
+    """Locate the embedding (None if its hidden size is no multiple of MIN_BLOCK); untie an Optimum head.
 
     The quantizer only sees constant MatMul weights, so an lm_head reading a Transpose of the table
     gets its own transposed copy; it lives until `quantize_embedding` points the Gather at its blocks.
@@ -153,9 +210,9 @@ def find_token_embedding(graph: onnx.GraphProto, block_size: int) -> TokenEmbedd
         else:
             continue
         dims = list(table.dims) if table is not None else list(reversed(weights[head_weight].dims))
-        if len(dims) != 2 or dims[1] % block_size or (table is not None and table.data_type != onnx.TensorProto.FLOAT):
+        if len(dims) != 2 or dims[1] % MIN_BLOCK or (table is not None and table.data_type != onnx.TensorProto.FLOAT):
             return None
-        return TokenEmbedding(node.name, table.name if table is not None else None, head_weight)
+        return TokenEmbedding(node.name, table.name if table is not None else None, head_weight, dims[1])
     return None
 
 
@@ -250,13 +307,42 @@ def block_quantize(table: np.ndarray, bits: int, block_size: int) -> tuple[np.nd
 
 
 def quantize_model(source: Path, target: Path, precision: str, block_size: int = BLOCK_SIZE) -> Path:
-    """Write `source` at `precision` to `target` (fp32: a copy is not made, `source` is returned)."""
+    """Write `source` at `precision` to `target` (fp32: a copy is not made, `source` is returned).
+
+    `block_size` applies to the precisions that do not name their own (int8, int4, int4-mixed).
+    """
     check_precision(precision)
     if precision == "fp32":
         return Path(source)
     if precision == "dynamic-int8":
         return quantize_int8(source, target)
-    return quantize_weight_only(source, target, WEIGHT_ONLY_BITS[precision], block_size)
+    spec = WEIGHT_ONLY[precision]
+    eight_bit = tuple(sensitive_matmuls(source)) if spec.mixed else ()
+    return quantize_weight_only(
+        source,
+        target,
+        spec.bits,
+        spec.block_size or block_size,
+        eight_bit=eight_bit,
+        eight_bit_block=MIXED_EIGHT_BIT_BLOCK,
+    )
+
+
+LAYER_INDEX = re.compile(r"layers\.(\d+)/")
+
+
+def sensitive_matmuls(source: Path) -> list[str]:
+    """MatMuls "int4-mixed" keeps at 8 bits: every MIXED_KINDS projection and all of the first and last
+    MIXED_END_LAYERS layers (layer indices from node names, as both Optimum and the fused builder write them)."""
+    graph = onnx.load(str(source), load_external_data=False).graph
+    weights = {init.name for init in graph.initializer}
+    names = [n.name for n in graph.node if n.op_type == "MatMul" and n.input[1] in weights]
+    layers = {name: int(m.group(1)) for name in names if (m := LAYER_INDEX.search(name))}
+    if not layers:
+        return []
+    last = max(layers.values())
+    ends = set(range(MIXED_END_LAYERS)) | set(range(last + 1 - MIXED_END_LAYERS, last + 1))
+    return [name for name, layer in layers.items() if layer in ends or any(f"/{k}/" in name for k in MIXED_KINDS)]
 
 
 def optimize_graph(source: Path, target: Path) -> Path:
