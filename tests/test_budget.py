@@ -258,7 +258,7 @@ def test_auto_search_measures_every_precision_lever_and_ships_the_closest_meetin
     from edgeprune.budget import AUTO_PRECISIONS, PRECISIONS
 
     assert AUTO_PRECISIONS == ("fp32", "int8", "int8-b64", "int8-b128", "int4-mixed", "int4")
-    assert PRECISIONS == (*AUTO_PRECISIONS, "dynamic-int8")
+    assert (*AUTO_PRECISIONS, "dynamic-int8") == PRECISIONS
     saved = QUANT_SPEEDUP.copy(), QUANT_DIVERGENCE.copy(), QUANT_BYTES.copy()
     QUANT_SPEEDUP.update(LEVER_SPEEDUP)
     QUANT_DIVERGENCE.update(LEVER_DIVERGENCE)

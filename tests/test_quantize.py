@@ -177,3 +177,15 @@ def test_int8_in_larger_blocks(six_layers, tmp_path):
     # also round the activations to int8 (accuracy level 4): measured 0.17 of int4's logit error
     assert rms_error(file, reference) < 0.25 * rms_error(int4, reference)
     assert fitting_block(576, 128) == 64 and fitting_block(1536, 128) == 128 and fitting_block(48, 32) == 16
+
+
+def test_precision_names_agree_everywhere():
+    """The search, the quantizer and both CLI options name the same precisions, in the same order."""
+    from edgeprune.budget import PRECISIONS as searched
+    from edgeprune.cli import main
+    from edgeprune.export.quantize import PRECISIONS as made
+
+    assert searched == made
+    run_choices = next(p for p in main.commands["run"].params if p.name == "precision").type.choices
+    export_choices = next(p for p in main.commands["export"].params if p.name == "quantize").type.choices
+    assert tuple(run_choices) == ("auto", *made) and tuple(export_choices) == made[1:]

@@ -13,7 +13,7 @@ import torch
 from click.testing import CliRunner
 from conftest import family_names, make_tokenizer, tiny_model
 
-from edgeprune.budget import Budget
+from edgeprune.budget import AUTO_PRECISIONS, Budget
 from edgeprune.checkpoint import load_pruned
 from edgeprune.cli import main
 from edgeprune.devices.profiler import ProfileResult, Stats, Workload, compare_results
@@ -60,13 +60,12 @@ def test_run_writes_every_artifact_and_meets_params_budget(saved_llama, calibrat
     assert record["final"]["perplexity"] is not None
     # quantization alone cannot meet a parameter budget; each precision is then cut at the same analytic
     # sparsity, and at equal cut fp32 is the closest to dense
+    quantized = AUTO_PRECISIONS[1:]
     assert [p["extra"]["method"] for p in record["probes"]] == [
         "dense export",
-        "dense export + int8",
-        "dense export + int4",
+        *(f"dense export + {precision}" for precision in quantized),
         "sliced from dense",
-        "sliced from dense + int8",
-        "sliced from dense + int4",
+        *(f"sliced from dense + {precision}" for precision in quantized),
     ]
     assert record["final"]["precision"] == "fp32"
     assert "| parameters |" in (out / "report.md").read_text()
