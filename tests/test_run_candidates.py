@@ -118,6 +118,7 @@ def test_plot_budget_lines_are_the_quantities_the_check_uses(saved_llama, calibr
     checked = {b.kind: b.final_value for b in result.budgets}
     assert checked["speedup"] == record["final"]["speedup_alternating"]  # the shipped point's x on the speed panel
     assert checked["memory_mb"] == record["final"]["onnx_mb"]  # and on the size panel
+    assert record["final"]["onnx_mb"] == onnx_bytes(out / "onnx" / "model.onnx") / 1e6  # graph and weights file
     for probe in record["probes"]:  # every plotted point sits where the check would put it
         assert probe_speedup(probe, record) == pytest.approx(
             1.0 if (probe["precision"], probe["sparsity"]) == ("fp32", 0) else probe["speedup"]
