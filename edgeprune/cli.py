@@ -155,13 +155,13 @@ def score_with_progress(
     from edgeprune.criteria.base import NEEDS_CALIBRATION, TAKES_LABELS
     from edgeprune.evaluate.glue import GLUE_TASKS
     from edgeprune.loading import require_tokenizer
-    from edgeprune.models import is_sequence_classifier
+    from edgeprune.models import CLASSIFIER, model_kind
 
     if criterion not in CRITERIA:
         raise EdgepruneError(f"unknown criterion '{criterion}': choose from {', '.join(sorted(CRITERIA))}")
     labels, token_inputs = None, {}
     source, samples, seq_len, seed = calib_settings
-    if criterion in TAKES_LABELS and is_sequence_classifier(loaded.model) and source in GLUE_TASKS:
+    if criterion in TAKES_LABELS and model_kind(loaded.model) == CLASSIFIER and source in GLUE_TASKS:
         n = calib_sample_count(criterion, samples)
         tokenizer = require_tokenizer(loaded.tokenizer, loaded.source, "calibration")
         batch, token_inputs, labels = labelled_batch(tokenizer, source, None, n, seq_len, seed)

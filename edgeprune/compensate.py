@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from edgeprune.errors import EdgepruneError
-from edgeprune.models import FamilyAdapter, LayerWidths, is_decoder
+from edgeprune.models import CAUSAL_LM, FamilyAdapter, LayerWidths, model_kind
 from edgeprune.models.base import head_rows
 from edgeprune.structure import LayerKeep, record_widths
 
@@ -187,7 +187,7 @@ def first_layer_inputs(model: nn.Module, adapter: FamilyAdapter, calibration: to
         raise StopForward
 
     handle = adapter.layers(model)[0].register_forward_pre_hook(catch, with_kwargs=True)
-    extra = {"use_cache": False} if is_decoder(model.config) else {}  # no KV cache filled by the catch
+    extra = {"use_cache": False} if model_kind(model) == CAUSAL_LM else {}  # no KV cache filled by the catch
     try:
         with torch.no_grad():
             for start in range(0, len(calibration), batch_size):

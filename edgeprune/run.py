@@ -45,7 +45,7 @@ from edgeprune.export.quantize import BLOCK_SIZE, quantize_model
 from edgeprune.export.sliced import ffn_bias_names, ffn_initializer_names, slice_ffn, write_ffn
 from edgeprune.export.verify import verify_onnx
 from edgeprune.loading import LoadedModel, load_model, require_tokenizer
-from edgeprune.models import FamilyAdapter, adapter_for, is_decoder
+from edgeprune.models import CAUSAL_LM, FamilyAdapter, adapter_for, model_kind
 from edgeprune.outputs import check_run_output, claim_run_output, local_inputs
 from edgeprune.recover.config import RecoveryConfig
 from edgeprune.report import write_report
@@ -488,7 +488,7 @@ def finish(inputs: FinishInputs, search: SearchResult, say: Callable[[str], None
     spec = cfg.spec(best.sparsity)
     final, _ = pruned_copy(loaded.model, inputs.adapter, inputs.scores, spec, inputs.runner.refit_windows())
     recovery = None
-    if cfg.recover and best.sparsity > 0 and is_decoder(final.config):
+    if cfg.recover and best.sparsity > 0 and model_kind(final) == CAUSAL_LM:
         from edgeprune.recover import recover_model
 
         say(f"recovering quality by distillation from the dense model ({cfg.recovery.minutes:g} minutes)")

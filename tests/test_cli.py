@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import family_names, save_tiny
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from edgeprune.checkpoint import load_pruned
@@ -35,9 +36,9 @@ def assert_one_line_error(result, pattern: str) -> None:
     assert "Traceback" not in result.output
 
 
-@pytest.mark.parametrize("fixture", ["saved_llama", "saved_bert"])
-def test_prune_then_inspect(fixture, request, tmp_path):
-    source = request.getfixturevalue(fixture)
+@pytest.mark.parametrize("family", family_names())
+def test_prune_then_inspect(family, tokenizer, tmp_path):
+    source = save_tiny(family, tmp_path / family, tokenizer)
     before = folder_digest(source)
     out = tmp_path / "pruned"
     result = run("prune", source, "--sparsity", "0.3", "--criterion", "magnitude", "-o", out)

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import family_names, save_tiny
 
 from edgeprune.checkpoint import load_pruned, read_provenance
 from edgeprune.cli import main
@@ -26,9 +27,9 @@ def word_file(tmp_path: Path) -> Path:
 CALIB = ("--calib-samples", "4", "--calib-seq-len", "16")
 
 
-@pytest.mark.parametrize("fixture", ["saved_llama", "saved_bert"])
-def test_score_writes_scores_and_prints_a_summary(fixture, request, tmp_path):
-    source = request.getfixturevalue(fixture)
+@pytest.mark.parametrize("family", family_names())
+def test_score_writes_scores_and_prints_a_summary(family, tokenizer, tmp_path):
+    source = save_tiny(family, tmp_path / family, tokenizer)
     target = tmp_path / "scores.safetensors"
     result = run("score", source, "--criterion", "taylor", "--calibration", word_file(tmp_path), *CALIB, "-o", target)
     assert result.exit_code == 0, result.output

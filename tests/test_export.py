@@ -14,7 +14,7 @@ import onnx
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import make_tokenizer, tiny_bert, tiny_llama
+from conftest import family_names, make_tokenizer, tiny_bert, tiny_llama, tiny_model
 from test_checkpoint import cut_non_uniform
 from test_cli import assert_one_line_error
 
@@ -43,18 +43,19 @@ sys.meta_path.insert(0, BlockTorch())
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    """Non-uniform tiny Llama (GQA, per-layer FFN, query heads cut evenly) and BERT, exported in fp32."""
+    """Every family's tiny model, non-uniform (Llama: GQA, per-layer FFN, query heads cut evenly), exported in fp32."""
     root = tmp_path_factory.mktemp("onnx")
     tokenizer = make_tokenizer()
     found = {}
-    for name, model in (("llama", tiny_llama()), ("bert", tiny_bert())):
+    for name in family_names():
+        model = tiny_model(name)
         cut_non_uniform(model)
         result = export_model(model, tokenizer, root / name, text=TEXT, provenance={"source": name})
         found[name] = (model, result)
     return found
 
 
-@pytest.mark.parametrize("family", ["llama", "bert"])
+@pytest.mark.parametrize("family", family_names())
 def test_export_matches_pytorch(exported, family):
     model, result = exported[family]
     widths = layer_widths(model, adapter_for(model.config))

@@ -30,7 +30,7 @@ from torch import nn
 
 from edgeprune.criteria.base import GroupScores, ScoringInputs, register
 from edgeprune.errors import EdgepruneError
-from edgeprune.models import FamilyAdapter, is_decoder, is_sequence_classifier
+from edgeprune.models import CAUSAL_LM, CLASSIFIER, ENCODER, FamilyAdapter, model_kind
 
 ORDERS = ("first", "second", "vector")
 AGGREGATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -86,7 +86,8 @@ def gradients_only_for(model: nn.Module, params: list[nn.Parameter]) -> Iterator
 
 def lm_targets(model: nn.Module, calibration: torch.Tensor, inputs: ScoringInputs) -> tuple[torch.Tensor, torch.Tensor]:
     """(input ids, labels) for the model's own loss; refuses a model without an LM head or task labels."""
-    if is_sequence_classifier(model):
+    kind = model_kind(model)
+    if kind == CLASSIFIER:
         if inputs.labels is None or len(inputs.labels) != len(calibration):
             raise EdgepruneError(
                 "taylor on a sequence classifier needs one task label per calibration sentence "
@@ -95,9 +96,9 @@ def lm_targets(model: nn.Module, calibration: torch.Tensor, inputs: ScoringInput
         return calibration, inputs.labels
     if inputs.labels is not None:
         raise EdgepruneError(f"{type(model).__name__} is not a sequence classifier: score it without labels")
-    if is_decoder(model.config):
+    if kind == CAUSAL_LM:
         return calibration, calibration.clone()
-    if model.get_output_embeddings() is None:
+    if kind == ENCODER:
         raise EdgepruneError(
             f"taylor needs a language-model head, and {type(model).__name__} has none: score this model with "
             "fluctuation, wanda-sp or magnitude, or load its ...ForMaskedLM class"
@@ -118,9 +119,10 @@ def lm_targets(model: nn.Module, calibration: torch.Tensor, inputs: ScoringInput
 
 def predicted_tokens(model: nn.Module, labels: torch.Tensor) -> torch.Tensor:
     """Tokens each sequence's loss averages over (causal LMs predict all but the first; a classifier, one label)."""
-    if is_sequence_classifier(model):
+    kind = model_kind(model)
+    if kind == CLASSIFIER:
         return torch.ones(len(labels), dtype=torch.long)
-    counted = labels[:, 1:] if is_decoder(model.config) else labels
+    counted = labels[:, 1:] if kind == CAUSAL_LM else labels
     return (counted != IGNORE).sum(dim=1)
 
 

@@ -42,6 +42,7 @@ from edgeprune.evaluate.multiple_choice import (
 )
 from edgeprune.evaluate.onnx_model import OnnxCausalLM, load_onnx_folder, onnx_file
 from edgeprune.evaluate.perplexity import WIKITEXT2_TEST, perplexity, wikitext2_text, window_starts
+from edgeprune.models import CAUSAL_LM, model_kind
 
 TASKS = ("wikitext2", *MC_FILES, *GLUE_TASKS)
 MC_MAX_LENGTH = 2048  # lm-eval's default context for log-likelihood tasks
@@ -90,7 +91,8 @@ def max_positions(model) -> int:
 
 
 def require_causal_lm(model, task: str) -> None:
-    if not (isinstance(model, OnnxCausalLM) or type(model).__name__.endswith("ForCausalLM")):
+    """Perplexity and multiple choice score next tokens: an exported decoder, or a PyTorch model of a causal family."""
+    if not (isinstance(model, OnnxCausalLM) or (hasattr(model, "config") and model_kind(model) == CAUSAL_LM)):
         raise EdgepruneError(f"task {task} needs a causal language model, got {type(model).__name__}")
 
 

@@ -34,7 +34,7 @@ from transformers import (
 
 from edgeprune.calibration import tokenize_text
 from edgeprune.errors import EdgepruneError
-from edgeprune.models import is_decoder, is_sequence_classifier
+from edgeprune.models import CAUSAL_LM, CLASSIFIER, ENCODER, MASKED_LM, model_kind
 from edgeprune.recover.config import RecoveryConfig
 
 ALPACA_PROMPT = (
@@ -187,28 +187,19 @@ def encode_labelled(rows: list[dict], tokenizer: PreTrainedTokenizerBase, seq_le
     return examples
 
 
-def model_kind(model: PreTrainedModel) -> str:
-    """Which loss the model can train with: causal LM, masked LM or sequence classification."""
-    if is_decoder(model.config):
-        return "decoder"
-    if is_sequence_classifier(model):
-        return "classifier"
-    if model.get_output_embeddings() is not None:
-        return "mlm"
-    raise EdgepruneError(
-        f"{type(model).__name__} has no head to train: recover a *ForMaskedLM or *ForSequenceClassification encoder"
-    )
-
-
 def encode_examples(
     rows: list | str, tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel, seq_len: int, source: str
 ):
     """(kind, examples): instruction rows or text for decoders, text (MLM) or labelled rows for encoders."""
     family = model_kind(model)
-    wanted = {"decoder": "Alpaca rows or text", "mlm": "a text file", "classifier": "labelled rows (text, label)"}
+    if family == ENCODER:
+        raise EdgepruneError(
+            f"{type(model).__name__} has no head to train: recover a *ForMaskedLM or *ForSequenceClassification encoder"
+        )
+    wanted = {CAUSAL_LM: "Alpaca rows or text", MASKED_LM: "a text file", CLASSIFIER: "labelled rows (text, label)"}
     labelled = isinstance(rows, list) and is_labelled_rows(rows)
     instruction = isinstance(rows, list) and is_instruction_rows(rows)
-    if (family == "classifier") != labelled or (instruction and family != "decoder"):
+    if (family == CLASSIFIER) != labelled or (instruction and family != CAUSAL_LM):
         raise EdgepruneError(f"{source} does not fit a {type(model).__name__}: give it {wanted[family]}")
     if labelled:
         return "classify", encode_labelled(rows, tokenizer, seq_len, model.config.num_labels, source)
@@ -220,7 +211,7 @@ def encode_examples(
                 f"{source} rows need `instruction` and `output` (Alpaca), a `text` field, or a `label`: fix the file"
             )
         rows = "\n\n".join(r["text"] for r in rows)
-    mlm = family == "mlm"
+    mlm = family == MASKED_LM
     windows = text_windows(tokenizer, rows, seq_len, mlm)
     return ("mlm" if mlm else "text"), [w for w in windows if len(w["input_ids"]) > 1]
 
