@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -62,14 +63,56 @@ def parse_targets(value: str) -> tuple[str, ...]:
 
 
 ALLOCATIONS = ("uniform", "global", "errors")
-TAYLOR_ORDERS = ("first", "second", "vector")
-TAYLOR_AGGREGATIONS = ("sum", "mean", "max", "prod")
-# CPU-sensible calibration: LLM-Pruner's 10 sequences for gradients, 32 for activation statistics.
-DEFAULT_CALIB_SAMPLES = {"taylor": 10}
-ACTIVATION_CALIB_SAMPLES = 32
-ACTIVATION_CRITERION = "fluctuation"  # compensation reads activations: it takes the activation criteria's default
 SELECTIONS = ("scores", "obs")
 LAYER_MEASURES = ("block-influence", "block-information")
+
+
+class LazyHelp(click.Option):
+    """An option whose help ends with text made when --help is printed, from the criteria registry or a config
+    dataclass: their modules import torch, which the CLI must not need to start (`generate` runs without it)."""
+
+    def __init__(self, *decls, more_help: Callable[[], str], **kwargs):
+        super().__init__(*decls, **kwargs)
+        self.more_help = more_help
+
+    def get_help_record(self, ctx: click.Context):
+        given = self.help
+        self.help = f"{given}  [{self.more_help()}]"
+        try:
+            return super().get_help_record(ctx)
+        finally:
+            self.help = given
+
+
+def criterion_names() -> str:
+    from edgeprune.criteria import CRITERIA
+
+    return "one of " + ", ".join(sorted(CRITERIA))
+
+
+def criterion_option_names() -> str:
+    from edgeprune.criteria import options_help
+
+    return options_help()
+
+
+def criterion_windows() -> str:
+    from edgeprune.criteria import CRITERIA
+
+    counts = ", ".join(f"{name} {spec.windows}" for name, spec in sorted(CRITERIA.items()) if spec.needs_calibration)
+    return f"default, by criterion: {counts}"
+
+
+def taylor_help(key: str) -> Callable[[], str]:
+    """The choices and default of one of taylor's options, which --taylor and --aggregation set."""
+
+    def text() -> str:
+        from edgeprune.criteria.taylor import AGGREGATIONS, ORDERS, TaylorOptions
+
+        choices = {"taylor": ORDERS, "aggregation": tuple(AGGREGATIONS)}[key]
+        return f"{'|'.join(choices)}; default: {getattr(TaylorOptions(), key)}"
+
+    return text
 
 
 def calibration_options(command):
@@ -78,22 +121,19 @@ def calibration_options(command):
         click.option(
             "--calibration",
             help="text file, `wikitext2`, a GLUE task's train sentences (sst2, ...; labelled for taylor on a "
-            "classifier), or name:config:split (default: packaged text)",
+            "classifier), or name:config:split (default: packaged text); its held-out tail is never sampled",
         ),
-        click.option("--calib-samples", type=int, help="calibration windows (default: 10 for taylor, else 32)"),
+        click.option(
+            "--calib-samples", type=int, cls=LazyHelp, more_help=criterion_windows, help="calibration windows"
+        ),
         click.option("--calib-seq-len", default=128, show_default=True, help="tokens per calibration window"),
         click.option(
-            "--taylor",
-            type=click.Choice(TAYLOR_ORDERS),
-            default="first",
-            show_default=True,
-            help="taylor: element-wise first/second order, or vector-wise",
+            "--taylor", cls=LazyHelp, more_help=taylor_help("taylor"), help="taylor: element-wise order, or vector-wise"
         ),
         click.option(
             "--aggregation",
-            type=click.Choice(TAYLOR_AGGREGATIONS),
-            default="sum",
-            show_default=True,
+            cls=LazyHelp,
+            more_help=taylor_help("aggregation"),
             help="taylor: how a coupled group's per-projection scores combine",
         ),
         click.option(
@@ -101,7 +141,9 @@ def calibration_options(command):
             "criterion_options",
             multiple=True,
             metavar="KEY=VALUE",
-            help="any criterion option, e.g. mi's selection=entropy or n_positions=512 (repeatable)",
+            cls=LazyHelp,
+            more_help=criterion_option_names,
+            help="a criterion option, e.g. selection=entropy (repeatable); each criterion's options",
         ),
     ]
     for option in reversed(options):
@@ -109,21 +151,14 @@ def calibration_options(command):
     return command
 
 
-def calib_sample_count(criterion: str, samples: int | None) -> int:
-    """--calib-samples, else the criterion's CPU-sized default."""
-    return samples if samples is not None else DEFAULT_CALIB_SAMPLES.get(criterion, ACTIVATION_CALIB_SAMPLES)
-
-
-def load_calibration(loaded, criterion: str, source: str | None, samples: int | None, seq_len: int, seed: int):
-    from edgeprune.calibration import calibration_batch
+def read_text(loaded, calibration):
+    """The calibration source tokenized once per command: scoring and re-fitting sample its head."""
+    from edgeprune.calibration import read_calibration
     from edgeprune.loading import require_tokenizer
 
     tokenizer = require_tokenizer(loaded.tokenizer, loaded.source, "calibration")
-    n = calib_sample_count(criterion, samples)
-    if n < 1 or seq_len < 2:
-        raise EdgepruneError("--calib-samples must be >= 1 and --calib-seq-len >= 2")
-    with console.status(f"reading calibration text ({n} x {seq_len} tokens)"):
-        return calibration_batch(tokenizer, source, n, seq_len, seed)
+    with console.status("reading calibration text"):
+        return read_calibration(tokenizer, calibration.source)
 
 
 def parse_criterion_options(pairs: tuple[str, ...]) -> dict:
@@ -144,37 +179,20 @@ def parse_criterion_options(pairs: tuple[str, ...]) -> dict:
     return options
 
 
-def score_with_progress(
-    loaded, adapter, criterion: str, calib_settings: tuple, taylor: str, aggregation: str, extra: tuple[str, ...] = ()
-):
+def options_for(criterion: str, taylor: str | None, aggregation: str | None, pairs: tuple[str, ...]) -> dict:
+    """--criterion-option pairs, plus --taylor/--aggregation for taylor (the flags are its options only)."""
+    flags = {"taylor": taylor, "aggregation": aggregation} if criterion == "taylor" else {}
+    return {key: value for key, value in flags.items() if value is not None} | parse_criterion_options(pairs)
+
+
+def score_with_progress(loaded, adapter, criterion: str, calibration, options: dict, text=None):
     """Score every group, with a progress bar per step the criterion reports (e.g. one per layer)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from edgeprune.calibration import labelled_batch
-    from edgeprune.criteria import CRITERIA, ScoringInputs, score_groups
-    from edgeprune.criteria.base import NEEDS_CALIBRATION, TAKES_LABELS
-    from edgeprune.evaluate.glue import GLUE_TASKS
-    from edgeprune.loading import require_tokenizer
-    from edgeprune.models import CLASSIFIER, model_kind
+    from edgeprune.criteria import score_groups, scoring_inputs
 
-    if criterion not in CRITERIA:
-        raise EdgepruneError(f"unknown criterion '{criterion}': choose from {', '.join(sorted(CRITERIA))}")
-    labels, token_inputs = None, {}
-    source, samples, seq_len, seed = calib_settings
-    if criterion in TAKES_LABELS and model_kind(loaded.model) == CLASSIFIER and source in GLUE_TASKS:
-        n = calib_sample_count(criterion, samples)
-        tokenizer = require_tokenizer(loaded.tokenizer, loaded.source, "calibration")
-        batch, token_inputs, labels = labelled_batch(tokenizer, source, None, n, seq_len, seed)
-    elif criterion in NEEDS_CALIBRATION:
-        batch = load_calibration(loaded, criterion, *calib_settings)
-    else:
-        batch = None
-    options = {}
-    if criterion == "taylor":  # --taylor/--aggregation belong to it; other criteria refuse unknown options
-        options = {"taylor": taylor, "aggregation": aggregation}
-        if getattr(loaded.tokenizer, "mask_token_id", None) is not None:
-            options["mask_token_id"] = loaded.tokenizer.mask_token_id
-    options |= parse_criterion_options(extra)
+    with console.status("preparing the criterion's inputs"):
+        inputs = scoring_inputs(criterion, loaded, calibration, options, text)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=True) as progress:
         tasks: dict[str, int] = {}
@@ -184,14 +202,13 @@ def score_with_progress(
                 tasks[step] = progress.add_task(f"{criterion}: {step}", total=total)
             progress.update(tasks[step], completed=done, total=total)
 
-        inputs = ScoringInputs(batch, seed, options, labels=labels, token_inputs=token_inputs, progress=report)
-        return score_groups(criterion, loaded.model, adapter, inputs)
+        return score_groups(criterion, loaded.model, adapter, replace(inputs, progress=report))
 
 
 def prune_whole_layers(
     model: str | None,
     settings: tuple,
-    calib_settings: tuple,
+    calibration,
     output: Path,
     overwrite: bool,
     tokenizer: str | None = None,
@@ -207,13 +224,13 @@ def prune_whole_layers(
     sparsity, protect_first, protect_last, measure = settings
     if not 0.0 <= sparsity < 1.0:
         raise EdgepruneError(f"sparsity {sparsity} is outside [0, 1): give a fraction such as 0.2")
-    output = check_output(output, overwrite, local_inputs(model, calib_settings[0]))
+    output = check_output(output, overwrite, local_inputs(model, calibration.source))
     with console.status("loading model"):
         loaded = load_model(model, tokenizer)
     adapter = adapter_for(loaded.model.config)
-    calibration, samples, seq_len, seed = calib_settings
-    positions = getattr(loaded.model.config, "max_position_embeddings", seq_len)
-    batch = load_calibration(loaded, ACTIVATION_CRITERION, calibration, samples, min(seq_len, positions), seed)
+    positions = getattr(loaded.model.config, "max_position_embeddings", calibration.seq_len)
+    calibration = replace(calibration, seq_len=min(calibration.seq_len, positions))
+    batch = read_text(loaded, calibration).sample(calibration)
     with console.status(f"measuring layer importance ({measure})"):
         importance = layer_importance(loaded.model, adapter, batch, measure)
     n_layers = len(importance)
@@ -225,7 +242,7 @@ def prune_whole_layers(
         "source": loaded.source,
         "source_sha256": loaded.source_hash,
         "criterion": measure,
-        "seed": seed,
+        "seed": calibration.seed,
         "layer_importance": importance.tolist(),
         "spec": {
             "targets": ["layers"],
@@ -244,7 +261,9 @@ def prune_whole_layers(
 
 @main.command()
 @click.argument("model", required=False)
-@click.option("--criterion", default="fluctuation", show_default=True, help="scoring criterion (see `score --help`)")
+@click.option(
+    "--criterion", default="fluctuation", show_default=True, cls=LazyHelp, more_help=criterion_names, help="criterion"
+)
 @click.option("--sparsity", type=float, required=True, help="fraction of prunable parameters to remove, in [0, 1)")
 @click.option(
     "--targets", default="ffn,heads", show_default=True, help="groups to cut: ffn, heads or both; or whole layers"
@@ -307,8 +326,8 @@ def prune(
     calibration: str | None,
     calib_samples: int | None,
     calib_seq_len: int,
-    taylor: str,
-    aggregation: str,
+    taylor: str | None,
+    aggregation: str | None,
     criterion_options: tuple[str, ...],
     allocation: str,
     min_keep: float,
@@ -321,18 +340,19 @@ def prune(
     overwrite: bool,
 ) -> None:
     """Score MODEL's groups, remove the lowest-scoring ones physically, and save the result."""
+    from edgeprune.calibration import CalibrationSettings
     from edgeprune.checkpoint import save_pruned
     from edgeprune.criteria import GroupScores
+    from edgeprune.criteria.base import criterion_spec
     from edgeprune.loading import load_model
     from edgeprune.models import adapter_for
     from edgeprune.outputs import check_output, local_inputs
     from edgeprune.structure import PruneSpec, prune_model
 
+    calib = CalibrationSettings(calibration, calib_samples, calib_seq_len, seed)
     if parse_targets(targets) == ("layers",):
         layer_settings = (sparsity, protect_first, protect_last, layer_measure)
-        return prune_whole_layers(
-            model, layer_settings, (calibration, calib_samples, calib_seq_len, seed), output, overwrite, tokenizer
-        )
+        return prune_whole_layers(model, layer_settings, calib, output, overwrite, tokenizer)
     if allocation == "errors" and not compensate:
         raise EdgepruneError("--allocation errors ranks removals by their error after the re-fit: drop --no-compensate")
     planned = "uniform" if allocation == "errors" else allocation  # the errors move the uniform plan's neurons
@@ -343,19 +363,19 @@ def prune(
     with console.status("loading model"):
         loaded = load_model(model, tokenizer)
     adapter = adapter_for(loaded.model.config, prune_kv_heads=prune_kv_heads)
-    from edgeprune.criteria.base import NEEDS_CALIBRATION
-
-    text_free = scores_path is not None or criterion not in NEEDS_CALIBRATION
+    text_free = scores_path is not None or not criterion_spec(criterion).needs_calibration
     if compensate and loaded.tokenizer is None and text_free and selection == "scores" and allocation != "errors":
         compensate = False  # compensation runs whenever calibration text is available; without a tokenizer it is not
         console.print("note: the model has no tokenizer, so the cut is not re-fit (pass --tokenizer to re-fit it)")
-    calib_seq_len = min(calib_seq_len, getattr(loaded.model.config, "max_position_embeddings", calib_seq_len))
-    calib_settings = (calibration, calib_samples, calib_seq_len, seed)  # windows no longer than the model reads
+    positions = getattr(loaded.model.config, "max_position_embeddings", calib.seq_len)
+    calib = replace(calib, seq_len=min(calib.seq_len, positions))  # windows no longer than the model reads
+    text = None if text_free and not (compensate or bias_compensation) else read_text(loaded, calib)
     if scores_path is not None:
         scores = GroupScores.load(scores_path)
         criterion = scores.criterion or criterion
     else:
-        scores = score_with_progress(loaded, adapter, criterion, calib_settings, taylor, aggregation, criterion_options)
+        options = options_for(criterion, taylor, aggregation, criterion_options)
+        scores = score_with_progress(loaded, adapter, criterion, calib, options, text)
     scores.check_matches(loaded.model, adapter)
     if selection == "obs" and not compensate:
         raise EdgepruneError("--selection obs chooses groups by their error after the re-fit: drop --no-compensate")
@@ -363,9 +383,8 @@ def prune(
     if bias_compensation and not compensate:
         from edgeprune.compensate import compensate_bias, output_means
 
-        batch = load_calibration(loaded, criterion, *calib_settings)
         with console.status("measuring mean activations for bias compensation"):
-            means = output_means(loaded.model, adapter, batch)
+            means = output_means(loaded.model, adapter, text.sample(calib))
 
         def before_cut(keep):
             compensate_bias(loaded.model, adapter, keep, means)
@@ -374,7 +393,7 @@ def prune(
         from edgeprune.compensate import CompensateOptions, allocate_by_errors, compensated_cut
         from edgeprune.structure import select_keep
 
-        batch = load_calibration(loaded, ACTIVATION_CRITERION, *calib_settings)
+        batch = text.sample(calib)
         options = CompensateOptions(add_bias=bias_compensation)
 
         def cut(model, adapter, keep, plan):
@@ -393,7 +412,7 @@ def prune(
         "source_sha256": loaded.source_hash,
         "criterion": criterion,
         "seed": seed,
-        "calibration": {"source": calibration or "packaged", "samples": calib_samples, "seq_len": calib_seq_len},
+        "calibration": {"source": calibration or "packaged", "samples": calib_samples, "seq_len": calib.seq_len},
         "bias_compensation": bias_compensation,
         "compensation": {"selection": selection} if compensate else None,
         "spec": {**spec.__dict__, "targets": list(spec.targets), "prune_kv_heads": prune_kv_heads},
@@ -413,10 +432,7 @@ def prune(
 @main.command()
 @click.argument("model", required=False)
 @click.option(
-    "--criterion",
-    default="magnitude",
-    show_default=True,
-    help="fluctuation, wanda-sp, taylor, mi, magnitude, random (the registry's names)",
+    "--criterion", default="magnitude", show_default=True, cls=LazyHelp, more_help=criterion_names, help="criterion"
 )
 @click.option("--seed", default=0, show_default=True, help="seed for calibration windows and criteria that sample")
 @calibration_options
@@ -430,25 +446,27 @@ def score(
     calibration: str | None,
     calib_samples: int | None,
     calib_seq_len: int,
-    taylor: str,
-    aggregation: str,
+    taylor: str | None,
+    aggregation: str | None,
     criterion_options: tuple[str, ...],
     prune_kv_heads: bool,
     tokenizer: str | None,
     output: Path,
 ) -> None:
     """Score every FFN neuron and attention group of MODEL once; `prune --scores` reuses the file for any cut."""
+    from edgeprune.calibration import CalibrationSettings
     from edgeprune.criteria import GroupScores
     from edgeprune.loading import load_model
     from edgeprune.models import adapter_for
     from edgeprune.outputs import check_output_file, local_inputs
 
+    calib = CalibrationSettings(calibration, calib_samples, calib_seq_len, seed)
     output = check_output_file(output, local_inputs(model, calibration), GroupScores.is_scores_file)
     with console.status("loading model"):
         loaded = load_model(model, tokenizer)
     adapter = adapter_for(loaded.model.config, prune_kv_heads=prune_kv_heads)
-    calib_settings = (calibration, calib_samples, calib_seq_len, seed)
-    scores = score_with_progress(loaded, adapter, criterion, calib_settings, taylor, aggregation, criterion_options)
+    options = options_for(criterion, taylor, aggregation, criterion_options)
+    scores = score_with_progress(loaded, adapter, criterion, calib, options)
     output.parent.mkdir(parents=True, exist_ok=True)
     scores.save(output)
     table = Table(title=f"{criterion} scores of {loaded.source} (higher = keep)")
@@ -911,13 +929,17 @@ def budgets_from_options(latency_ms, speedup, memory_mb, peak_mb, params) -> lis
 @click.option("--memory-mb", type=POSITIVE, help="budget: ONNX file size in MB, at most")
 @click.option("--peak-mb", type=POSITIVE, help="budget: peak resident memory while running, in MB, at most")
 @click.option("--params", type=click.IntRange(min=1), help="budget: parameter count, at most")
-@click.option("--criterion", default="fluctuation", show_default=True, help="scoring criterion")
+@click.option(
+    "--criterion", default="fluctuation", show_default=True, cls=LazyHelp, more_help=criterion_names, help="criterion"
+)
 @click.option(
     "--criterion-option",
     "criterion_options",
     multiple=True,
     metavar="KEY=VALUE",
-    help="criterion option, e.g. selection=entropy for mi (repeatable; see `score --help`)",
+    cls=LazyHelp,
+    more_help=criterion_option_names,
+    help="a criterion option, e.g. selection=entropy (repeatable); each criterion's options",
 )
 @click.option("--targets", default="ffn", show_default=True, help="groups to cut: ffn, heads or both")
 @click.option("--allocation", default="uniform", show_default=True, help="uniform per layer, or global ranking")

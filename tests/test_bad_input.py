@@ -28,6 +28,7 @@ from test_devices import SMALL, onnx_dirs, sshd  # noqa: F401 (fixtures: a real 
 
 from edgeprune.budget import Budget, Probe, ProbeLog
 from edgeprune.checkpoint import load_pruned
+from edgeprune.criteria import CRITERIA
 from edgeprune.devices.profiler import LocalProfiler, Workload, profiler_for
 from edgeprune.devices.profiles import get_device, load_profile
 from edgeprune.errors import EdgepruneError
@@ -72,7 +73,7 @@ def test_inspect_needs_no_tokenizer(family, tmp_path):
     assert len(json.loads(result.output)["layers"]) in (3, 4)
 
 
-@pytest.mark.parametrize("criterion", ["magnitude", "random"])
+@pytest.mark.parametrize("criterion", sorted(n for n, spec in CRITERIA.items() if not spec.needs_calibration))
 def test_text_free_pruning_needs_no_tokenizer(bare_llama, tmp_path, criterion):
     out = tmp_path / "pruned"
     result = run("prune", bare_llama, "--criterion", criterion, "--sparsity", "0.3", "-o", out)

@@ -10,14 +10,13 @@ from transformers import LlamaForCausalLM
 
 from edgeprune.compensate import compensate_bias, output_means
 from edgeprune.criteria import CRITERIA, ScoringInputs, score_groups
-from edgeprune.criteria.base import NEEDS_CALIBRATION
 from edgeprune.criteria.taylor import accumulate_gradients, gradients_only_for, lm_targets
 from edgeprune.errors import EdgepruneError
 from edgeprune.models import adapter_for
 from edgeprune.structure import PruneSpec, layer_widths, prune_model
 from tests.conftest import VOCAB, family_names, tiny_llama, tiny_model
 
-CALIBRATED = sorted(name for name in CRITERIA if name in NEEDS_CALIBRATION)
+CALIBRATED = sorted(name for name, spec in CRITERIA.items() if spec.needs_calibration)
 
 
 def calibration(n: int = 4, length: int = 16, seed: int = 0) -> torch.Tensor:

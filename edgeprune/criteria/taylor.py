@@ -1,7 +1,7 @@
 """LLM-Pruner's Taylor criterion: how much the language-model loss would change if a group were removed.
 
 Removing a group sets its weights W to 0, so to first order the loss changes by -Σ W·∂L/∂W.
-Options (`ScoringInputs.options`):
+Options (`TaylorOptions`):
 - `taylor`: `first` (default; element-wise Σ|W·g| over the group), `second` (element-wise
   Σ|W·g - ½·W·F·W| with F the diagonal Fisher, the mean of per-sequence g²), `vector`
   (|Σ W·g| per linear, the signed first-order loss change).
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -41,13 +42,26 @@ AGGREGATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 MASK_FRACTION = 0.15
 IGNORE = -100  # the label transformers' LM losses skip
+GRADIENT_WINDOWS = 10  # LLM-Pruner's calibration sequences for gradients (CPU-sized)
 
 
-def option(inputs: ScoringInputs, key: str, default: str, allowed: tuple[str, ...]) -> str:
-    value = str(inputs.options.get(key, default))
-    if value not in allowed:
-        raise EdgepruneError(f"taylor option {key}='{value}' is unknown: choose from {', '.join(allowed)}")
-    return value
+@dataclass(frozen=True)
+class TaylorOptions:
+    """Options of `taylor` (see the module docstring)."""
+
+    taylor: str = "first"
+    aggregation: str = "sum"
+    micro_batch: int = 2
+    mask_token_id: int | None = None
+
+    def __post_init__(self) -> None:
+        for key, allowed in (("taylor", ORDERS), ("aggregation", tuple(AGGREGATIONS))):
+            if getattr(self, key) not in allowed:
+                raise EdgepruneError(
+                    f"taylor option {key}='{getattr(self, key)}' is unknown: choose from {', '.join(allowed)}"
+                )
+        if self.micro_batch < 1:
+            raise EdgepruneError(f"taylor micro_batch must be >= 1, got {self.micro_batch}")
 
 
 def unique(linears: list[nn.Linear]) -> list[nn.Linear]:
@@ -107,7 +121,7 @@ def lm_targets(model: nn.Module, calibration: torch.Tensor, inputs: ScoringInput
     draws = torch.rand(calibration.shape, generator=gen)
     masked = draws < MASK_FRACTION
     masked[torch.arange(len(calibration)), draws.argmin(dim=1)] = True  # every sequence predicts at least one token
-    mask_id = inputs.options.get("mask_token_id")
+    mask_id = inputs.options.mask_token_id
     if mask_id is None:
         replacement = torch.randint(0, model.config.vocab_size, calibration.shape, generator=gen)
     else:
@@ -209,13 +223,11 @@ def layer_scores(
     )
 
 
-@register("taylor", needs_calibration=True, takes_labels=True)
+@register("taylor", TaylorOptions, needs_calibration=True, takes_labels=True, windows=GRADIENT_WINDOWS)
 def score_taylor(model: nn.Module, adapter: FamilyAdapter, inputs: ScoringInputs) -> GroupScores:
-    order = option(inputs, "taylor", "first", ORDERS)
-    aggregation = option(inputs, "aggregation", "sum", tuple(AGGREGATIONS))
-    micro_batch = 1 if order == "second" else int(inputs.options.get("micro_batch", 2))
-    if micro_batch < 1:
-        raise EdgepruneError(f"taylor micro_batch must be >= 1, got {micro_batch}")
+    opts: TaylorOptions = inputs.options
+    order, aggregation = opts.taylor, opts.aggregation
+    micro_batch = 1 if order == "second" else opts.micro_batch
     ids, labels = lm_targets(model, inputs.calibration, inputs)
     layers = adapter.layers(model)
     per_layer = [params_of(group_linears(adapter, layer)) for layer in layers]
