@@ -8,7 +8,9 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import MISSING, fields, replace
+from functools import reduce
+from importlib import import_module
 from pathlib import Path
 
 import click
@@ -84,6 +86,48 @@ class LazyHelp(click.Option):
             self.help = given
 
 
+class ConfigDefault(LazyHelp):
+    """An option left None unless given, so that the config dataclass's default applies (the CLI keeps none
+    of its own); --help shows that default. `config` is "module:Class", `field` a dotted attribute path,
+    `choices` more help to show before the default."""
+
+    def __init__(self, *decls, config: str, field: str | None = None, choices: Callable[[], str] | None = None, **kw):
+        super().__init__(*decls, more_help=self.shown_default, default=None, **kw)
+        self.config, self.field, self.choices = config, field, choices
+
+    def shown_default(self) -> str:
+        module, name = self.config.split(":")
+        first, *rest = (self.field or self.name).split(".")
+        field = next(f for f in fields(getattr(import_module(module), name)) if f.name == first)
+        value = reduce(getattr, rest, field.default_factory() if field.default is MISSING else field.default)
+        shown = f"default: {','.join(value) if isinstance(value, tuple) else value}"
+        return f"{self.choices()}; {shown}" if self.choices else shown
+
+
+RUN = "edgeprune.run:RunConfig"
+SPEC = "edgeprune.structure:PruneSpec"
+RECOVERY = "edgeprune.recover.config:RecoveryConfig"
+CALIBRATION = "edgeprune.calibration:CalibrationSettings"
+RUN_RECOVERY = ("recover_minutes", "recover_lr")  # run options that set fields of RunConfig.recovery
+
+
+def given(options: dict) -> dict:
+    """The options given on the command line: the rest keep their config dataclass's default."""
+    return {key: value for key, value in options.items() if value is not None}
+
+
+def recovery_methods() -> str:
+    from edgeprune.recover.config import METHODS
+
+    return "|".join(METHODS)
+
+
+def default_steps() -> str:
+    from edgeprune.recover.config import DEFAULT_STEPS
+
+    return f"default: {DEFAULT_STEPS} when no budget is given"
+
+
 def criterion_names() -> str:
     from edgeprune.criteria import CRITERIA
 
@@ -126,7 +170,14 @@ def calibration_options(command):
         click.option(
             "--calib-samples", type=int, cls=LazyHelp, more_help=criterion_windows, help="calibration windows"
         ),
-        click.option("--calib-seq-len", default=128, show_default=True, help="tokens per calibration window"),
+        click.option(
+            "--calib-seq-len",
+            type=int,
+            cls=ConfigDefault,
+            config=CALIBRATION,
+            field="seq_len",
+            help="tokens per calibration window",
+        ),
         click.option(
             "--taylor", cls=LazyHelp, more_help=taylor_help("taylor"), help="taylor: element-wise order, or vector-wise"
         ),
@@ -277,7 +328,9 @@ def prune_whole_layers(
 )
 @click.option("--protect-first", default=1, show_default=True, help="leave the first K layers whole")
 @click.option("--protect-last", default=1, show_default=True, help="leave the last K layers whole")
-@click.option("--round-to", default=1, show_default=True, help="round each layer's FFN width to a multiple of M")
+@click.option(
+    "--round-to", type=int, cls=ConfigDefault, config=SPEC, help="round each layer's FFN width to a multiple of M"
+)
 @click.option("--prune-kv-heads", is_flag=True, help="allow removing whole KV groups (runtime needs per-layer caches)")
 @click.option("--scores", "scores_path", type=click.Path(path_type=Path), help="reuse scores from `edgeprune score`")
 @click.option("--seed", default=0, show_default=True, help="seed for criteria that sample")
@@ -285,12 +338,14 @@ def prune_whole_layers(
 @click.option(
     "--allocation",
     type=click.Choice(ALLOCATIONS),
-    default="uniform",
-    show_default=True,
+    cls=ConfigDefault,
+    config=SPEC,
     help="uniform: same sparsity per layer; global: rank groups across layers on normalized scores; "
     "errors: FFN widths where the re-fit error is smallest (needs compensation)",
 )
-@click.option("--min-keep", default=0.1, show_default=True, help="global allocation keeps this fraction of each layer")
+@click.option(
+    "--min-keep", type=float, cls=ConfigDefault, config=SPEC, help="global allocation keeps this fraction of each layer"
+)
 @click.option(
     "--compensate/--no-compensate",
     default=True,
@@ -319,18 +374,18 @@ def prune(
     targets: str,
     protect_first: int,
     protect_last: int,
-    round_to: int,
+    round_to: int | None,
     prune_kv_heads: bool,
     scores_path: Path | None,
     seed: int,
     calibration: str | None,
     calib_samples: int | None,
-    calib_seq_len: int,
+    calib_seq_len: int | None,
     taylor: str | None,
     aggregation: str | None,
     criterion_options: tuple[str, ...],
-    allocation: str,
-    min_keep: float,
+    allocation: str | None,
+    min_keep: float | None,
     layer_measure: str,
     compensate: bool,
     selection: str,
@@ -349,7 +404,7 @@ def prune(
     from edgeprune.outputs import check_output, local_inputs
     from edgeprune.structure import PruneSpec, prune_model
 
-    calib = CalibrationSettings(calibration, calib_samples, calib_seq_len, seed)
+    calib = CalibrationSettings(calibration, calib_samples, seed=seed, **given({"seq_len": calib_seq_len}))
     if parse_targets(targets) == ("layers",):
         layer_settings = (sparsity, protect_first, protect_last, layer_measure)
         return prune_whole_layers(model, layer_settings, calib, output, overwrite, tokenizer)
@@ -357,7 +412,11 @@ def prune(
         raise EdgepruneError("--allocation errors ranks removals by their error after the re-fit: drop --no-compensate")
     planned = "uniform" if allocation == "errors" else allocation  # the errors move the uniform plan's neurons
     spec = PruneSpec(
-        sparsity, parse_targets(targets), protect_first, protect_last, round_to, planned, min_keep=min_keep
+        sparsity,
+        parse_targets(targets),
+        protect_first,
+        protect_last,
+        **given({"round_to": round_to, "allocation": planned, "min_keep": min_keep}),
     )
     output = check_output(output, overwrite, local_inputs(model, scores_path, calibration))
     with console.status("loading model"):
@@ -399,7 +458,7 @@ def prune(
         def cut(model, adapter, keep, plan):
             if allocation == "errors":
                 with console.status("allocating the cut across layers by re-fit error"):
-                    plan = allocate_by_errors(model, adapter, batch, plan, min_keep, options)
+                    plan = allocate_by_errors(model, adapter, batch, plan, spec.min_keep, options)
                 keep = select_keep(model, adapter, scores, plan)
             with console.status(f"cutting and re-fitting layer by layer ({selection} selection)"):
                 return compensated_cut(model, adapter, keep, plan, batch, selection, options)
@@ -445,7 +504,7 @@ def score(
     seed: int,
     calibration: str | None,
     calib_samples: int | None,
-    calib_seq_len: int,
+    calib_seq_len: int | None,
     taylor: str | None,
     aggregation: str | None,
     criterion_options: tuple[str, ...],
@@ -460,7 +519,7 @@ def score(
     from edgeprune.models import adapter_for
     from edgeprune.outputs import check_output_file, local_inputs
 
-    calib = CalibrationSettings(calibration, calib_samples, calib_seq_len, seed)
+    calib = CalibrationSettings(calibration, calib_samples, seed=seed, **given({"seq_len": calib_seq_len}))
     output = check_output_file(output, local_inputs(model, calibration), GroupScores.is_scores_file)
     with console.status("loading model"):
         loaded = load_model(model, tokenizer)
@@ -525,24 +584,30 @@ def inspect(model: str | None, as_json: bool) -> None:
     "text the teacher writes)",
 )
 @click.option("--teacher", help="distill from this model (the dense one the pruned model came from)")
-@click.option("--method", type=click.Choice(["lora", "full"]), default="lora", show_default=True, help="what trains")
-@click.option("--temperature", type=float, default=1.0, show_default=True, help="distillation temperature")
+@click.option("--method", cls=ConfigDefault, config=RECOVERY, choices=recovery_methods, help="what trains")
+@click.option("--temperature", type=float, cls=ConfigDefault, config=RECOVERY, help="distillation temperature")
 @click.option("--top-k", type=int, help="distill on the teacher's top-k tokens, the rest lumped (default: all)")
-@click.option("--lm-weight", type=float, default=0.0, show_default=True, help="weight of the LM loss beside the KL")
-@click.option("--steps", type=int, help="optimizer steps (default 100 when no budget is given)")
+@click.option("--lm-weight", type=float, cls=ConfigDefault, config=RECOVERY, help="weight of the LM loss beside the KL")
+@click.option("--steps", type=int, cls=LazyHelp, more_help=default_steps, help="optimizer steps")
 @click.option("--epochs", type=float, help="passes over the training examples (instead of --steps)")
 @click.option("--minutes", type=float, help="wall-time cap; stops at the first budget reached")
-@click.option("--rank", default=8, show_default=True, help="LoRA rank")
-@click.option("--alpha", default=16, show_default=True, help="LoRA alpha")
-@click.option("--lr", default=1e-4, show_default=True, help="AdamW learning rate")
-@click.option("--targets", default="auto", show_default=True, help="auto (every projection), all-linear, or names")
-@click.option("--seq-len", default=256, show_default=True, help="tokens per example (longer ones are cut)")
-@click.option("--batch-size", default=2, show_default=True, help="examples per micro-batch and process")
-@click.option("--grad-accum", default=4, show_default=True, help="micro-batches per optimizer step")
-@click.option("--eval-every", default=25, show_default=True, help="held-out loss every K steps")
-@click.option("--save-every", default=25, show_default=True, help="resumable checkpoint every K steps")
-@click.option("--val-size", default=32, show_default=True, help="held-out examples for the validation loss")
-@click.option("--seed", default=0, show_default=True, help="seed for the split, the data order and LoRA init")
+@click.option("--rank", type=int, cls=ConfigDefault, config=RECOVERY, help="LoRA rank")
+@click.option("--alpha", type=int, cls=ConfigDefault, config=RECOVERY, help="LoRA alpha")
+@click.option("--lr", type=float, cls=ConfigDefault, config=RECOVERY, help="AdamW learning rate")
+@click.option("--targets", cls=ConfigDefault, config=RECOVERY, help="auto (every projection), all-linear, or names")
+@click.option(
+    "--seq-len", type=int, cls=ConfigDefault, config=RECOVERY, help="tokens per example (longer ones are cut)"
+)
+@click.option("--batch-size", type=int, cls=ConfigDefault, config=RECOVERY, help="examples per micro-batch and process")
+@click.option("--grad-accum", type=int, cls=ConfigDefault, config=RECOVERY, help="micro-batches per optimizer step")
+@click.option("--eval-every", type=int, cls=ConfigDefault, config=RECOVERY, help="held-out loss every K steps")
+@click.option("--save-every", type=int, cls=ConfigDefault, config=RECOVERY, help="resumable checkpoint every K steps")
+@click.option(
+    "--val-size", type=int, cls=ConfigDefault, config=RECOVERY, help="held-out examples for the validation loss"
+)
+@click.option(
+    "--seed", type=int, cls=ConfigDefault, config=RECOVERY, help="seed for the split, the data order and LoRA init"
+)
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="folder for the recovered model")
 @click.option("--overwrite", is_flag=True, help="replace an existing output (and an interrupted run's checkpoints)")
 @click.option("--resume", is_flag=True, help="continue an interrupted run from its last checkpoint")
@@ -565,7 +630,7 @@ def recover(
 
     from edgeprune.recover import RecoveryConfig, StepReport, process_state, recover_folder
 
-    config = RecoveryConfig(**settings)
+    config = RecoveryConfig(**given(settings))
     with Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -922,16 +987,14 @@ def budgets_from_options(latency_ms, speedup, memory_mb, peak_mb, params) -> lis
 
 @main.command()
 @click.argument("model", required=False)
-@click.option("--device", default="local", show_default=True, help="device profile name (see `edgeprune devices`)")
+@click.option("--device", cls=ConfigDefault, config=RUN, help="device profile name (see `edgeprune devices`)")
 @click.option("--device-file", multiple=True, type=click.Path(path_type=Path), help="extra device profile YAML")
 @click.option("--latency-ms", type=POSITIVE, help="budget: p50 latency of the workload on the device, at most")
 @click.option("--speedup", type=FiniteRange(min=1), help="budget: speedup over dense, at least (the default budget)")
 @click.option("--memory-mb", type=POSITIVE, help="budget: ONNX file size in MB, at most")
 @click.option("--peak-mb", type=POSITIVE, help="budget: peak resident memory while running, in MB, at most")
 @click.option("--params", type=click.IntRange(min=1), help="budget: parameter count, at most")
-@click.option(
-    "--criterion", default="fluctuation", show_default=True, cls=LazyHelp, more_help=criterion_names, help="criterion"
-)
+@click.option("--criterion", cls=ConfigDefault, config=RUN, choices=criterion_names, help="criterion")
 @click.option(
     "--criterion-option",
     "criterion_options",
@@ -941,24 +1004,26 @@ def budgets_from_options(latency_ms, speedup, memory_mb, peak_mb, params) -> lis
     more_help=criterion_option_names,
     help="a criterion option, e.g. selection=entropy (repeatable); each criterion's options",
 )
-@click.option("--targets", default="ffn", show_default=True, help="groups to cut: ffn, heads or both")
-@click.option("--allocation", default="uniform", show_default=True, help="uniform per layer, or global ranking")
-@click.option("--protect-first", default=1, show_default=True, help="leave the first K layers whole")
-@click.option("--protect-last", default=1, show_default=True, help="leave the last K layers whole")
-@click.option("--round-to", default=1, show_default=True, help="round each layer's FFN width to a multiple of M")
+@click.option("--targets", cls=ConfigDefault, config=RUN, help="groups to cut: ffn, heads or both")
+@click.option("--allocation", cls=ConfigDefault, config=RUN, help="uniform per layer, or global ranking")
+@click.option("--protect-first", type=int, cls=ConfigDefault, config=RUN, help="leave the first K layers whole")
+@click.option("--protect-last", type=int, cls=ConfigDefault, config=RUN, help="leave the last K layers whole")
+@click.option(
+    "--round-to", type=int, cls=ConfigDefault, config=RUN, help="round each layer's FFN width to a multiple of M"
+)
 @click.option(
     "--precision",
     type=click.Choice(["auto", "fp32", "int8", "int4", "dynamic-int8"]),
-    default="auto",
-    show_default=True,
+    cls=ConfigDefault,
+    config=RUN,
     help="precisions the search may ship (auto: fp32 and weight-only int8/int4, the closest to dense wins)",
 )
-@click.option("--block-size", default=32, show_default=True, help="weight-only quantization block size")
+@click.option("--block-size", type=int, cls=ConfigDefault, config=RUN, help="weight-only quantization block size")
 @click.option(
     "--graph",
     type=click.Choice(["auto", "fused", "optimum"]),
-    default="auto",
-    show_default=True,
+    cls=ConfigDefault,
+    config=RUN,
     help="auto: onnxruntime-genai's fused decoder graph where the family allows it (faster), else Optimum's",
 )
 @click.option("--workload", help="decoders: prefill=128,decode=32; encoders: batch=1,sequence=128")
@@ -966,26 +1031,30 @@ def budgets_from_options(latency_ms, speedup, memory_mb, peak_mb, params) -> lis
 @click.option(
     "--max-sparsity",
     type=FiniteRange(0, 1, min_open=True, max_open=True),
-    default=0.8,
-    show_default=True,
+    cls=ConfigDefault,
+    config=RUN,
     help="never cut more than this",
 )
 @click.option(
     "--max-probes",
     type=click.IntRange(min=1),
-    default=8,
-    show_default=True,
+    cls=ConfigDefault,
+    config=RUN,
     help="cut-export-profile probes after the dense one",
 )
-@click.option("--runs", default=10, show_default=True, help="timed runs per profile")
-@click.option("--warmup", default=2, show_default=True, help="warm-up runs per profile")
+@click.option("--runs", type=int, cls=ConfigDefault, config=RUN, help="timed runs per profile")
+@click.option("--warmup", type=int, cls=ConfigDefault, config=RUN, help="warm-up runs per profile")
 @click.option("--timeout", type=POSITIVE, help=TIMEOUT_HELP)
 @TOKENIZER_OPTION
-@click.option("--recover/--no-recover", default=None, help="distill a pruned model from the dense one (default: on)")
+@click.option("--recover/--no-recover", cls=ConfigDefault, config=RUN, help="distill a pruned model from the dense one")
 @click.option("--recover-data", help="recovery data: Alpaca JSON, text file (default: text the dense model writes)")
-@click.option("--recover-minutes", type=float, help="recovery time budget (default: RunConfig's, 5)")
-@click.option("--recover-lr", type=float, help="recovery learning rate (default: RunConfig's)")
-@click.option("--seed", default=0, show_default=True)
+@click.option(
+    "--recover-minutes", type=float, cls=ConfigDefault, config=RUN, field="recovery.minutes", help="recovery time"
+)
+@click.option(
+    "--recover-lr", type=float, cls=ConfigDefault, config=RUN, field="recovery.lr", help="recovery learning rate"
+)
+@click.option("--seed", type=int, cls=ConfigDefault, config=RUN, help="seed of calibration windows and sampling")
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=Path("out/run"), show_default=True)
 @click.option("--overwrite", is_flag=True, help="start afresh, replacing OUT if it is a run folder (default: resume)")
 def run(model: str | None, output: Path, overwrite: bool, **options) -> None:
@@ -995,15 +1064,15 @@ def run(model: str | None, output: Path, overwrite: bool, **options) -> None:
 
     limits = [options.pop(kind) for kind in ("latency_ms", "speedup", "memory_mb", "peak_mb", "params")]
     budgets = budgets_from_options(*limits)
-    options["targets"] = parse_targets(options["targets"])
-    options["workload"] = Workload.parse(options["workload"])
+    recovery = {name.removeprefix("recover_"): options.pop(name) for name in RUN_RECOVERY}
     options["device_files"] = tuple(options.pop("device_file"))
     options["criterion_options"] = parse_criterion_options(options["criterion_options"])
-    recover_settings = {"minutes": options.pop("recover_minutes"), "lr": options.pop("recover_lr")}
-    if options["recover"] is None:  # RunConfig's default
-        options.pop("recover")
-    cfg = RunConfig(budgets=budgets, model=model, **options)
-    cfg.recovery = replace(cfg.recovery, **{k: v for k, v in recover_settings.items() if v is not None})
+    if options["targets"] is not None:
+        options["targets"] = parse_targets(options["targets"])
+    if options["workload"] is not None:
+        options["workload"] = Workload.parse(options["workload"])
+    cfg = RunConfig(budgets=budgets, model=model, **given(options))
+    cfg.recovery = replace(cfg.recovery, **given(recovery))
     cfg.spec(0.0)  # refuse bad pruning options before any work
     with console.status("starting") as status, notices_logged_in(output):
         result = run_job(
