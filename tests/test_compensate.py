@@ -12,7 +12,7 @@ from edgeprune.compensate import (
     Gram,
     cut_and_compensate,
     cut_by_obs,
-    obs_removal_order,
+    obs_removal,
     refit,
 )
 from edgeprune.models import adapter_for
@@ -129,7 +129,7 @@ def test_obs_removes_a_redundant_unit_first():
     weight /= weight.norm(dim=0)
     fluctuation = a.var(0) * weight.pow(2).sum(0)
     assert int(fluctuation.argmin()) == 2
-    first = obs_removal_order(gram.xtx, weight, torch.arange(6)[:, None], 1, damping=1e-8)
+    first, _ = obs_removal(gram.xtx, weight, torch.arange(6)[:, None], 1, damping=1e-8)
     assert int(first[0]) in (0, 1, 5)
     keep = torch.tensor([i for i in range(6) if i != int(first[0])])
     rebuilt = a[:, keep] @ refit(gram.xtx, weight, keep, 0.0).T
@@ -147,7 +147,7 @@ def test_obs_keeps_equal_heads_per_kv_group_and_drops_a_duplicated_head():
     weight = torch.randn(8, n_heads * hd, generator=gen, dtype=torch.float64)
     units = torch.arange(n_heads * hd).reshape(n_heads, hd)
     groups = torch.arange(n_heads) // 3
-    order = obs_removal_order(gram.xtx, weight, units, 2, 1, 1e-8, groups, per_group_keep=2)
+    order, _ = obs_removal(gram.xtx, weight, units, 2, 1, 1e-8, groups, per_group_keep=2)
     assert int(order[0]) in (0, 1)
     assert sorted(int(groups[h]) for h in order) == [0, 1]
 
