@@ -209,6 +209,28 @@ def test_corrupt_or_missing_onnx_is_one_line_error(exported, tmp_path):
     assert_one_line_error(CliRunner().invoke(main, ["generate", str(tmp_path / "nope"), "w1"]), "no ONNX model at")
 
 
+def test_one_rule_finds_the_onnx_file_of_a_path(tmp_path):
+    """Profiling, generation and evaluation all find a model's .onnx file by `runtime.model_file`."""
+    from edgeprune.evaluate import load_for_eval
+    from edgeprune.runtime import model_file
+
+    folder = tmp_path / "export"
+    folder.mkdir()
+    (folder / "model.int4.onnx").write_bytes(b"")
+    assert model_file(folder) == folder / "model.int4.onnx"  # the only graph of a folder
+    (folder / "model.onnx").write_bytes(b"")
+    assert model_file(folder) == folder / "model.onnx"  # model.onnx first
+    assert model_file(folder / "model.int4.onnx") == folder / "model.int4.onnx"
+    (folder / "model.onnx").unlink()
+    (folder / "model.int8.onnx").write_bytes(b"")
+    (folder / "notes.txt").write_text("not a graph")
+    for unclear in (folder, folder / "notes.txt", tmp_path / "nope"):  # two graphs, not a graph, nothing
+        with pytest.raises(EdgepruneError, match="no ONNX model at"):
+            model_file(unclear)
+    with pytest.raises(EdgepruneError, match="has no config.json"):  # an export, so evaluated through ORT
+        load_for_eval(str(folder / "model.int4.onnx"))
+
+
 def test_existing_output_is_refused(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
