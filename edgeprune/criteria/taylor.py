@@ -31,7 +31,7 @@ from torch import nn
 
 from edgeprune.criteria.base import GroupScores, ScoringInputs, register
 from edgeprune.errors import EdgepruneError
-from edgeprune.models import CAUSAL_LM, CLASSIFIER, ENCODER, FamilyAdapter, model_kind
+from edgeprune.models import CAUSAL_LM, CLASSIFIER, ENCODER, IGNORE, MASK_FRACTION, FamilyAdapter, model_kind
 
 ORDERS = ("first", "second", "vector")
 AGGREGATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -40,8 +40,6 @@ AGGREGATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "max": lambda t: t.amax(0),
     "prod": lambda t: t.prod(0),
 }
-MASK_FRACTION = 0.15
-IGNORE = -100  # the label transformers' LM losses skip
 GRADIENT_WINDOWS = 10  # LLM-Pruner's calibration sequences for gradients (CPU-sized)
 
 

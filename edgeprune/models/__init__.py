@@ -14,6 +14,8 @@ from edgeprune.models.base import CAUSAL_LM, ENCODER, FAMILIES, FamilyAdapter, L
 MASKED_LM = "masked-lm"
 CLASSIFIER = "sequence-classifier"
 KINDS = (CAUSAL_LM, MASKED_LM, CLASSIFIER, ENCODER)
+IGNORE = -100  # the label transformers' losses skip: prompt and padding tokens, positions a masked LM keeps
+MASK_FRACTION = 0.15  # of the tokens a masked-LM loss hides and predicts (BERT's)
 
 
 def adapter_for(config: PretrainedConfig, prune_kv_heads: bool = False) -> FamilyAdapter:
@@ -36,7 +38,9 @@ __all__ = [
     "CLASSIFIER",
     "ENCODER",
     "FAMILIES",
+    "IGNORE",
     "KINDS",
+    "MASK_FRACTION",
     "MASKED_LM",
     "FamilyAdapter",
     "LayerWidths",

@@ -34,7 +34,7 @@ from transformers import (
 
 from edgeprune.calibration import tokenize_text
 from edgeprune.errors import EdgepruneError
-from edgeprune.models import CAUSAL_LM, CLASSIFIER, ENCODER, MASKED_LM, model_kind
+from edgeprune.models import CAUSAL_LM, CLASSIFIER, ENCODER, IGNORE, MASK_FRACTION, MASKED_LM, model_kind
 from edgeprune.recover.config import RecoveryConfig
 
 ALPACA_PROMPT = (
@@ -48,12 +48,6 @@ ALPACA_PROMPT_NO_INPUT = (
     "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
     "### Instruction:\n{instruction}\n\n### Response:\n"
 )
-
-
-IGNORE = -100  # label of tokens that carry no loss (prompt, padding), as transformers expects
-
-
-MLM_PROBABILITY = 0.15
 
 
 FIRST_TEXT, SECOND_TEXT = ("text", "sentence", "sentence1"), ("text_pair", "sentence2")
@@ -248,7 +242,7 @@ def pad_batch(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
 def make_collate(kind: str, tokenizer: PreTrainedTokenizerBase) -> Callable[[list[dict]], dict[str, torch.Tensor]]:
     """Batches for the loss of `kind`: MLM masking from transformers, else padding with given labels."""
     if kind == "mlm":
-        return DataCollatorForLanguageModeling(tokenizer, mlm=True, mlm_probability=MLM_PROBABILITY)
+        return DataCollatorForLanguageModeling(tokenizer, mlm=True, mlm_probability=MASK_FRACTION)
     if kind == "classify":
         return DataCollatorWithPadding(tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
