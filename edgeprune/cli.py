@@ -108,6 +108,7 @@ RUN = "edgeprune.run:RunConfig"
 SPEC = "edgeprune.structure:PruneSpec"
 RECOVERY = "edgeprune.recover.config:RecoveryConfig"
 CALIBRATION = "edgeprune.calibration:CalibrationSettings"
+TAYLOR = "edgeprune.criteria.taylor:TaylorOptions"
 RUN_RECOVERY = ("recover_minutes", "recover_lr")  # run options that set fields of RunConfig.recovery
 
 
@@ -147,14 +148,13 @@ def criterion_windows() -> str:
     return f"default, by criterion: {counts}"
 
 
-def taylor_help(key: str) -> Callable[[], str]:
-    """The choices and default of one of taylor's options, which --taylor and --aggregation set."""
+def taylor_choices(key: str) -> Callable[[], str]:
+    """The values of one of taylor's options, which --taylor and --aggregation set."""
 
     def text() -> str:
-        from edgeprune.criteria.taylor import AGGREGATIONS, ORDERS, TaylorOptions
+        from edgeprune.criteria.taylor import AGGREGATIONS, ORDERS
 
-        choices = {"taylor": ORDERS, "aggregation": tuple(AGGREGATIONS)}[key]
-        return f"{'|'.join(choices)}; default: {getattr(TaylorOptions(), key)}"
+        return "|".join({"taylor": ORDERS, "aggregation": tuple(AGGREGATIONS)}[key])
 
     return text
 
@@ -179,12 +179,17 @@ def calibration_options(command):
             help="tokens per calibration window",
         ),
         click.option(
-            "--taylor", cls=LazyHelp, more_help=taylor_help("taylor"), help="taylor: element-wise order, or vector-wise"
+            "--taylor",
+            cls=ConfigDefault,
+            config=TAYLOR,
+            choices=taylor_choices("taylor"),
+            help="taylor: element-wise order, or vector-wise",
         ),
         click.option(
             "--aggregation",
-            cls=LazyHelp,
-            more_help=taylor_help("aggregation"),
+            cls=ConfigDefault,
+            config=TAYLOR,
+            choices=taylor_choices("aggregation"),
             help="taylor: how a coupled group's per-projection scores combine",
         ),
         click.option(
