@@ -23,12 +23,17 @@ ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tenso
 
 
 def model_file(path: str | Path) -> Path:
-    """The .onnx file of an export folder (its model.onnx), or the file itself."""
+    """The .onnx file a path names: the file itself, or an export folder's model.onnx (else its only *.onnx)."""
     path = Path(path).expanduser()
-    candidate = path / MODEL_FILE if path.is_dir() else path
-    if not candidate.is_file():
-        raise EdgepruneError(f"no ONNX model at {candidate}: run `edgeprune export` first or give the .onnx file")
-    return candidate
+    if path.is_dir():
+        graphs = [path / MODEL_FILE] if (path / MODEL_FILE).is_file() else sorted(path.glob("*.onnx"))
+        if len(graphs) == 1:
+            return graphs[0]
+    elif path.is_file() and path.suffix == ".onnx":
+        return path
+    raise EdgepruneError(
+        f"no ONNX model at {path}: run `edgeprune export` first, or give the .onnx file or a folder with one model.onnx"
+    )
 
 
 def weights_file(onnx_path: Path) -> Path:

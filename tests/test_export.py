@@ -14,7 +14,7 @@ import onnx
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import make_tokenizer, tiny_bert, tiny_llama
+from conftest import family_names, make_tokenizer, tiny_bert, tiny_llama, tiny_model
 from onnx.external_data_helper import uses_external_data
 from test_checkpoint import cut_non_uniform
 from test_cli import assert_one_line_error
@@ -45,18 +45,19 @@ sys.meta_path.insert(0, BlockTorch())
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    """Non-uniform tiny Llama (GQA, per-layer FFN, query heads cut evenly) and BERT, exported in fp32."""
+    """Every family's tiny model, non-uniform (Llama: GQA, per-layer FFN, query heads cut evenly), exported in fp32."""
     root = tmp_path_factory.mktemp("onnx")
     tokenizer = make_tokenizer()
     found = {}
-    for name, model in (("llama", tiny_llama()), ("bert", tiny_bert())):
+    for name in family_names():
+        model = tiny_model(name)
         cut_non_uniform(model)
         result = export_model(model, tokenizer, root / name, text=TEXT, provenance={"source": name})
         found[name] = (model, result)
     return found
 
 
-@pytest.mark.parametrize("family", ["llama", "bert"])
+@pytest.mark.parametrize("family", family_names())
 def test_export_matches_pytorch(exported, family):
     model, result = exported[family]
     widths = layer_widths(model, adapter_for(model.config))
@@ -211,6 +212,28 @@ def test_corrupt_or_missing_onnx_is_one_line_error(exported, tmp_path):
     assert_one_line_error(CliRunner().invoke(main, ["generate", str(broken), "w1"]), "not a loadable ONNX model")
     assert_one_line_error(CliRunner().invoke(main, ["profile", str(broken)]), "not a loadable ONNX model")
     assert_one_line_error(CliRunner().invoke(main, ["generate", str(tmp_path / "nope"), "w1"]), "no ONNX model at")
+
+
+def test_one_rule_finds_the_onnx_file_of_a_path(tmp_path):
+    """Profiling, generation and evaluation all find a model's .onnx file by `runtime.model_file`."""
+    from edgeprune.evaluate import load_for_eval
+    from edgeprune.runtime import model_file
+
+    folder = tmp_path / "export"
+    folder.mkdir()
+    (folder / "model.int4.onnx").write_bytes(b"")
+    assert model_file(folder) == folder / "model.int4.onnx"  # the only graph of a folder
+    (folder / "model.onnx").write_bytes(b"")
+    assert model_file(folder) == folder / "model.onnx"  # model.onnx first
+    assert model_file(folder / "model.int4.onnx") == folder / "model.int4.onnx"
+    (folder / "model.onnx").unlink()
+    (folder / "model.int8.onnx").write_bytes(b"")
+    (folder / "notes.txt").write_text("not a graph")
+    for unclear in (folder, folder / "notes.txt", tmp_path / "nope"):  # two graphs, not a graph, nothing
+        with pytest.raises(EdgepruneError, match="no ONNX model at"):
+            model_file(unclear)
+    with pytest.raises(EdgepruneError, match="has no config.json"):  # an export, so evaluated through ORT
+        load_for_eval(str(folder / "model.int4.onnx"))
 
 
 def test_existing_output_is_refused(tmp_path):

@@ -105,6 +105,7 @@ def test_run_with_recovery_records_it(saved_llama, calibration_file, tmp_path):
 
 def test_scores_are_reused_only_for_the_same_criterion_settings(llama, tokenizer, calibration_file, tmp_path):
     from edgeprune.criteria import GroupScores
+    from edgeprune.loading import LoadedModel
     from edgeprune.models import adapter_for
     from edgeprune.run import RunConfig, load_or_score, split_calibration
 
@@ -113,7 +114,8 @@ def test_scores_are_reused_only_for_the_same_criterion_settings(llama, tokenizer
 
     def scores_for(**settings):
         cfg = RunConfig(budgets=[], criterion="mi", calibration=str(calibration_file), calib_samples=4, **settings)
-        return load_or_score(path, llama, adapter, cfg, split_calibration(tokenizer, cfg), "hash")
+        loaded = LoadedModel(llama, tokenizer, "tiny", "hash")
+        return load_or_score(path, loaded, adapter, cfg, split_calibration(tokenizer, cfg))
 
     first = scores_for(calib_seq_len=16)
     marked = GroupScores([torch.ones_like(f) for f in first.ffn], first.heads, first.criterion, first.settings)

@@ -23,12 +23,19 @@ from edgeprune.export.fused import build_fused, check_fusable
 from edgeprune.export.graph import add_logits_to_keep
 from edgeprune.export.quantize import BLOCK_SIZE, check_precision, optimize_graph, quantize_model
 from edgeprune.export.verify import VERIFY_TEXT, Verification, verify_onnx
-from edgeprune.models import is_decoder
+from edgeprune.models import CAUSAL_LM, CLASSIFIER, ENCODER, MASKED_LM, model_kind
 from edgeprune.outputs import PROVENANCE, atomic_output_dir
 from edgeprune.runtime import MODEL_FILE, onnx_bytes
 from edgeprune.structure import WIDTHS_KEY
 
-TASKS = ("auto", "text-generation-with-past", "feature-extraction", "text-classification", "fill-mask")
+# Optimum's task for each kind of model (`--task auto`): decoders get the KV-cache graph.
+AUTO_TASKS = {
+    CAUSAL_LM: "text-generation-with-past",
+    ENCODER: "feature-extraction",
+    CLASSIFIER: "text-classification",
+    MASKED_LM: "fill-mask",
+}
+TASKS = ("auto", *AUTO_TASKS.values())
 FP32_ATOL = 1e-4  # relative to the largest |logit|: fp32 reorderings grow with the logit scale
 
 
@@ -79,14 +86,7 @@ def resolve_task(model: PreTrainedModel, task: str) -> str:
         raise EdgepruneError(f"unknown task '{task}': choose from {', '.join(TASKS)}")
     if task != "auto":
         return task
-    if is_decoder(model.config):
-        return "text-generation-with-past"
-    name = type(model).__name__
-    if name.endswith("ForMaskedLM"):
-        return "fill-mask"
-    if name.endswith("ForSequenceClassification"):
-        return "text-classification"
-    return "feature-extraction"
+    return AUTO_TASKS[model_kind(model)]
 
 
 def check_fp32(check: Verification, atol: float) -> None:
