@@ -33,7 +33,7 @@ from edgeprune.devices.profiles import get_device
 from edgeprune.export import export_model, verify_onnx
 from edgeprune.export.quantize import quantize_int8
 from edgeprune.loading import DEFAULT_DECODER, DEFAULT_ENCODER, load_model
-from edgeprune.models import adapter_for, is_decoder
+from edgeprune.models import CAUSAL_LM, adapter_for, model_kind
 from edgeprune.runtime import OnnxModel, session_options
 from edgeprune.structure import PruneSpec, prune_model
 
@@ -61,7 +61,7 @@ def attention_macs(model: nn.Module, queries: int, keys: int) -> int:
 def workload_flops(model: nn.Module, w: Workload) -> dict[str, float]:
     """FLOPs (2 x MACs) of the profiled workload: prefill keeps only the last position's logits."""
     body, head = linear_macs(model)
-    if not is_decoder(model.config):
+    if model_kind(model) != CAUSAL_LM:
         return {"total": 2.0 * (w.batch * w.sequence * body + w.batch * attention_macs(model, w.sequence, w.sequence))}
     prefill = w.prefill * body + head + attention_macs(model, w.prefill, w.prefill)
     decode = sum(body + head + attention_macs(model, 1, w.prefill + t + 1) for t in range(w.decode))

@@ -34,9 +34,10 @@ from edgeprune.devices.profiler import LocalProfiler, Workload, paired_speedup
 from edgeprune.devices.profiles import get_device
 from edgeprune.evaluate.divergence import heldout_divergence
 from edgeprune.export import export_model
+from edgeprune.export.files import save_onnx
 from edgeprune.export.quantize import quantize_model, quantize_weight_only
 from edgeprune.loading import DEFAULT_DECODER, load_model
-from edgeprune.runtime import MODEL_FILE, OnnxModel
+from edgeprune.runtime import MODEL_FILE, OnnxModel, onnx_bytes
 
 OUT = Path(__file__).parent / "out" / "precision"
 WORKLOAD = Workload(batch=1, sequence=128, prefill=128, decode=32)
@@ -70,8 +71,7 @@ def with_accuracy_level(source: Path, target: Path, level: int, bits: int | None
         attrs = {a.name: a for a in node.attribute}
         if node.op_type == "MatMulNBits" and (bits is None or attrs["bits"].i == bits):
             attrs["accuracy_level"].i = level
-    onnx.save(model, str(target))
-    return target
+    return save_onnx(model, target)
 
 
 def timed(files: dict[str, Path], runs: int) -> dict[str, dict]:
@@ -193,7 +193,7 @@ def main() -> None:
         print_tables(record)
         return
     record = {"workload": WORKLOAD.__dict__, "threads": THREADS, "date": time.strftime("%Y-%m-%d %H:%M UTC")}
-    record["sizes_mb"] = {name: file.stat().st_size / 1e6 for name, file in files.items()}
+    record["sizes_mb"] = {name: onnx_bytes(file) / 1e6 for name, file in files.items()}
     record["timing"] = timed(files, args.runs)
     print(json.dumps(record["timing"]["rows"], indent=1), flush=True)
     levels = {

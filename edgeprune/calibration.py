@@ -4,10 +4,13 @@ A GLUE task name (`sst2`, `mrpc`, ...) reads the task's training sentences from 
 as plain text for the label-free criteria, or, with `labelled_batch`, as padded labelled
 sentences for the supervised Taylor score of a fine-tuned classifier.
 Seeded and reproducible: the same source, tokenizer, N, L and seed give the same batch.
+`score`, `prune` and `run` read a source once (`read_calibration`) and sample its head only: the
+held-out tail measures perplexity.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -18,6 +21,8 @@ from edgeprune.errors import EdgepruneError
 PACKAGED_TEXT = Path(__file__).parent / "data" / "calibration.txt"
 DATASET_ALIASES = {"wikitext2": ("wikitext", "wikitext-2-raw-v1", "train")}
 HELDOUT_FRACTION = 0.2  # the tail of a calibration text, never sampled for scoring or trained on, measures perplexity
+# Windows for activation statistics and re-fits (a criterion may register fewer: LLM-Pruner's 10 for gradients).
+DEFAULT_WINDOWS = 32
 
 
 def heldout_start(n_tokens: int) -> int:
@@ -117,3 +122,41 @@ def calibration_batch(
 ) -> torch.Tensor:
     """Token ids [n_samples, seq_len] for scoring, from `source` (see `load_text`)."""
     return sample_windows(tokenize_text(tokenizer, load_text(source, data_dir)), n_samples, seq_len, seed)
+
+
+@dataclass(frozen=True)
+class CalibrationSettings:
+    """Where calibration windows come from and their shape; `samples` None: the reader's default count."""
+
+    source: str | None = None  # see `load_text`; None: the packaged text
+    samples: int | None = None
+    seq_len: int = 128
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if (self.samples is not None and self.samples < 1) or self.seq_len < 2:
+            raise EdgepruneError("--calib-samples must be >= 1 and --calib-seq-len >= 2")
+
+    def count(self, default: int) -> int:
+        return default if self.samples is None else self.samples
+
+
+@dataclass
+class CalibrationText:
+    """A calibration source tokenized once: windows come from `head`, never from the held-out tail."""
+
+    head: torch.Tensor
+    heldout: torch.Tensor
+
+    def sample(self, settings: CalibrationSettings, default_samples: int = DEFAULT_WINDOWS) -> torch.Tensor:
+        """Seeded windows [n, seq_len] from the head: `settings.samples` of them, else `default_samples`."""
+        return sample_windows(self.head, settings.count(default_samples), settings.seq_len, settings.seed)
+
+
+def read_calibration(
+    tokenizer: PreTrainedTokenizerBase, source: str | Path | None, data_dir: str | Path | None = None
+) -> CalibrationText:
+    """`source` (see `load_text`) tokenized and split into the sampled head and the held-out tail."""
+    tokens = tokenize_text(tokenizer, load_text(source, data_dir))
+    cut = heldout_start(len(tokens))
+    return CalibrationText(head=tokens[:cut], heldout=tokens[cut:])

@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import replace
+from collections.abc import Callable
+from dataclasses import MISSING, fields, replace
+from functools import reduce
+from importlib import import_module
 from pathlib import Path
 
 import click
@@ -62,14 +65,98 @@ def parse_targets(value: str) -> tuple[str, ...]:
 
 
 ALLOCATIONS = ("uniform", "global", "errors")
-TAYLOR_ORDERS = ("first", "second", "vector")
-TAYLOR_AGGREGATIONS = ("sum", "mean", "max", "prod")
-# CPU-sensible calibration: LLM-Pruner's 10 sequences for gradients, 32 for activation statistics.
-DEFAULT_CALIB_SAMPLES = {"taylor": 10}
-ACTIVATION_CALIB_SAMPLES = 32
-ACTIVATION_CRITERION = "fluctuation"  # compensation reads activations: it takes the activation criteria's default
 SELECTIONS = ("scores", "obs")
 LAYER_MEASURES = ("block-influence", "block-information")
+
+
+class LazyHelp(click.Option):
+    """An option whose help ends with text made when --help is printed, from the criteria registry or a config
+    dataclass: their modules import torch, which the CLI must not need to start (`generate` runs without it)."""
+
+    def __init__(self, *decls, more_help: Callable[[], str], **kwargs):
+        super().__init__(*decls, **kwargs)
+        self.more_help = more_help
+
+    def get_help_record(self, ctx: click.Context):
+        given = self.help
+        self.help = f"{given}  [{self.more_help()}]"
+        try:
+            return super().get_help_record(ctx)
+        finally:
+            self.help = given
+
+
+class ConfigDefault(LazyHelp):
+    """An option left None unless given, so that the config dataclass's default applies (the CLI keeps none
+    of its own); --help shows that default. `config` is "module:Class", `field` a dotted attribute path,
+    `choices` more help to show before the default."""
+
+    def __init__(self, *decls, config: str, field: str | None = None, choices: Callable[[], str] | None = None, **kw):
+        super().__init__(*decls, more_help=self.shown_default, default=None, **kw)
+        self.config, self.field, self.choices = config, field, choices
+
+    def shown_default(self) -> str:
+        module, name = self.config.split(":")
+        first, *rest = (self.field or self.name).split(".")
+        field = next(f for f in fields(getattr(import_module(module), name)) if f.name == first)
+        value = reduce(getattr, rest, field.default_factory() if field.default is MISSING else field.default)
+        shown = f"default: {','.join(value) if isinstance(value, tuple) else value}"
+        return f"{self.choices()}; {shown}" if self.choices else shown
+
+
+RUN = "edgeprune.run:RunConfig"
+SPEC = "edgeprune.structure:PruneSpec"
+RECOVERY = "edgeprune.recover.config:RecoveryConfig"
+CALIBRATION = "edgeprune.calibration:CalibrationSettings"
+TAYLOR = "edgeprune.criteria.taylor:TaylorOptions"
+RUN_RECOVERY = ("recover_minutes", "recover_lr")  # run options that set fields of RunConfig.recovery
+
+
+def given(options: dict) -> dict:
+    """The options given on the command line: the rest keep their config dataclass's default."""
+    return {key: value for key, value in options.items() if value is not None}
+
+
+def recovery_methods() -> str:
+    from edgeprune.recover.config import METHODS
+
+    return "|".join(METHODS)
+
+
+def default_steps() -> str:
+    from edgeprune.recover.config import DEFAULT_STEPS
+
+    return f"default: {DEFAULT_STEPS} when no budget is given"
+
+
+def criterion_names() -> str:
+    from edgeprune.criteria import CRITERIA
+
+    return "one of " + ", ".join(sorted(CRITERIA))
+
+
+def criterion_option_names() -> str:
+    from edgeprune.criteria import options_help
+
+    return options_help()
+
+
+def criterion_windows() -> str:
+    from edgeprune.criteria import CRITERIA
+
+    counts = ", ".join(f"{name} {spec.windows}" for name, spec in sorted(CRITERIA.items()) if spec.needs_calibration)
+    return f"default, by criterion: {counts}"
+
+
+def taylor_choices(key: str) -> Callable[[], str]:
+    """The values of one of taylor's options, which --taylor and --aggregation set."""
+
+    def text() -> str:
+        from edgeprune.criteria.taylor import AGGREGATIONS, ORDERS
+
+        return "|".join({"taylor": ORDERS, "aggregation": tuple(AGGREGATIONS)}[key])
+
+    return text
 
 
 def calibration_options(command):
@@ -78,22 +165,31 @@ def calibration_options(command):
         click.option(
             "--calibration",
             help="text file, `wikitext2`, a GLUE task's train sentences (sst2, ...; labelled for taylor on a "
-            "classifier), or name:config:split (default: packaged text)",
+            "classifier), or name:config:split (default: packaged text); its held-out tail is never sampled",
         ),
-        click.option("--calib-samples", type=int, help="calibration windows (default: 10 for taylor, else 32)"),
-        click.option("--calib-seq-len", default=128, show_default=True, help="tokens per calibration window"),
+        click.option(
+            "--calib-samples", type=int, cls=LazyHelp, more_help=criterion_windows, help="calibration windows"
+        ),
+        click.option(
+            "--calib-seq-len",
+            type=int,
+            cls=ConfigDefault,
+            config=CALIBRATION,
+            field="seq_len",
+            help="tokens per calibration window",
+        ),
         click.option(
             "--taylor",
-            type=click.Choice(TAYLOR_ORDERS),
-            default="first",
-            show_default=True,
-            help="taylor: element-wise first/second order, or vector-wise",
+            cls=ConfigDefault,
+            config=TAYLOR,
+            choices=taylor_choices("taylor"),
+            help="taylor: element-wise order, or vector-wise",
         ),
         click.option(
             "--aggregation",
-            type=click.Choice(TAYLOR_AGGREGATIONS),
-            default="sum",
-            show_default=True,
+            cls=ConfigDefault,
+            config=TAYLOR,
+            choices=taylor_choices("aggregation"),
             help="taylor: how a coupled group's per-projection scores combine",
         ),
         click.option(
@@ -101,7 +197,9 @@ def calibration_options(command):
             "criterion_options",
             multiple=True,
             metavar="KEY=VALUE",
-            help="any criterion option, e.g. mi's selection=entropy or n_positions=512 (repeatable)",
+            cls=LazyHelp,
+            more_help=criterion_option_names,
+            help="a criterion option, e.g. selection=entropy (repeatable); each criterion's options",
         ),
     ]
     for option in reversed(options):
@@ -109,21 +207,14 @@ def calibration_options(command):
     return command
 
 
-def calib_sample_count(criterion: str, samples: int | None) -> int:
-    """--calib-samples, else the criterion's CPU-sized default."""
-    return samples if samples is not None else DEFAULT_CALIB_SAMPLES.get(criterion, ACTIVATION_CALIB_SAMPLES)
-
-
-def load_calibration(loaded, criterion: str, source: str | None, samples: int | None, seq_len: int, seed: int):
-    from edgeprune.calibration import calibration_batch
+def read_text(loaded, calibration):
+    """The calibration source tokenized once per command: scoring and re-fitting sample its head."""
+    from edgeprune.calibration import read_calibration
     from edgeprune.loading import require_tokenizer
 
     tokenizer = require_tokenizer(loaded.tokenizer, loaded.source, "calibration")
-    n = calib_sample_count(criterion, samples)
-    if n < 1 or seq_len < 2:
-        raise EdgepruneError("--calib-samples must be >= 1 and --calib-seq-len >= 2")
-    with console.status(f"reading calibration text ({n} x {seq_len} tokens)"):
-        return calibration_batch(tokenizer, source, n, seq_len, seed)
+    with console.status("reading calibration text"):
+        return read_calibration(tokenizer, calibration.source)
 
 
 def parse_criterion_options(pairs: tuple[str, ...]) -> dict:
@@ -144,37 +235,20 @@ def parse_criterion_options(pairs: tuple[str, ...]) -> dict:
     return options
 
 
-def score_with_progress(
-    loaded, adapter, criterion: str, calib_settings: tuple, taylor: str, aggregation: str, extra: tuple[str, ...] = ()
-):
+def options_for(criterion: str, taylor: str | None, aggregation: str | None, pairs: tuple[str, ...]) -> dict:
+    """--criterion-option pairs, plus --taylor/--aggregation for taylor (the flags are its options only)."""
+    flags = {"taylor": taylor, "aggregation": aggregation} if criterion == "taylor" else {}
+    return {key: value for key, value in flags.items() if value is not None} | parse_criterion_options(pairs)
+
+
+def score_with_progress(loaded, adapter, criterion: str, calibration, options: dict, text=None):
     """Score every group, with a progress bar per step the criterion reports (e.g. one per layer)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from edgeprune.calibration import labelled_batch
-    from edgeprune.criteria import CRITERIA, ScoringInputs, score_groups
-    from edgeprune.criteria.base import NEEDS_CALIBRATION, TAKES_LABELS
-    from edgeprune.evaluate.glue import GLUE_TASKS
-    from edgeprune.loading import require_tokenizer
-    from edgeprune.models import is_sequence_classifier
+    from edgeprune.criteria import score_groups, scoring_inputs
 
-    if criterion not in CRITERIA:
-        raise EdgepruneError(f"unknown criterion '{criterion}': choose from {', '.join(sorted(CRITERIA))}")
-    labels, token_inputs = None, {}
-    source, samples, seq_len, seed = calib_settings
-    if criterion in TAKES_LABELS and is_sequence_classifier(loaded.model) and source in GLUE_TASKS:
-        n = calib_sample_count(criterion, samples)
-        tokenizer = require_tokenizer(loaded.tokenizer, loaded.source, "calibration")
-        batch, token_inputs, labels = labelled_batch(tokenizer, source, None, n, seq_len, seed)
-    elif criterion in NEEDS_CALIBRATION:
-        batch = load_calibration(loaded, criterion, *calib_settings)
-    else:
-        batch = None
-    options = {}
-    if criterion == "taylor":  # --taylor/--aggregation belong to it; other criteria refuse unknown options
-        options = {"taylor": taylor, "aggregation": aggregation}
-        if getattr(loaded.tokenizer, "mask_token_id", None) is not None:
-            options["mask_token_id"] = loaded.tokenizer.mask_token_id
-    options |= parse_criterion_options(extra)
+    with console.status("preparing the criterion's inputs"):
+        inputs = scoring_inputs(criterion, loaded, calibration, options, text)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=True) as progress:
         tasks: dict[str, int] = {}
@@ -184,14 +258,13 @@ def score_with_progress(
                 tasks[step] = progress.add_task(f"{criterion}: {step}", total=total)
             progress.update(tasks[step], completed=done, total=total)
 
-        inputs = ScoringInputs(batch, seed, options, labels=labels, token_inputs=token_inputs, progress=report)
-        return score_groups(criterion, loaded.model, adapter, inputs)
+        return score_groups(criterion, loaded.model, adapter, replace(inputs, progress=report))
 
 
 def prune_whole_layers(
     model: str | None,
     settings: tuple,
-    calib_settings: tuple,
+    calibration,
     output: Path,
     overwrite: bool,
     tokenizer: str | None = None,
@@ -207,13 +280,13 @@ def prune_whole_layers(
     sparsity, protect_first, protect_last, measure = settings
     if not 0.0 <= sparsity < 1.0:
         raise EdgepruneError(f"sparsity {sparsity} is outside [0, 1): give a fraction such as 0.2")
-    output = check_output(output, overwrite, local_inputs(model, calib_settings[0]))
+    output = check_output(output, overwrite, local_inputs(model, calibration.source))
     with console.status("loading model"):
         loaded = load_model(model, tokenizer)
     adapter = adapter_for(loaded.model.config)
-    calibration, samples, seq_len, seed = calib_settings
-    positions = getattr(loaded.model.config, "max_position_embeddings", seq_len)
-    batch = load_calibration(loaded, ACTIVATION_CRITERION, calibration, samples, min(seq_len, positions), seed)
+    positions = getattr(loaded.model.config, "max_position_embeddings", calibration.seq_len)
+    calibration = replace(calibration, seq_len=min(calibration.seq_len, positions))
+    batch = read_text(loaded, calibration).sample(calibration)
     with console.status(f"measuring layer importance ({measure})"):
         importance = layer_importance(loaded.model, adapter, batch, measure)
     n_layers = len(importance)
@@ -225,7 +298,7 @@ def prune_whole_layers(
         "source": loaded.source,
         "source_sha256": loaded.source_hash,
         "criterion": measure,
-        "seed": seed,
+        "seed": calibration.seed,
         "layer_importance": importance.tolist(),
         "spec": {
             "targets": ["layers"],
@@ -244,7 +317,9 @@ def prune_whole_layers(
 
 @main.command()
 @click.argument("model", required=False)
-@click.option("--criterion", default="fluctuation", show_default=True, help="scoring criterion (see `score --help`)")
+@click.option(
+    "--criterion", default="fluctuation", show_default=True, cls=LazyHelp, more_help=criterion_names, help="criterion"
+)
 @click.option("--sparsity", type=float, required=True, help="fraction of prunable parameters to remove, in [0, 1)")
 @click.option(
     "--targets", default="ffn,heads", show_default=True, help="groups to cut: ffn, heads or both; or whole layers"
@@ -258,7 +333,9 @@ def prune_whole_layers(
 )
 @click.option("--protect-first", default=1, show_default=True, help="leave the first K layers whole")
 @click.option("--protect-last", default=1, show_default=True, help="leave the last K layers whole")
-@click.option("--round-to", default=1, show_default=True, help="round each layer's FFN width to a multiple of M")
+@click.option(
+    "--round-to", type=int, cls=ConfigDefault, config=SPEC, help="round each layer's FFN width to a multiple of M"
+)
 @click.option("--prune-kv-heads", is_flag=True, help="allow removing whole KV groups (runtime needs per-layer caches)")
 @click.option("--scores", "scores_path", type=click.Path(path_type=Path), help="reuse scores from `edgeprune score`")
 @click.option("--seed", default=0, show_default=True, help="seed for criteria that sample")
@@ -266,12 +343,14 @@ def prune_whole_layers(
 @click.option(
     "--allocation",
     type=click.Choice(ALLOCATIONS),
-    default="uniform",
-    show_default=True,
+    cls=ConfigDefault,
+    config=SPEC,
     help="uniform: same sparsity per layer; global: rank groups across layers on normalized scores; "
     "errors: FFN widths where the re-fit error is smallest (needs compensation)",
 )
-@click.option("--min-keep", default=0.1, show_default=True, help="global allocation keeps this fraction of each layer")
+@click.option(
+    "--min-keep", type=float, cls=ConfigDefault, config=SPEC, help="global allocation keeps this fraction of each layer"
+)
 @click.option(
     "--compensate/--no-compensate",
     default=True,
@@ -300,18 +379,18 @@ def prune(
     targets: str,
     protect_first: int,
     protect_last: int,
-    round_to: int,
+    round_to: int | None,
     prune_kv_heads: bool,
     scores_path: Path | None,
     seed: int,
     calibration: str | None,
     calib_samples: int | None,
-    calib_seq_len: int,
-    taylor: str,
-    aggregation: str,
+    calib_seq_len: int | None,
+    taylor: str | None,
+    aggregation: str | None,
     criterion_options: tuple[str, ...],
-    allocation: str,
-    min_keep: float,
+    allocation: str | None,
+    min_keep: float | None,
     layer_measure: str,
     compensate: bool,
     selection: str,
@@ -321,41 +400,46 @@ def prune(
     overwrite: bool,
 ) -> None:
     """Score MODEL's groups, remove the lowest-scoring ones physically, and save the result."""
+    from edgeprune.calibration import CalibrationSettings
     from edgeprune.checkpoint import save_pruned
     from edgeprune.criteria import GroupScores
+    from edgeprune.criteria.base import criterion_spec
     from edgeprune.loading import load_model
     from edgeprune.models import adapter_for
     from edgeprune.outputs import check_output, local_inputs
     from edgeprune.structure import PruneSpec, prune_model
 
+    calib = CalibrationSettings(calibration, calib_samples, seed=seed, **given({"seq_len": calib_seq_len}))
     if parse_targets(targets) == ("layers",):
         layer_settings = (sparsity, protect_first, protect_last, layer_measure)
-        return prune_whole_layers(
-            model, layer_settings, (calibration, calib_samples, calib_seq_len, seed), output, overwrite, tokenizer
-        )
+        return prune_whole_layers(model, layer_settings, calib, output, overwrite, tokenizer)
     if allocation == "errors" and not compensate:
         raise EdgepruneError("--allocation errors ranks removals by their error after the re-fit: drop --no-compensate")
     planned = "uniform" if allocation == "errors" else allocation  # the errors move the uniform plan's neurons
     spec = PruneSpec(
-        sparsity, parse_targets(targets), protect_first, protect_last, round_to, planned, min_keep=min_keep
+        sparsity,
+        parse_targets(targets),
+        protect_first,
+        protect_last,
+        **given({"round_to": round_to, "allocation": planned, "min_keep": min_keep}),
     )
     output = check_output(output, overwrite, local_inputs(model, scores_path, calibration))
     with console.status("loading model"):
         loaded = load_model(model, tokenizer)
     adapter = adapter_for(loaded.model.config, prune_kv_heads=prune_kv_heads)
-    from edgeprune.criteria.base import NEEDS_CALIBRATION
-
-    text_free = scores_path is not None or criterion not in NEEDS_CALIBRATION
+    text_free = scores_path is not None or not criterion_spec(criterion).needs_calibration
     if compensate and loaded.tokenizer is None and text_free and selection == "scores" and allocation != "errors":
         compensate = False  # compensation runs whenever calibration text is available; without a tokenizer it is not
         console.print("note: the model has no tokenizer, so the cut is not re-fit (pass --tokenizer to re-fit it)")
-    calib_seq_len = min(calib_seq_len, getattr(loaded.model.config, "max_position_embeddings", calib_seq_len))
-    calib_settings = (calibration, calib_samples, calib_seq_len, seed)  # windows no longer than the model reads
+    positions = getattr(loaded.model.config, "max_position_embeddings", calib.seq_len)
+    calib = replace(calib, seq_len=min(calib.seq_len, positions))  # windows no longer than the model reads
+    text = None if text_free and not (compensate or bias_compensation) else read_text(loaded, calib)
     if scores_path is not None:
         scores = GroupScores.load(scores_path)
         criterion = scores.criterion or criterion
     else:
-        scores = score_with_progress(loaded, adapter, criterion, calib_settings, taylor, aggregation, criterion_options)
+        options = options_for(criterion, taylor, aggregation, criterion_options)
+        scores = score_with_progress(loaded, adapter, criterion, calib, options, text)
     scores.check_matches(loaded.model, adapter)
     if selection == "obs" and not compensate:
         raise EdgepruneError("--selection obs chooses groups by their error after the re-fit: drop --no-compensate")
@@ -363,9 +447,8 @@ def prune(
     if bias_compensation and not compensate:
         from edgeprune.compensate import compensate_bias, output_means
 
-        batch = load_calibration(loaded, criterion, *calib_settings)
         with console.status("measuring mean activations for bias compensation"):
-            means = output_means(loaded.model, adapter, batch)
+            means = output_means(loaded.model, adapter, text.sample(calib))
 
         def before_cut(keep):
             compensate_bias(loaded.model, adapter, keep, means)
@@ -374,13 +457,13 @@ def prune(
         from edgeprune.compensate import CompensateOptions, allocate_by_errors, compensated_cut
         from edgeprune.structure import select_keep
 
-        batch = load_calibration(loaded, ACTIVATION_CRITERION, *calib_settings)
+        batch = text.sample(calib)
         options = CompensateOptions(add_bias=bias_compensation)
 
         def cut(model, adapter, keep, plan):
             if allocation == "errors":
                 with console.status("allocating the cut across layers by re-fit error"):
-                    plan = allocate_by_errors(model, adapter, batch, plan, min_keep, options)
+                    plan = allocate_by_errors(model, adapter, batch, plan, spec.min_keep, options)
                 keep = select_keep(model, adapter, scores, plan)
             with console.status(f"cutting and re-fitting layer by layer ({selection} selection)"):
                 return compensated_cut(model, adapter, keep, plan, batch, selection, options)
@@ -393,7 +476,7 @@ def prune(
         "source_sha256": loaded.source_hash,
         "criterion": criterion,
         "seed": seed,
-        "calibration": {"source": calibration or "packaged", "samples": calib_samples, "seq_len": calib_seq_len},
+        "calibration": {"source": calibration or "packaged", "samples": calib_samples, "seq_len": calib.seq_len},
         "bias_compensation": bias_compensation,
         "compensation": {"selection": selection} if compensate else None,
         "spec": {**spec.__dict__, "targets": list(spec.targets), "prune_kv_heads": prune_kv_heads},
@@ -413,10 +496,7 @@ def prune(
 @main.command()
 @click.argument("model", required=False)
 @click.option(
-    "--criterion",
-    default="magnitude",
-    show_default=True,
-    help="fluctuation, wanda-sp, taylor, mi, magnitude, random (the registry's names)",
+    "--criterion", default="magnitude", show_default=True, cls=LazyHelp, more_help=criterion_names, help="criterion"
 )
 @click.option("--seed", default=0, show_default=True, help="seed for calibration windows and criteria that sample")
 @calibration_options
@@ -429,26 +509,28 @@ def score(
     seed: int,
     calibration: str | None,
     calib_samples: int | None,
-    calib_seq_len: int,
-    taylor: str,
-    aggregation: str,
+    calib_seq_len: int | None,
+    taylor: str | None,
+    aggregation: str | None,
     criterion_options: tuple[str, ...],
     prune_kv_heads: bool,
     tokenizer: str | None,
     output: Path,
 ) -> None:
     """Score every FFN neuron and attention group of MODEL once; `prune --scores` reuses the file for any cut."""
+    from edgeprune.calibration import CalibrationSettings
     from edgeprune.criteria import GroupScores
     from edgeprune.loading import load_model
     from edgeprune.models import adapter_for
     from edgeprune.outputs import check_output_file, local_inputs
 
+    calib = CalibrationSettings(calibration, calib_samples, seed=seed, **given({"seq_len": calib_seq_len}))
     output = check_output_file(output, local_inputs(model, calibration), GroupScores.is_scores_file)
     with console.status("loading model"):
         loaded = load_model(model, tokenizer)
     adapter = adapter_for(loaded.model.config, prune_kv_heads=prune_kv_heads)
-    calib_settings = (calibration, calib_samples, calib_seq_len, seed)
-    scores = score_with_progress(loaded, adapter, criterion, calib_settings, taylor, aggregation, criterion_options)
+    options = options_for(criterion, taylor, aggregation, criterion_options)
+    scores = score_with_progress(loaded, adapter, criterion, calib, options)
     output.parent.mkdir(parents=True, exist_ok=True)
     scores.save(output)
     table = Table(title=f"{criterion} scores of {loaded.source} (higher = keep)")
@@ -507,24 +589,30 @@ def inspect(model: str | None, as_json: bool) -> None:
     "text the teacher writes)",
 )
 @click.option("--teacher", help="distill from this model (the dense one the pruned model came from)")
-@click.option("--method", type=click.Choice(["lora", "full"]), default="lora", show_default=True, help="what trains")
-@click.option("--temperature", type=float, default=1.0, show_default=True, help="distillation temperature")
+@click.option("--method", cls=ConfigDefault, config=RECOVERY, choices=recovery_methods, help="what trains")
+@click.option("--temperature", type=float, cls=ConfigDefault, config=RECOVERY, help="distillation temperature")
 @click.option("--top-k", type=int, help="distill on the teacher's top-k tokens, the rest lumped (default: all)")
-@click.option("--lm-weight", type=float, default=0.0, show_default=True, help="weight of the LM loss beside the KL")
-@click.option("--steps", type=int, help="optimizer steps (default 100 when no budget is given)")
+@click.option("--lm-weight", type=float, cls=ConfigDefault, config=RECOVERY, help="weight of the LM loss beside the KL")
+@click.option("--steps", type=int, cls=LazyHelp, more_help=default_steps, help="optimizer steps")
 @click.option("--epochs", type=float, help="passes over the training examples (instead of --steps)")
 @click.option("--minutes", type=float, help="wall-time cap; stops at the first budget reached")
-@click.option("--rank", default=8, show_default=True, help="LoRA rank")
-@click.option("--alpha", default=16, show_default=True, help="LoRA alpha")
-@click.option("--lr", default=1e-4, show_default=True, help="AdamW learning rate")
-@click.option("--targets", default="auto", show_default=True, help="auto (every projection), all-linear, or names")
-@click.option("--seq-len", default=256, show_default=True, help="tokens per example (longer ones are cut)")
-@click.option("--batch-size", default=2, show_default=True, help="examples per micro-batch and process")
-@click.option("--grad-accum", default=4, show_default=True, help="micro-batches per optimizer step")
-@click.option("--eval-every", default=25, show_default=True, help="held-out loss every K steps")
-@click.option("--save-every", default=25, show_default=True, help="resumable checkpoint every K steps")
-@click.option("--val-size", default=32, show_default=True, help="held-out examples for the validation loss")
-@click.option("--seed", default=0, show_default=True, help="seed for the split, the data order and LoRA init")
+@click.option("--rank", type=int, cls=ConfigDefault, config=RECOVERY, help="LoRA rank")
+@click.option("--alpha", type=int, cls=ConfigDefault, config=RECOVERY, help="LoRA alpha")
+@click.option("--lr", type=float, cls=ConfigDefault, config=RECOVERY, help="AdamW learning rate")
+@click.option("--targets", cls=ConfigDefault, config=RECOVERY, help="auto (every projection), all-linear, or names")
+@click.option(
+    "--seq-len", type=int, cls=ConfigDefault, config=RECOVERY, help="tokens per example (longer ones are cut)"
+)
+@click.option("--batch-size", type=int, cls=ConfigDefault, config=RECOVERY, help="examples per micro-batch and process")
+@click.option("--grad-accum", type=int, cls=ConfigDefault, config=RECOVERY, help="micro-batches per optimizer step")
+@click.option("--eval-every", type=int, cls=ConfigDefault, config=RECOVERY, help="held-out loss every K steps")
+@click.option("--save-every", type=int, cls=ConfigDefault, config=RECOVERY, help="resumable checkpoint every K steps")
+@click.option(
+    "--val-size", type=int, cls=ConfigDefault, config=RECOVERY, help="held-out examples for the validation loss"
+)
+@click.option(
+    "--seed", type=int, cls=ConfigDefault, config=RECOVERY, help="seed for the split, the data order and LoRA init"
+)
 @click.option("-o", "--output", type=click.Path(path_type=Path), required=True, help="folder for the recovered model")
 @click.option("--overwrite", is_flag=True, help="replace an existing output (and an interrupted run's checkpoints)")
 @click.option("--resume", is_flag=True, help="continue an interrupted run from its last checkpoint")
@@ -547,7 +635,7 @@ def recover(
 
     from edgeprune.recover import RecoveryConfig, StepReport, process_state, recover_folder
 
-    config = RecoveryConfig(**settings)
+    config = RecoveryConfig(**given(settings))
     with Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -904,41 +992,45 @@ def budgets_from_options(latency_ms, speedup, memory_mb, peak_mb, params) -> lis
 
 @main.command()
 @click.argument("model", required=False)
-@click.option("--device", default="local", show_default=True, help="device profile name (see `edgeprune devices`)")
+@click.option("--device", cls=ConfigDefault, config=RUN, help="device profile name (see `edgeprune devices`)")
 @click.option("--device-file", multiple=True, type=click.Path(path_type=Path), help="extra device profile YAML")
 @click.option("--latency-ms", type=POSITIVE, help="budget: p50 latency of the workload on the device, at most")
 @click.option("--speedup", type=FiniteRange(min=1), help="budget: speedup over dense, at least (the default budget)")
 @click.option("--memory-mb", type=POSITIVE, help="budget: ONNX file size in MB, at most")
 @click.option("--peak-mb", type=POSITIVE, help="budget: peak resident memory while running, in MB, at most")
 @click.option("--params", type=click.IntRange(min=1), help="budget: parameter count, at most")
-@click.option("--criterion", default="fluctuation", show_default=True, help="scoring criterion")
+@click.option("--criterion", cls=ConfigDefault, config=RUN, choices=criterion_names, help="criterion")
 @click.option(
     "--criterion-option",
     "criterion_options",
     multiple=True,
     metavar="KEY=VALUE",
-    help="criterion option, e.g. selection=entropy for mi (repeatable; see `score --help`)",
+    cls=LazyHelp,
+    more_help=criterion_option_names,
+    help="a criterion option, e.g. selection=entropy (repeatable); each criterion's options",
 )
-@click.option("--targets", default="ffn", show_default=True, help="groups to cut: ffn, heads or both")
-@click.option("--allocation", default="uniform", show_default=True, help="uniform per layer, or global ranking")
-@click.option("--protect-first", default=1, show_default=True, help="leave the first K layers whole")
-@click.option("--protect-last", default=1, show_default=True, help="leave the last K layers whole")
-@click.option("--round-to", default=1, show_default=True, help="round each layer's FFN width to a multiple of M")
+@click.option("--targets", cls=ConfigDefault, config=RUN, help="groups to cut: ffn, heads or both")
+@click.option("--allocation", cls=ConfigDefault, config=RUN, help="uniform per layer, or global ranking")
+@click.option("--protect-first", type=int, cls=ConfigDefault, config=RUN, help="leave the first K layers whole")
+@click.option("--protect-last", type=int, cls=ConfigDefault, config=RUN, help="leave the last K layers whole")
+@click.option(
+    "--round-to", type=int, cls=ConfigDefault, config=RUN, help="round each layer's FFN width to a multiple of M"
+)
 @click.option(
     "--precision",
     type=click.Choice(["auto", "fp32", "int8", "int8-b64", "int8-b128", "int4-mixed", "int4", "dynamic-int8"]),
-    default="auto",
-    show_default=True,
+    cls=ConfigDefault,
+    config=RUN,
     help="precisions the search may ship (auto: fp32 and every weight-only int8/int4 one, the closest to dense wins)",
 )
 @click.option(
-    "--block-size", default=32, show_default=True, help="int8/int4/int4-mixed quantization block (int8-bN: N)"
+    "--block-size", type=int, cls=ConfigDefault, config=RUN, help="int8/int4/int4-mixed quantization block (int8-bN: N)"
 )
 @click.option(
     "--graph",
     type=click.Choice(["auto", "fused", "optimum"]),
-    default="auto",
-    show_default=True,
+    cls=ConfigDefault,
+    config=RUN,
     help="auto: onnxruntime-genai's fused decoder graph where the family allows it (faster), else Optimum's",
 )
 @click.option("--workload", help="decoders: prefill=128,decode=32; encoders: batch=1,sequence=128")
@@ -946,26 +1038,30 @@ def budgets_from_options(latency_ms, speedup, memory_mb, peak_mb, params) -> lis
 @click.option(
     "--max-sparsity",
     type=FiniteRange(0, 1, min_open=True, max_open=True),
-    default=0.8,
-    show_default=True,
+    cls=ConfigDefault,
+    config=RUN,
     help="never cut more than this",
 )
 @click.option(
     "--max-probes",
     type=click.IntRange(min=1),
-    default=8,
-    show_default=True,
+    cls=ConfigDefault,
+    config=RUN,
     help="cut-export-profile probes after the dense one",
 )
-@click.option("--runs", default=10, show_default=True, help="timed runs per profile")
-@click.option("--warmup", default=2, show_default=True, help="warm-up runs per profile")
+@click.option("--runs", type=int, cls=ConfigDefault, config=RUN, help="timed runs per profile")
+@click.option("--warmup", type=int, cls=ConfigDefault, config=RUN, help="warm-up runs per profile")
 @click.option("--timeout", type=POSITIVE, help=TIMEOUT_HELP)
 @TOKENIZER_OPTION
-@click.option("--recover/--no-recover", default=None, help="distill a pruned model from the dense one (default: on)")
+@click.option("--recover/--no-recover", cls=ConfigDefault, config=RUN, help="distill a pruned model from the dense one")
 @click.option("--recover-data", help="recovery data: Alpaca JSON, text file (default: text the dense model writes)")
-@click.option("--recover-minutes", type=float, help="recovery time budget (default: RunConfig's, 5)")
-@click.option("--recover-lr", type=float, help="recovery learning rate (default: RunConfig's)")
-@click.option("--seed", default=0, show_default=True)
+@click.option(
+    "--recover-minutes", type=float, cls=ConfigDefault, config=RUN, field="recovery.minutes", help="recovery time"
+)
+@click.option(
+    "--recover-lr", type=float, cls=ConfigDefault, config=RUN, field="recovery.lr", help="recovery learning rate"
+)
+@click.option("--seed", type=int, cls=ConfigDefault, config=RUN, help="seed of calibration windows and sampling")
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=Path("out/run"), show_default=True)
 @click.option("--overwrite", is_flag=True, help="start afresh, replacing OUT if it is a run folder (default: resume)")
 def run(model: str | None, output: Path, overwrite: bool, **options) -> None:
@@ -975,15 +1071,15 @@ def run(model: str | None, output: Path, overwrite: bool, **options) -> None:
 
     limits = [options.pop(kind) for kind in ("latency_ms", "speedup", "memory_mb", "peak_mb", "params")]
     budgets = budgets_from_options(*limits)
-    options["targets"] = parse_targets(options["targets"])
-    options["workload"] = Workload.parse(options["workload"])
+    recovery = {name.removeprefix("recover_"): options.pop(name) for name in RUN_RECOVERY}
     options["device_files"] = tuple(options.pop("device_file"))
     options["criterion_options"] = parse_criterion_options(options["criterion_options"])
-    recover_settings = {"minutes": options.pop("recover_minutes"), "lr": options.pop("recover_lr")}
-    if options["recover"] is None:  # RunConfig's default
-        options.pop("recover")
-    cfg = RunConfig(budgets=budgets, model=model, **options)
-    cfg.recovery = replace(cfg.recovery, **{k: v for k, v in recover_settings.items() if v is not None})
+    if options["targets"] is not None:
+        options["targets"] = parse_targets(options["targets"])
+    if options["workload"] is not None:
+        options["workload"] = Workload.parse(options["workload"])
+    cfg = RunConfig(budgets=budgets, model=model, **given(options))
+    cfg.recovery = replace(cfg.recovery, **given(recovery))
     cfg.spec(0.0)  # refuse bad pruning options before any work
     with console.status("starting") as status, notices_logged_in(output):
         result = run_job(

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from edgeprune.errors import EdgepruneError
-from edgeprune.models import FamilyAdapter, LayerWidths, is_decoder
+from edgeprune.models import CAUSAL_LM, FamilyAdapter, LayerWidths, model_kind
 from edgeprune.models.base import head_rows
 from edgeprune.structure import LayerKeep, record_widths
 
@@ -103,25 +103,6 @@ def removal_costs(weight: torch.Tensor, ginv: torch.Tensor, units: torch.Tensor)
     return (w_s.transpose(1, 2) * solved).sum(dim=(1, 2))
 
 
-def obs_removal_order(
-    gram: torch.Tensor,
-    weight: torch.Tensor,
-    units: torch.Tensor,
-    n_remove: int,
-    batch: int = 32,
-    damping: float = 1e-4,
-    groups: torch.Tensor | None = None,
-    per_group_keep: int = 0,
-) -> torch.Tensor:
-    """Units to remove, cheapest first, each batch costed after the previous ones were re-fit away.
-
-    `units` [n_units, size] are column indices of W (and rows/columns of G); columns not in any unit
-    (a bias's ones column) always stay. With `groups` (a KV group per unit) no group drops below
-    `per_group_keep` units, so GQA layers keep equal query heads per KV group.
-    """
-    return obs_removal(gram, weight, units, n_remove, batch, damping, groups, per_group_keep)[0]
-
-
 def obs_removal(
     gram: torch.Tensor,
     weight: torch.Tensor,
@@ -132,7 +113,13 @@ def obs_removal(
     groups: torch.Tensor | None = None,
     per_group_keep: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`obs_removal_order` and the output error each unit added when it went (same order)."""
+    """Units to remove, cheapest first, each batch costed after the previous ones were re-fit away, and the
+    output error each unit added when it went (same order).
+
+    `units` [n_units, size] are column indices of W (and rows/columns of G); columns not in any unit
+    (a bias's ones column) always stay. With `groups` (a KV group per unit) no group drops below
+    `per_group_keep` units, so GQA layers keep equal query heads per KV group.
+    """
     weight = weight.double().clone()
     ginv = damped_inverse(gram, damping)
     alive = torch.ones(len(units), dtype=torch.bool)
@@ -187,7 +174,7 @@ def first_layer_inputs(model: nn.Module, adapter: FamilyAdapter, calibration: to
         raise StopForward
 
     handle = adapter.layers(model)[0].register_forward_pre_hook(catch, with_kwargs=True)
-    extra = {"use_cache": False} if is_decoder(model.config) else {}  # no KV cache filled by the catch
+    extra = {"use_cache": False} if model_kind(model) == CAUSAL_LM else {}  # no KV cache filled by the catch
     try:
         with torch.no_grad():
             for start in range(0, len(calibration), batch_size):
@@ -340,7 +327,7 @@ def obs_chooser(adapter: FamilyAdapter, plan: list[LayerWidths], options: Compen
         now = adapter.widths(layer)
         if kind == "ffn":
             units = torch.arange(now.ffn)[:, None]
-            removed = obs_removal_order(gram, weight, units, now.ffn - plan[i].ffn, options.obs_batch, options.damping)
+            removed, _ = obs_removal(gram, weight, units, now.ffn - plan[i].ffn, options.obs_batch, options.damping)
             return kept_units(now.ffn, removed)
         hd = adapter.head_dim(layer)
         units = torch.arange(now.heads * hd).reshape(now.heads, hd)
@@ -348,7 +335,7 @@ def obs_chooser(adapter: FamilyAdapter, plan: list[LayerWidths], options: Compen
         groups = torch.arange(now.heads) // (now.heads // now.kv_heads) if step > 1 else None
         per_group = plan[i].heads // now.kv_heads if step > 1 else 0
         n_remove = now.heads - plan[i].heads
-        removed = obs_removal_order(gram, weight, units, n_remove, 1, options.damping, groups, per_group)
+        removed, _ = obs_removal(gram, weight, units, n_remove, 1, options.damping, groups, per_group)
         return kept_units(now.heads, removed)
 
     return choose

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel, 
 
 from edgeprune.errors import EdgepruneError
 from edgeprune.models import adapter_for
+from edgeprune.outputs import atomic_output_dir
 
 DEFAULT_DECODER = "smollm2-135m"
 DEFAULT_ENCODER = "minilm-l6"
@@ -111,16 +111,14 @@ def smollm2_folder() -> Path:
     model.generation_config.eos_token_id = model.generation_config.pad_token_id = tokenizer.eos_token_id
     model.config.eos_token_id = model.config.pad_token_id = tokenizer.eos_token_id
     model.config.bos_token_id = None
-    (target.parent).mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    (tmp / "source.sha256").write_text(hash_weights(package) + "\n")
-    if target.exists():  # another process converted it meanwhile
-        shutil.rmtree(tmp)
-    else:
-        tmp.replace(target)
+    try:
+        with atomic_output_dir(target) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            (tmp / "source.sha256").write_text(hash_weights(package) + "\n")
+    except EdgepruneError:
+        if not (target / "config.json").is_file():  # else another process converted it meanwhile
+            raise
     return target
 
 

@@ -31,10 +31,11 @@ from edgeprune.budget import (
     search_candidates,
     smallest_sparsity,
 )
-from edgeprune.calibration import heldout_start, load_text, sample_windows, tokenize_text
+from edgeprune.calibration import CalibrationSettings, CalibrationText, read_calibration
 from edgeprune.checkpoint import save_pruned, versions
 from edgeprune.compensate import cut_and_compensate
-from edgeprune.criteria import GroupScores, ScoringInputs, score_groups
+from edgeprune.criteria import GroupScores, score_groups, scoring_inputs
+from edgeprune.criteria.base import parse_options
 from edgeprune.devices.profiler import Profiler, ProfileResult, Workload, profiler_for
 from edgeprune.devices.profiles import get_device
 from edgeprune.errors import EdgepruneError
@@ -45,11 +46,11 @@ from edgeprune.export.quantize import BLOCK_SIZE, quantize_model
 from edgeprune.export.sliced import ffn_bias_names, ffn_initializer_names, slice_ffn, write_ffn
 from edgeprune.export.verify import verify_onnx
 from edgeprune.loading import LoadedModel, load_model, require_tokenizer
-from edgeprune.models import FamilyAdapter, adapter_for, is_decoder
+from edgeprune.models import CAUSAL_LM, FamilyAdapter, adapter_for, model_kind
 from edgeprune.outputs import check_run_output, claim_run_output, local_inputs
 from edgeprune.recover.config import RecoveryConfig
 from edgeprune.report import write_report
-from edgeprune.runtime import MODEL_FILE
+from edgeprune.runtime import MODEL_FILE, onnx_bytes
 from edgeprune.structure import LayerKeep, PruneSpec, count_parameters, cut_model, plan_widths, select_keep
 
 DEFAULT_SPEEDUP = 1.3
@@ -91,8 +92,8 @@ class RunConfig:
     block_size: int = BLOCK_SIZE  # weight-only quantization block (inputs per scale)
     workload: Workload = field(default_factory=Workload)
     calibration: str | None = None
-    calib_samples: int = 32
-    calib_seq_len: int = 128
+    calib_samples: int | None = None  # None: the criterion's own count for scoring, DEFAULT_WINDOWS for the re-fit
+    calib_seq_len: int = CalibrationSettings.seq_len
     eval_seq_len: int = 128
     eval_tokens: int = 8192
     max_sparsity: float = 0.8
@@ -109,6 +110,7 @@ class RunConfig:
     timeout: float | None = None  # seconds per profiling call (None: derived from the workload)
 
     def __post_init__(self) -> None:
+        parse_options(self.criterion, self.criterion_options)  # an unknown criterion or option: refused before work
         if self.graph not in GRAPHS:
             raise EdgepruneError(f"unknown graph '{self.graph}': choose from {', '.join(GRAPHS)}")
         if self.precision != "auto" and self.precision not in PRECISIONS:
@@ -118,6 +120,10 @@ class RunConfig:
     def precisions(self) -> tuple[str, ...]:
         """The precisions the search may ship."""
         return AUTO_PRECISIONS if self.precision == "auto" else (self.precision,)
+
+    @property
+    def calibration_settings(self) -> CalibrationSettings:
+        return CalibrationSettings(self.calibration, self.calib_samples, self.calib_seq_len, self.seed)
 
     def spec(self, sparsity: float) -> PruneSpec:
         return PruneSpec(
@@ -142,23 +148,20 @@ class RunConfig:
 
 
 @dataclass
-class Calibration:
-    """Token windows for scoring and a disjoint held-out stream for perplexity.
+class Calibration(CalibrationText):
+    """The calibration text (its held-out tail cut to `eval_tokens`) and the windows the cuts are re-fit on.
 
     `head` is the text before the held-out tail: scoring samples it, and so does the default
     recovery, so the reported perplexity stays held out.
     """
 
     windows: torch.Tensor
-    heldout: torch.Tensor
-    head: torch.Tensor
 
 
 def split_calibration(tokenizer, cfg: RunConfig) -> Calibration:
-    tokens = tokenize_text(tokenizer, load_text(cfg.calibration))
-    cut = heldout_start(len(tokens))
-    windows = sample_windows(tokens[:cut], cfg.calib_samples, cfg.calib_seq_len, cfg.seed)
-    return Calibration(windows=windows, heldout=tokens[cut:][: cfg.eval_tokens], head=tokens[:cut])
+    text = read_calibration(tokenizer, cfg.calibration)
+    windows = text.sample(cfg.calibration_settings)
+    return Calibration(head=text.head, heldout=text.heldout[: cfg.eval_tokens], windows=windows)
 
 
 def scoring_settings(cfg: RunConfig, source_hash: str) -> dict:
@@ -168,17 +171,17 @@ def scoring_settings(cfg: RunConfig, source_hash: str) -> dict:
 
 
 def load_or_score(
-    path: Path, model: nn.Module, adapter: FamilyAdapter, cfg: RunConfig, calib: Calibration, source_hash: str
+    path: Path, loaded: LoadedModel, adapter: FamilyAdapter, cfg: RunConfig, calib: Calibration
 ) -> GroupScores:
     """Scores are computed once per model, criterion and calibration; a rerun reads them back."""
-    settings = scoring_settings(cfg, source_hash)
+    settings = scoring_settings(cfg, loaded.source_hash)
     if path.is_file():
         scores = GroupScores.load(path)
         if scores.criterion == cfg.criterion and scores.settings == settings:
-            scores.check_matches(model, adapter)
+            scores.check_matches(loaded.model, adapter)
             return scores
-    inputs = ScoringInputs(calibration=calib.windows, seed=cfg.seed, options=dict(cfg.criterion_options))
-    scores = score_groups(cfg.criterion, model, adapter, inputs)
+    inputs = scoring_inputs(cfg.criterion, loaded, cfg.calibration_settings, cfg.criterion_options, calib)
+    scores = score_groups(cfg.criterion, loaded.model, adapter, inputs)
     scores.settings = settings
     scores.save(path)
     return scores
@@ -236,7 +239,7 @@ def probe_from(
         precision=precision,
         latency_ms=result.latency_ms.p50,
         speedup=speedup,
-        onnx_mb=file.stat().st_size / 1e6,
+        onnx_mb=onnx_bytes(file) / 1e6,
         peak_mb=result.peak_rss_mb,
         divergence=quality.mean if quality else None,
         extra={
@@ -412,7 +415,7 @@ def run_job(
     work.mkdir(exist_ok=True)
     log = ProbeLog(out / "search.jsonl", cfg.settings(loaded.source_hash))  # other settings: refused before scoring
     say(f"scoring groups with {cfg.criterion}")
-    scores = load_or_score(out / "scores.safetensors", model, adapter, cfg, calib, loaded.source_hash)
+    scores = load_or_score(out / "scores.safetensors", loaded, adapter, cfg, calib)
     runner = ProbeRunner(loaded, adapter, scores, cfg, calib, profiler, work)
     say(f"searching the best model that meets the budget ({', '.join(cfg.precisions)}; quantization first)")
     search = search_candidates(
@@ -488,7 +491,7 @@ def finish(inputs: FinishInputs, search: SearchResult, say: Callable[[str], None
     spec = cfg.spec(best.sparsity)
     final, _ = pruned_copy(loaded.model, inputs.adapter, inputs.scores, spec, inputs.runner.refit_windows())
     recovery = None
-    if cfg.recover and best.sparsity > 0 and is_decoder(final.config):
+    if cfg.recover and best.sparsity > 0 and model_kind(final) == CAUSAL_LM:
         from edgeprune.recover import recover_model
 
         say(f"recovering quality by distillation from the dense model ({cfg.recovery.minutes:g} minutes)")

@@ -23,12 +23,32 @@ ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tenso
 
 
 def model_file(path: str | Path) -> Path:
-    """The .onnx file of an export folder (its model.onnx), or the file itself."""
+    """The .onnx file a path names: the file itself, or an export folder's model.onnx (else its only *.onnx)."""
     path = Path(path).expanduser()
-    candidate = path / MODEL_FILE if path.is_dir() else path
-    if not candidate.is_file():
-        raise EdgepruneError(f"no ONNX model at {candidate}: run `edgeprune export` first or give the .onnx file")
-    return candidate
+    if path.is_dir():
+        graphs = [path / MODEL_FILE] if (path / MODEL_FILE).is_file() else sorted(path.glob("*.onnx"))
+        if len(graphs) == 1:
+            return graphs[0]
+    elif path.is_file() and path.suffix == ".onnx":
+        return path
+    raise EdgepruneError(
+        f"no ONNX model at {path}: run `edgeprune export` first, or give the .onnx file or a folder with one model.onnx"
+    )
+
+
+def weights_file(onnx_path: Path) -> Path:
+    """Where edgeprune keeps a model's weights: `<name>_data` beside the graph (see export/files.py)."""
+    return onnx_path.with_name(onnx_path.name + "_data")
+
+
+def onnx_files(onnx_path: Path) -> list[Path]:
+    """The .onnx file and its weights file, if it has one: what a copy, an upload or a size must include."""
+    return [p for p in (onnx_path, weights_file(onnx_path)) if p.is_file()]
+
+
+def onnx_bytes(onnx_path: Path) -> int:
+    """Bytes on disk of a model: its graph plus its weights file."""
+    return sum(file.stat().st_size for file in onnx_files(onnx_path))
 
 
 def session_options(threads: int | None = None) -> ort.SessionOptions:

@@ -102,8 +102,23 @@ def family_names() -> list[str]:
     return [family.model_types[0] for family in FAMILIES]
 
 
+def family_class(name: str):
+    """The registered adapter class a name of `family_names()` stands for."""
+    from edgeprune.models import FAMILIES
+
+    return next(family for family in FAMILIES if family.model_types[0] == name)
+
+
 def tiny_model(family: str, **overrides):
     return TINY_MODELS[family](**overrides)
+
+
+def save_tiny(family: str, folder: Path, tokenizer=None) -> Path:
+    """The tiny `family` model saved as an ordinary HF folder (an input model); with `tokenizer`, its files too."""
+    tiny_model(family).save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    return folder
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -139,17 +154,10 @@ def token_ids() -> torch.Tensor:
 
 
 @pytest.fixture
-def saved_llama(tmp_path: Path, llama, tokenizer) -> Path:
-    """The tiny Llama saved as an ordinary HF folder (an unpruned input model)."""
-    folder = tmp_path / "tiny-llama"
-    llama.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+def saved_llama(tmp_path: Path, tokenizer) -> Path:
+    return save_tiny("llama", tmp_path / "tiny-llama", tokenizer)
 
 
 @pytest.fixture
-def saved_bert(tmp_path: Path, bert, tokenizer) -> Path:
-    folder = tmp_path / "tiny-bert"
-    bert.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+def saved_bert(tmp_path: Path, tokenizer) -> Path:
+    return save_tiny("bert", tmp_path / "tiny-bert", tokenizer)

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from conftest import family_names, tiny_model
 
 from edgeprune.criteria import GroupScores, ScoringInputs, score_groups
 from edgeprune.errors import EdgepruneError
@@ -23,11 +24,11 @@ def skewed_scores(model, adapter, skewed_layer: int) -> GroupScores:
     return GroupScores(ffn=ffn, heads=heads)
 
 
-@pytest.mark.parametrize("family", ["llama", "bert"])
+@pytest.mark.parametrize("family", family_names())
 @pytest.mark.parametrize("targets", [("ffn", "heads"), ("ffn",)])
 @pytest.mark.parametrize("sparsity", [0.1, 0.3])
-def test_global_plan_meets_sparsity(family, targets, sparsity, llama, bert):
-    model = llama if family == "llama" else bert
+def test_global_plan_meets_sparsity(family, targets, sparsity):
+    model = tiny_model(family)
     adapter = adapter_for(model.config)
     scores = score_groups("magnitude", model, adapter, ScoringInputs())
     summary = prune_model(model, adapter, scores, PruneSpec(sparsity, targets=targets, allocation="global"))

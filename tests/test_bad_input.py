@@ -22,12 +22,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import VOCAB, make_tokenizer
+from conftest import VOCAB, family_names, make_tokenizer, save_tiny
 from test_cli import assert_one_line_error, run
 from test_devices import SMALL, onnx_dirs, sshd  # noqa: F401 (fixtures: a real sshd on loopback, tiny exports)
 
 from edgeprune.budget import Budget, Probe, ProbeLog
 from edgeprune.checkpoint import load_pruned
+from edgeprune.criteria import CRITERIA
 from edgeprune.devices.profiler import LocalProfiler, Workload, profiler_for
 from edgeprune.devices.profiles import get_device, load_profile
 from edgeprune.errors import EdgepruneError
@@ -37,18 +38,14 @@ TEXT = " ".join(f"w{(i * 13) % 89}" for i in range(400))
 
 
 @pytest.fixture
-def bare_llama(tmp_path: Path, llama) -> Path:
+def bare_llama(tmp_path: Path) -> Path:
     """A plain `save_pretrained` of the model: config and weights, no tokenizer files."""
-    folder = tmp_path / "bare-llama"
-    llama.save_pretrained(folder)
-    return folder
+    return save_tiny("llama", tmp_path / "bare-llama")
 
 
 @pytest.fixture
-def bare_bert(tmp_path: Path, bert) -> Path:
-    folder = tmp_path / "bare-bert"
-    bert.save_pretrained(folder)
-    return folder
+def bare_bert(tmp_path: Path) -> Path:
+    return save_tiny("bert", tmp_path / "bare-bert")
 
 
 @pytest.fixture
@@ -69,14 +66,14 @@ def text_file(tmp_path: Path) -> Path:
 # -- a model folder without a tokenizer --------------------------------------------------------------
 
 
-@pytest.mark.parametrize("fixture", ["bare_llama", "bare_bert"])
-def test_inspect_needs_no_tokenizer(fixture, request):
-    result = run("inspect", request.getfixturevalue(fixture), "--json")
+@pytest.mark.parametrize("family", family_names())
+def test_inspect_needs_no_tokenizer(family, tmp_path):
+    result = run("inspect", save_tiny(family, tmp_path / "bare"), "--json")
     assert result.exit_code == 0, result.output
     assert len(json.loads(result.output)["layers"]) in (3, 4)
 
 
-@pytest.mark.parametrize("criterion", ["magnitude", "random"])
+@pytest.mark.parametrize("criterion", sorted(n for n, spec in CRITERIA.items() if not spec.needs_calibration))
 def test_text_free_pruning_needs_no_tokenizer(bare_llama, tmp_path, criterion):
     out = tmp_path / "pruned"
     result = run("prune", bare_llama, "--criterion", criterion, "--sparsity", "0.3", "-o", out)
@@ -86,10 +83,10 @@ def test_text_free_pruning_needs_no_tokenizer(bare_llama, tmp_path, criterion):
     assert model(input_ids=torch.tensor([[7, 8, 9]])).logits.isfinite().all()
 
 
-@pytest.mark.parametrize("fixture", ["bare_llama", "bare_bert"])
-def test_export_without_tokenizer_verifies_on_random_token_ids(fixture, request, tmp_path):
+@pytest.mark.parametrize("family", family_names())
+def test_export_without_tokenizer_verifies_on_random_token_ids(family, tmp_path):
     out, record = tmp_path / "onnx", tmp_path / "export.json"
-    result = run("export", request.getfixturevalue(fixture), "-o", out, "--json", record)
+    result = run("export", save_tiny(family, tmp_path / "bare"), "-o", out, "--json", record)
     assert result.exit_code == 0, result.output
     check = json.loads(record.read_text())["verification"]["fp32"]
     assert check["positions"] >= 32  # ids drawn at random, as many as the text would give

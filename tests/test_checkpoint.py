@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from conftest import family_names, tiny_model
 from transformers import BertForMaskedLM, LlamaForCausalLM
 
 from edgeprune.checkpoint import load_pruned, save_pruned
@@ -36,9 +37,9 @@ def cut_non_uniform(model, kv_too: bool = False):
     return adapter
 
 
-@pytest.mark.parametrize("family", ["llama", "bert"])
-def test_save_load_bit_identical_with_non_uniform_widths(family, llama, bert, tokenizer, token_ids, tmp_path):
-    model = llama if family == "llama" else bert
+@pytest.mark.parametrize("family", family_names())
+def test_save_load_bit_identical_with_non_uniform_widths(family, tokenizer, token_ids, tmp_path):
+    model = tiny_model(family)
     adapter = cut_non_uniform(model)
     widths = layer_widths(model, adapter)
     assert len({w.ffn for w in widths}) == len(widths)  # really non-uniform

@@ -6,9 +6,11 @@ import hashlib
 import json
 from pathlib import Path
 
+import click
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import family_names, save_tiny
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from edgeprune.checkpoint import load_pruned
@@ -35,9 +37,9 @@ def assert_one_line_error(result, pattern: str) -> None:
     assert "Traceback" not in result.output
 
 
-@pytest.mark.parametrize("fixture", ["saved_llama", "saved_bert"])
-def test_prune_then_inspect(fixture, request, tmp_path):
-    source = request.getfixturevalue(fixture)
+@pytest.mark.parametrize("family", family_names())
+def test_prune_then_inspect(family, tokenizer, tmp_path):
+    source = save_tiny(family, tmp_path / family, tokenizer)
     before = folder_digest(source)
     out = tmp_path / "pruned"
     result = run("prune", source, "--sparsity", "0.3", "--criterion", "magnitude", "-o", out)
@@ -100,3 +102,46 @@ def test_missing_model_folder_is_refused(tmp_path):
 def test_unknown_criterion_is_refused(saved_llama, tmp_path):
     result = run("prune", saved_llama, "--sparsity", "0.2", "--criterion", "psychic", "-o", tmp_path / "o")
     assert_one_line_error(result, "unknown criterion 'psychic'")
+
+
+def config_options() -> list[tuple[str, click.Option]]:
+    """(command, option) for every option whose default lives in a config dataclass."""
+    from edgeprune.cli import ConfigDefault
+
+    return [
+        (name, param)
+        for name, command in main.commands.items()
+        for param in command.params
+        if isinstance(param, ConfigDefault)
+    ]
+
+
+@pytest.mark.parametrize("command, option", config_options(), ids=lambda x: getattr(x, "name", x))
+def test_config_options_keep_no_default_and_show_the_dataclass_one(command, option):
+    ctx = click.Context(main.commands[command])
+    assert option.get_default(ctx) is None  # unset options are not passed: the dataclass's default applies
+    assert "default: " in option.get_help_record(ctx)[1]  # and the field it names exists
+
+
+def test_run_and_recover_without_options_are_their_configs_defaults(saved_llama, monkeypatch, tmp_path):
+    """What a Python caller of RunConfig() / RecoveryConfig() gets is what the CLI gets."""
+    import edgeprune.recover
+    import edgeprune.run
+    from edgeprune.recover import RecoveryConfig
+    from edgeprune.run import RunConfig, default_budgets
+
+    seen = {}
+
+    def capture(name):
+        def called(*args, **kwargs):
+            seen[name] = args
+            raise click.ClickException("captured")
+
+        return called
+
+    monkeypatch.setattr(edgeprune.run, "run_job", capture("run"))
+    monkeypatch.setattr(edgeprune.recover, "recover_folder", capture("recover"))
+    assert "captured" in run("run", str(saved_llama), "-o", str(tmp_path / "run")).output
+    assert seen["run"][0] == RunConfig(budgets=default_budgets(), model=str(saved_llama))
+    assert "captured" in run("recover", str(saved_llama), "-o", str(tmp_path / "rec")).output
+    assert seen["recover"][3] == RecoveryConfig()

@@ -7,10 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import family_names, save_tiny
 
 from edgeprune.checkpoint import load_pruned, read_provenance
 from edgeprune.cli import main
-from edgeprune.criteria import GroupScores
+from edgeprune.criteria import CRITERIA, GroupScores
 
 
 def run(*args):
@@ -26,9 +27,9 @@ def word_file(tmp_path: Path) -> Path:
 CALIB = ("--calib-samples", "4", "--calib-seq-len", "16")
 
 
-@pytest.mark.parametrize("fixture", ["saved_llama", "saved_bert"])
-def test_score_writes_scores_and_prints_a_summary(fixture, request, tmp_path):
-    source = request.getfixturevalue(fixture)
+@pytest.mark.parametrize("family", family_names())
+def test_score_writes_scores_and_prints_a_summary(family, tokenizer, tmp_path):
+    source = save_tiny(family, tmp_path / family, tokenizer)
     target = tmp_path / "scores.safetensors"
     result = run("score", source, "--criterion", "taylor", "--calibration", word_file(tmp_path), *CALIB, "-o", target)
     assert result.exit_code == 0, result.output
@@ -144,3 +145,33 @@ def test_score_a_classifier_with_supervised_taylor_on_glue_sentences(bert, token
         tmp_path / "fluct.safetensors",
     )
     assert label_free.exit_code == 0, label_free.output
+
+
+@pytest.mark.parametrize("family", family_names())
+@pytest.mark.parametrize("criterion", sorted(CRITERIA))
+def test_score_and_run_score_alike(criterion, family, tokenizer, tmp_path):
+    """One builder of scoring inputs: `score` and `run` give the same scores for the same criterion and
+    calibration (windows from the text's head, the criterion's own window count, the mask token)."""
+    from edgeprune.loading import load_model
+    from edgeprune.models import adapter_for
+    from edgeprune.run import RunConfig, load_or_score, split_calibration
+
+    source, text = save_tiny(family, tmp_path / family, tokenizer), word_file(tmp_path)
+    target = tmp_path / "scores.safetensors"
+    result = run("score", source, "--criterion", criterion, "--calibration", text, "--calib-seq-len", 16, "-o", target)
+    assert result.exit_code == 0, result.output
+    loaded = load_model(str(source))
+    cfg = RunConfig(criterion=criterion, calibration=str(text), calib_seq_len=16)
+    adapter = adapter_for(loaded.model.config)
+    by_run = load_or_score(tmp_path / "run.safetensors", loaded, adapter, cfg, split_calibration(loaded.tokenizer, cfg))
+    by_score = GroupScores.load(target)
+    assert all(torch.equal(a, b) for a, b in zip(by_score.ffn + by_score.heads, by_run.ffn + by_run.heads, strict=True))
+
+
+@pytest.mark.parametrize("criterion", sorted(CRITERIA))
+def test_every_criterion_refuses_unknown_options_naming_the_valid_ones(criterion, saved_llama, tmp_path):
+    args = ["--criterion", criterion, "--criterion-option", "nonsense=1", "--calibration", word_file(tmp_path)]
+    result = run("score", saved_llama, *args, "-o", tmp_path / "s.safetensors")
+    assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1, result.output
+    assert f"unknown {criterion} option(s) nonsense" in result.output
+    assert all(name in result.output for name in CRITERIA[criterion].option_names()) or "takes none" in result.output

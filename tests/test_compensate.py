@@ -12,12 +12,12 @@ from edgeprune.compensate import (
     Gram,
     cut_and_compensate,
     cut_by_obs,
-    obs_removal_order,
+    obs_removal,
     refit,
 )
 from edgeprune.models import adapter_for
 from edgeprune.structure import LayerKeep, cut_model, layer_widths
-from tests.conftest import VOCAB
+from tests.conftest import VOCAB, family_names, tiny_model
 
 
 def calibration(n: int = 8, length: int = 24, seed: int = 0) -> torch.Tensor:
@@ -65,9 +65,9 @@ def make_neuron_a_multiple(model, adapter, layer: int, copy_of: int, removed: in
             inputs[1].weight[removed] *= 2
 
 
-@pytest.mark.parametrize("family", ["llama", "bert"])
-def test_removed_neuron_that_is_a_multiple_of_a_kept_one_is_rebuilt(family, llama, bert):
-    model = llama if family == "llama" else bert
+@pytest.mark.parametrize("family", family_names())
+def test_removed_neuron_that_is_a_multiple_of_a_kept_one_is_rebuilt(family):
+    model = tiny_model(family)
     adapter = adapter_for(model.config)
     make_neuron_a_multiple(model, adapter, layer=1, copy_of=3, removed=10)
     ids = calibration()
@@ -85,10 +85,10 @@ def test_removed_neuron_that_is_a_multiple_of_a_kept_one_is_rebuilt(family, llam
 
 
 @pytest.mark.parametrize("kind", ["ffn", "heads"])
-@pytest.mark.parametrize("family", ["llama", "bert"])
-def test_refit_lowers_the_cut_projection_error_on_calibration_tokens(family, kind, llama, bert):
+@pytest.mark.parametrize("family", family_names())
+def test_refit_lowers_the_cut_projection_error_on_calibration_tokens(family, kind):
     """The kept weights are one candidate of the least-squares fit, so the fit can only be closer."""
-    model = llama if family == "llama" else bert
+    model = tiny_model(family)
     adapter = adapter_for(model.config)
     projection = adapter.ffn_output if kind == "ffn" else adapter.head_output
     ids = calibration()
@@ -129,7 +129,7 @@ def test_obs_removes_a_redundant_unit_first():
     weight /= weight.norm(dim=0)
     fluctuation = a.var(0) * weight.pow(2).sum(0)
     assert int(fluctuation.argmin()) == 2
-    first = obs_removal_order(gram.xtx, weight, torch.arange(6)[:, None], 1, damping=1e-8)
+    first, _ = obs_removal(gram.xtx, weight, torch.arange(6)[:, None], 1, damping=1e-8)
     assert int(first[0]) in (0, 1, 5)
     keep = torch.tensor([i for i in range(6) if i != int(first[0])])
     rebuilt = a[:, keep] @ refit(gram.xtx, weight, keep, 0.0).T
@@ -147,14 +147,14 @@ def test_obs_keeps_equal_heads_per_kv_group_and_drops_a_duplicated_head():
     weight = torch.randn(8, n_heads * hd, generator=gen, dtype=torch.float64)
     units = torch.arange(n_heads * hd).reshape(n_heads, hd)
     groups = torch.arange(n_heads) // 3
-    order = obs_removal_order(gram.xtx, weight, units, 2, 1, 1e-8, groups, per_group_keep=2)
+    order, _ = obs_removal(gram.xtx, weight, units, 2, 1, 1e-8, groups, per_group_keep=2)
     assert int(order[0]) in (0, 1)
     assert sorted(int(groups[h]) for h in order) == [0, 1]
 
 
-@pytest.mark.parametrize("family", ["llama", "bert"])
-def test_obs_cut_reaches_the_planned_widths(family, llama, bert):
-    model = llama if family == "llama" else bert
+@pytest.mark.parametrize("family", family_names())
+def test_obs_cut_reaches_the_planned_widths(family):
+    model = tiny_model(family)
     adapter = adapter_for(model.config)
     plan = layer_widths(model, adapter)
     for i in (1, 2):
@@ -194,17 +194,15 @@ def test_prune_cli_compensates_by_default_and_selects_by_obs(saved_llama, tmp_pa
     assert errors[0] == errors[-1] == 96 and sum(errors) == sum(uniform)  # the same neurons, placed by error
 
 
-@pytest.mark.parametrize("family", ["llama", "bert"])
-def test_dense_graph_with_the_refit_ffn_written_in_matches_the_compensated_model(
-    family, llama, bert, tokenizer, tmp_path
-):
+@pytest.mark.parametrize("family", family_names())
+def test_dense_graph_with_the_refit_ffn_written_in_matches_the_compensated_model(family, tokenizer, tmp_path):
     """run's cheap probes: the dense ONNX graph with the cut model's own (re-fit) FFN tensors written in."""
     import onnx
 
     from edgeprune.export import export_model, verify_onnx
     from edgeprune.export.sliced import ffn_bias_names, ffn_initializer_names, write_ffn
 
-    model = llama if family == "llama" else bert
+    model = tiny_model(family)
     adapter = adapter_for(model.config)
     export_model(model, tokenizer, tmp_path / "dense")
     graph = onnx.load(str(tmp_path / "dense" / "model.onnx")).graph

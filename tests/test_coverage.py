@@ -7,7 +7,7 @@ import importlib
 from pathlib import Path
 
 import pytest
-from conftest import TINY_MODELS, family_names, tiny_model
+from conftest import TINY_MODELS, family_class, family_names, tiny_model
 
 from edgeprune.criteria import CRITERIA
 from edgeprune.models import FAMILIES, adapter_for
@@ -46,6 +46,5 @@ def test_every_model_family_is_tested():
 
 @pytest.mark.parametrize("family", family_names())
 def test_every_family_has_a_tiny_model_of_its_own(family):
-    adapter_class = next(f for f in FAMILIES if f.model_types[0] == family)
     assert family in TINY_MODELS, f"add a tiny {family} model to tests/conftest.py TINY_MODELS"
-    assert type(adapter_for(tiny_model(family).config)) is adapter_class
+    assert type(adapter_for(tiny_model(family).config)) is family_class(family)

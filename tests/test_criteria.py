@@ -10,14 +10,13 @@ from transformers import LlamaForCausalLM
 
 from edgeprune.compensate import compensate_bias, output_means
 from edgeprune.criteria import CRITERIA, ScoringInputs, score_groups
-from edgeprune.criteria.base import NEEDS_CALIBRATION
 from edgeprune.criteria.taylor import accumulate_gradients, gradients_only_for, lm_targets
 from edgeprune.errors import EdgepruneError
 from edgeprune.models import adapter_for
 from edgeprune.structure import PruneSpec, layer_widths, prune_model
 from tests.conftest import VOCAB, family_names, tiny_llama, tiny_model
 
-CALIBRATED = sorted(name for name in CRITERIA if name in NEEDS_CALIBRATION)
+CALIBRATED = sorted(name for name, spec in CRITERIA.items() if spec.needs_calibration)
 
 
 def calibration(n: int = 4, length: int = 16, seed: int = 0) -> torch.Tensor:
@@ -170,11 +169,11 @@ def output_of(model, linear_of, ids: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("kind", ["ffn", "heads"])
-@pytest.mark.parametrize("family", ["llama", "bert"])
-def test_bias_compensation_keeps_the_mean_output_and_lowers_the_error(family, kind, llama, bert):
+@pytest.mark.parametrize("family", family_names())
+def test_bias_compensation_keeps_the_mean_output_and_lowers_the_error(family, kind):
     """FLAP's guarantee: with the removed channels' mean put into the bias, the cut projection's output
     equals the dense one on average over the calibration tokens; the logits error drops too."""
-    model = llama if family == "llama" else bert
+    model = tiny_model(family)
     adapter = adapter_for(model.config)
     linear_of = {"ffn": adapter.ffn_output, "heads": adapter.head_output}[kind]
     ids = calibration(n=8, length=16)
@@ -196,11 +195,11 @@ def test_bias_compensation_keeps_the_mean_output_and_lowers_the_error(family, ki
     assert error["compensated"] < error["plain"]
 
 
-@pytest.mark.parametrize("family", ["llama", "bert"])
-def test_compensated_checkpoint_reloads(family, llama, bert, tokenizer, tmp_path):
+@pytest.mark.parametrize("family", family_names())
+def test_compensated_checkpoint_reloads(family, tokenizer, tmp_path):
     from edgeprune.checkpoint import load_pruned, save_pruned
 
-    model = llama if family == "llama" else bert
+    model = tiny_model(family)
     adapter = adapter_for(model.config)
     ids = calibration()
     scores = score_groups("wanda-sp", model, adapter, ScoringInputs(calibration=ids))

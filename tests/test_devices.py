@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from conftest import make_tokenizer, tiny_bert, tiny_llama
+from conftest import family_class, family_names, make_tokenizer, tiny_bert, tiny_llama
 from test_cli import assert_one_line_error
 
 from edgeprune.cli import main
@@ -22,6 +22,7 @@ from edgeprune.devices.profiler import LocalProfiler, ProfileResult, Workload, p
 from edgeprune.devices.profiles import PACKAGED_DIR, get_device, load_profile
 from edgeprune.errors import EdgepruneError
 from edgeprune.export import export_model, quantize_weight_only
+from edgeprune.models import CAUSAL_LM
 
 TEXT = " ".join(f"w{(i * 13) % 89}" for i in range(24))
 SMALL = Workload(batch=1, sequence=16, prefill=8, decode=3)
@@ -99,8 +100,9 @@ def assert_complete(result: dict, kind: str) -> None:
     assert len(result["samples"]["latency_ms"]) == result["runs"]
 
 
-@pytest.mark.parametrize("family,kind", [("llama", "decoder"), ("bert", "encoder")])
-def test_profile_json_has_every_field(onnx_dirs, tmp_path, family, kind):
+@pytest.mark.parametrize("family", family_names())
+def test_profile_json_has_every_field(onnx_dirs, tmp_path, family):
+    kind = "decoder" if family_class(family).kind == CAUSAL_LM else "encoder"
     report = tmp_path / "p.json"
     args = ["profile", str(onnx_dirs / family), "--workload", "prefill=8,decode=3,seq=16", "--runs", "3"]
     result = CliRunner().invoke(main, [*args, "--warmup", "1", "--json", str(report)])

@@ -97,7 +97,7 @@ class BigramForCausalLM(nn.Module):
     def __init__(self, table: torch.Tensor):
         super().__init__()
         self.table = table
-        self.config = SimpleNamespace(max_position_embeddings=64)
+        self.config = SimpleNamespace(max_position_embeddings=64, model_type="llama")  # a causal family
 
     def forward(self, input_ids, attention_mask=None, position_ids=None):
         return SimpleNamespace(logits=self.table[input_ids])

@@ -14,7 +14,8 @@ import onnx
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import make_tokenizer, tiny_bert, tiny_llama
+from conftest import family_names, make_tokenizer, tiny_bert, tiny_llama, tiny_model
+from onnx.external_data_helper import uses_external_data
 from test_checkpoint import cut_non_uniform
 from test_cli import assert_one_line_error
 
@@ -22,9 +23,10 @@ from edgeprune.cli import main
 from edgeprune.errors import EdgepruneError
 from edgeprune.export import export_model, resolve_task
 from edgeprune.export.exporter import FP32_ATOL, Tolerance
+from edgeprune.export.files import INLINE_BYTES
 from edgeprune.export.quantize import quantize_int8, quantize_weight_only
 from edgeprune.models import adapter_for
-from edgeprune.runtime import OnnxModel, greedy_generate, open_session
+from edgeprune.runtime import OnnxModel, greedy_generate, onnx_bytes, open_session
 from edgeprune.structure import layer_widths
 
 TEXT = " ".join(f"w{(i * 37) % 89}" for i in range(40))  # the tiny tokenizer's words
@@ -43,18 +45,19 @@ sys.meta_path.insert(0, BlockTorch())
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    """Non-uniform tiny Llama (GQA, per-layer FFN, query heads cut evenly) and BERT, exported in fp32."""
+    """Every family's tiny model, non-uniform (Llama: GQA, per-layer FFN, query heads cut evenly), exported in fp32."""
     root = tmp_path_factory.mktemp("onnx")
     tokenizer = make_tokenizer()
     found = {}
-    for name, model in (("llama", tiny_llama()), ("bert", tiny_bert())):
+    for name in family_names():
+        model = tiny_model(name)
         cut_non_uniform(model)
         result = export_model(model, tokenizer, root / name, text=TEXT, provenance={"source": name})
         found[name] = (model, result)
     return found
 
 
-@pytest.mark.parametrize("family", ["llama", "bert"])
+@pytest.mark.parametrize("family", family_names())
 def test_export_matches_pytorch(exported, family):
     model, result = exported[family]
     widths = layer_widths(model, adapter_for(model.config))
@@ -100,12 +103,15 @@ def test_weight_only_export_ships_one_verified_model(exported, tmp_path, precisi
     # tiny random models sit on near-ties and amplify weight error (initializer_range 0.2): the real decoder's
     # tolerances do not apply; the 8-bit file must still agree on most positions
     result = export_model(model, make_tokenizer(), tmp_path / precision, quantize=precision, text=TEXT, tolerance=ANY)
-    assert [p.name for p in result.path.glob("*.onnx*")] == ["model.onnx"]
+    # one model: the graph and its memory-mapped weights file (export/files.py), nothing of the fp32 file left
+    assert sorted(p.name for p in result.path.glob("*.onnx*")) == ["model.onnx", "model.onnx_data"]
+    tensors = onnx.load(str(result.path / "model.onnx"), load_external_data=False).graph.initializer
+    assert all(len(t.raw_data) <= INLINE_BYTES for t in tensors) and any(map(uses_external_data, tensors))
     assert result.precision == precision and set(result.verification) == {"fp32", precision}
     nodes = matmul_nbits(result.path / "model.onnx")
     assert len(nodes) == 4 * 7 + 1  # q, k, v, o, gate, up, down of each layer and the lm_head
     assert {(n["bits"], n["block_size"], n["accuracy_level"]) for n in nodes} == {(bits, 32, 4), (8, 32, 4)}
-    assert result.sizes[precision] == (result.path / "model.onnx").stat().st_size < result.sizes["fp32"]
+    assert result.sizes[precision] == onnx_bytes(result.path / "model.onnx") < result.sizes["fp32"]
     check = result.verification[precision]
     assert check.cache_steps == 8 and 0 < check.max_abs_diff < check.max_abs_logit
     record = json.loads((result.path / "edgeprune.json").read_text())
@@ -159,7 +165,7 @@ def test_dynamic_int8_is_close_to_fp32_and_agrees_where_the_top1_is_clear(export
         clear = top2[:, 1] - top2[:, 0] > CLEAR_MARGIN * scale
         assert clear.sum() >= 5  # enough clear positions for the agreement to mean something
         assert (int8.argmax(-1) == fp32.argmax(-1))[clear].all()
-        assert dynamic.stat().st_size < result.sizes["fp32"]
+        assert onnx_bytes(dynamic) < result.sizes["fp32"]
 
 
 def test_greedy_generation_matches_transformers(exported):
@@ -206,6 +212,28 @@ def test_corrupt_or_missing_onnx_is_one_line_error(exported, tmp_path):
     assert_one_line_error(CliRunner().invoke(main, ["generate", str(broken), "w1"]), "not a loadable ONNX model")
     assert_one_line_error(CliRunner().invoke(main, ["profile", str(broken)]), "not a loadable ONNX model")
     assert_one_line_error(CliRunner().invoke(main, ["generate", str(tmp_path / "nope"), "w1"]), "no ONNX model at")
+
+
+def test_one_rule_finds_the_onnx_file_of_a_path(tmp_path):
+    """Profiling, generation and evaluation all find a model's .onnx file by `runtime.model_file`."""
+    from edgeprune.evaluate import load_for_eval
+    from edgeprune.runtime import model_file
+
+    folder = tmp_path / "export"
+    folder.mkdir()
+    (folder / "model.int4.onnx").write_bytes(b"")
+    assert model_file(folder) == folder / "model.int4.onnx"  # the only graph of a folder
+    (folder / "model.onnx").write_bytes(b"")
+    assert model_file(folder) == folder / "model.onnx"  # model.onnx first
+    assert model_file(folder / "model.int4.onnx") == folder / "model.int4.onnx"
+    (folder / "model.onnx").unlink()
+    (folder / "model.int8.onnx").write_bytes(b"")
+    (folder / "notes.txt").write_text("not a graph")
+    for unclear in (folder, folder / "notes.txt", tmp_path / "nope"):  # two graphs, not a graph, nothing
+        with pytest.raises(EdgepruneError, match="no ONNX model at"):
+            model_file(unclear)
+    with pytest.raises(EdgepruneError, match="has no config.json"):  # an export, so evaluated through ORT
+        load_for_eval(str(folder / "model.int4.onnx"))
 
 
 def test_existing_output_is_refused(tmp_path):

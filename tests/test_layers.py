@@ -13,7 +13,7 @@ from edgeprune.layers import (
     remove_layers,
 )
 from edgeprune.models import adapter_for
-from tests.conftest import VOCAB
+from tests.conftest import VOCAB, family_names, tiny_model
 
 
 def ids(n: int = 4, length: int = 16) -> torch.Tensor:
@@ -39,11 +39,11 @@ def skipped_logits(model, adapter, skip: set[int], tokens: torch.Tensor) -> torc
             handle.remove()
 
 
-@pytest.mark.parametrize("family", ["llama", "bert"])
-def test_removing_a_layer_equals_skipping_it(family, llama, bert, tokenizer, tmp_path):
+@pytest.mark.parametrize("family", family_names())
+def test_removing_a_layer_equals_skipping_it(family, tokenizer, tmp_path):
     from edgeprune.checkpoint import load_pruned, save_pruned
 
-    model = llama if family == "llama" else bert
+    model = tiny_model(family)
     adapter = adapter_for(model.config)
     tokens = ids()
     n_layers = len(adapter.layers(model))

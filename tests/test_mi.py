@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from edgeprune.criteria import ScoringInputs, score_groups
+from edgeprune.criteria.base import parse_options
 from edgeprune.criteria.mi import (
     MIOptions,
     cluster_mi,
@@ -128,9 +129,9 @@ def test_same_seed_same_scores(llama):
 
 def test_bad_option_is_a_user_error():
     with pytest.raises(EdgepruneError, match="unknown mi option"):
-        MIOptions.from_dict({"widht_rule": "median"})
+        parse_options("mi", {"widht_rule": "median"})
     with pytest.raises(EdgepruneError, match="width_rule"):
-        MIOptions.from_dict({"width_rule": "scott"})
+        parse_options("mi", {"width_rule": "scott"})
 
 
 def test_conditional_information_scores_a_rebuildable_neuron_lowest():

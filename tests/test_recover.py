@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import tiny_bert
+from conftest import family_names, tiny_bert, tiny_model
 from transformers import BertConfig, BertForMaskedLM, BertForSequenceClassification, LlamaForCausalLM
 
 from edgeprune.checkpoint import load_pruned, save_pruned
@@ -84,9 +84,9 @@ def lora_layers(peft_model) -> dict:
     return {name: m for name, m in peft_model.named_modules() if hasattr(m, "lora_A") and "default" in m.lora_A}
 
 
-@pytest.mark.parametrize("family", ["llama", "bert"])
-def test_lora_wraps_every_projection_with_its_pruned_shape(family, llama, bert):
-    model = llama if family == "llama" else bert
+@pytest.mark.parametrize("family", family_names())
+def test_lora_wraps_every_projection_with_its_pruned_shape(family):
+    model = tiny_model(family)
     prune_non_uniform(model)
     peft_model = attach_lora(model, RecoveryConfig())
     wrapped = lora_layers(peft_model)
@@ -108,9 +108,9 @@ def test_lora_wraps_every_projection_with_its_pruned_shape(family, llama, bert):
     )
 
 
-@pytest.mark.parametrize("family", ["llama", "bert"])
-def test_merged_model_matches_unmerged_peft_model(family, llama, bert, token_ids):
-    model = llama if family == "llama" else bert
+@pytest.mark.parametrize("family", family_names())
+def test_merged_model_matches_unmerged_peft_model(family, token_ids):
+    model = tiny_model(family)
     prune_non_uniform(model)
     with torch.no_grad():
         before = model(input_ids=token_ids).logits
@@ -141,9 +141,9 @@ def val_loss_of(model, data, tokenizer, config, causal: bool) -> float:
     return total / count
 
 
-@pytest.mark.parametrize("family", ["llama", "bert"])
-def test_recovery_lowers_validation_loss(family, llama, bert, tokenizer, pattern_text):
-    model = llama if family == "llama" else bert
+@pytest.mark.parametrize("family", family_names())
+def test_recovery_lowers_validation_loss(family, tokenizer, pattern_text):
+    model = tiny_model(family)
     prune_non_uniform(model)
     widths = layer_widths(model, adapter_for(model.config))
     config = RecoveryConfig(steps=20, **FAST)

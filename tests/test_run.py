@@ -17,10 +17,9 @@ from edgeprune.budget import AUTO_PRECISIONS, Budget
 from edgeprune.checkpoint import load_pruned
 from edgeprune.cli import main
 from edgeprune.devices.profiler import ProfileResult, Stats, Workload, compare_results
-from edgeprune.devices.runner import file_size_mb
 from edgeprune.models import adapter_for
 from edgeprune.run import RunConfig, parameters_at, pruned_copy, run_job
-from edgeprune.runtime import OnnxModel, model_file
+from edgeprune.runtime import OnnxModel, model_file, onnx_bytes
 from edgeprune.structure import count_parameters
 
 
@@ -105,6 +104,7 @@ def test_run_with_recovery_records_it(saved_llama, calibration_file, tmp_path):
 
 def test_scores_are_reused_only_for_the_same_criterion_settings(llama, tokenizer, calibration_file, tmp_path):
     from edgeprune.criteria import GroupScores
+    from edgeprune.loading import LoadedModel
     from edgeprune.models import adapter_for
     from edgeprune.run import RunConfig, load_or_score, split_calibration
 
@@ -113,7 +113,8 @@ def test_scores_are_reused_only_for_the_same_criterion_settings(llama, tokenizer
 
     def scores_for(**settings):
         cfg = RunConfig(budgets=[], criterion="mi", calibration=str(calibration_file), calib_samples=4, **settings)
-        return load_or_score(path, llama, adapter, cfg, split_calibration(tokenizer, cfg), "hash")
+        loaded = LoadedModel(llama, tokenizer, "tiny", "hash")
+        return load_or_score(path, loaded, adapter, cfg, split_calibration(tokenizer, cfg))
 
     first = scores_for(calib_seq_len=16)
     marked = GroupScores([torch.ones_like(f) for f in first.ffn], first.heads, first.criterion, first.settings)
@@ -153,7 +154,7 @@ class FileSizeProfiler:
         model = OnnxModel(path)
         model.forward(np.arange(7, 7 + 8, dtype=np.int64)[None])
         self.files.append(path)
-        ms = file_size_mb(path)
+        ms = onnx_bytes(path) / 1e6
         timing = Stats(ms, ms, ms, 0.0)
         kind = "decoder" if model.is_decoder else "encoder"
         return ProfileResult(

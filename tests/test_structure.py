@@ -6,11 +6,12 @@ import copy
 
 import pytest
 import torch
+from conftest import family_names, tiny_model
 from transformers import GPT2Config
 
 from edgeprune.criteria import ScoringInputs, score_groups
 from edgeprune.errors import EdgepruneError
-from edgeprune.models import adapter_for
+from edgeprune.models import CAUSAL_LM, CLASSIFIER, ENCODER, MASKED_LM, adapter_for, model_kind
 from edgeprune.structure import LayerKeep, PruneSpec, cut_model, layer_widths, prune_model
 
 ATOL = 1e-5
@@ -25,9 +26,9 @@ def keep_all_but(width: int, drop: list[int]) -> torch.Tensor:
     return torch.tensor([i for i in range(width) if i not in drop], dtype=torch.long)
 
 
-@pytest.mark.parametrize("family", ["llama", "bert"])
-def test_zero_sparsity_keeps_logits_identical(family, llama, bert, token_ids):
-    model = llama if family == "llama" else bert
+@pytest.mark.parametrize("family", family_names())
+def test_zero_sparsity_keeps_logits_identical(family, token_ids):
+    model = tiny_model(family)
     before = logits(model, token_ids)
     adapter = adapter_for(model.config)
     summary = prune_model(model, adapter, score_groups("magnitude", model, adapter, ScoringInputs()), PruneSpec(0.0))
@@ -35,9 +36,9 @@ def test_zero_sparsity_keeps_logits_identical(family, llama, bert, token_ids):
     assert torch.equal(logits(model, token_ids), before)
 
 
-@pytest.mark.parametrize("family", ["llama", "bert"])
-def test_cutting_ffn_neuron_equals_zeroing_its_output_column(family, llama, bert, token_ids):
-    model = llama if family == "llama" else bert
+@pytest.mark.parametrize("family", family_names())
+def test_cutting_ffn_neuron_equals_zeroing_its_output_column(family, token_ids):
+    model = tiny_model(family)
     adapter = adapter_for(model.config)
     original = logits(model, token_ids)
     zeroed = copy.deepcopy(model)
@@ -54,9 +55,9 @@ def test_cutting_ffn_neuron_equals_zeroing_its_output_column(family, llama, bert
     assert (pruned - original).abs().max() > 1e-3  # the cut really changed the function
 
 
-@pytest.mark.parametrize("family", ["llama", "bert"])
-def test_cutting_head_equals_zeroing_its_output_columns(family, llama, bert, token_ids):
-    model = llama if family == "llama" else bert
+@pytest.mark.parametrize("family", family_names())
+def test_cutting_head_equals_zeroing_its_output_columns(family, token_ids):
+    model = tiny_model(family)
     adapter = adapter_for(model.config)
     original = logits(model, token_ids)
     layer = adapter.layers(model)[2]
@@ -107,11 +108,11 @@ def test_kv_group_removed_only_when_allowed(llama, token_ids):
     assert logits(llama, token_ids).isfinite().all()
 
 
-@pytest.mark.parametrize("family", ["llama", "bert"])
+@pytest.mark.parametrize("family", family_names())
 @pytest.mark.parametrize("targets", [("ffn", "heads"), ("ffn",)])
 @pytest.mark.parametrize("sparsity", [0.1, 0.25, 0.5])
-def test_plan_meets_sparsity_of_prunable_parameters(family, targets, sparsity, llama, bert):
-    model = llama if family == "llama" else bert
+def test_plan_meets_sparsity_of_prunable_parameters(family, targets, sparsity):
+    model = tiny_model(family)
     adapter = adapter_for(model.config)
     scores = score_groups("magnitude", model, adapter, ScoringInputs())
     summary = prune_model(model, adapter, scores, PruneSpec(sparsity, targets=targets))
@@ -136,8 +137,39 @@ def test_refusals():
         PruneSpec(1.0)
     with pytest.raises(EdgepruneError, match="unknown targets"):
         PruneSpec(0.2, targets=("mlp",))
-    with pytest.raises(EdgepruneError, match="unsupported architecture 'gpt2'.*llama.*bert"):
+    with pytest.raises(
+        EdgepruneError, match=r"unsupported architecture 'gpt2': edgeprune supports (?=.*\bllama\b)(?=.*\bbert\b)"
+    ):
         adapter_for(GPT2Config())
+
+
+@pytest.mark.parametrize("family", family_names())
+def test_model_kind_is_the_family_kind_refined_by_the_head(family):
+    from transformers import AutoModelForSequenceClassification
+
+    model = tiny_model(family)
+    family_kind = adapter_for(model.config).kind
+    assert family_kind in (CAUSAL_LM, ENCODER)
+    assert model_kind(model) == (CAUSAL_LM if family_kind == CAUSAL_LM else MASKED_LM)
+    assert model_kind(model.base_model) == family_kind  # no head: a decoder stays a decoder, an encoder is bare
+    assert model_kind(AutoModelForSequenceClassification.from_config(model.config)) == CLASSIFIER
+
+
+def test_a_newly_registered_decoder_family_is_a_causal_lm_everywhere(monkeypatch):
+    """The kind comes from the adapter: registering a family is all it takes for export and recovery to
+    treat its models as decoders (the old check was "is a Llama")."""
+    from transformers import GPT2LMHeadModel
+
+    from edgeprune.export import resolve_task
+    from edgeprune.models import base
+    from edgeprune.models.llama import LlamaAdapter
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50))
+    with pytest.raises(EdgepruneError, match="unsupported architecture 'gpt2'"):
+        model_kind(gpt2)
+    monkeypatch.setattr(base, "FAMILIES", list(base.FAMILIES))
+    base.register_family(type("Gpt2Family", (LlamaAdapter,), {"model_types": ("gpt2",)}))
+    assert model_kind(gpt2) == CAUSAL_LM and resolve_task(gpt2, "auto") == "text-generation-with-past"
 
 
 def test_sparsity_that_would_empty_a_layer_is_refused(llama):

@@ -49,7 +49,7 @@ layer has only a few heads).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -87,19 +87,7 @@ class MIOptions:
     kl_sparsity: float = 0.25
     max_pairs: int = 32640  # position pairs per layer (as many as 256 positions have); more are subsampled
 
-    @classmethod
-    def from_dict(cls, options: dict) -> MIOptions:
-        known = {f.name: f.type for f in fields(cls)}
-        unknown = sorted(set(options) - set(known))
-        if unknown:
-            raise EdgepruneError(f"unknown mi option(s) {unknown}: choose from {', '.join(known)}")
-        defaults = cls()
-        values = {k: type(getattr(defaults, k))(v) for k, v in options.items()}
-        opts = cls(**values)
-        opts.validate()
-        return opts
-
-    def validate(self) -> None:
+    def __post_init__(self) -> None:
         for name, allowed in (
             ("selection", SELECTIONS),
             ("width_rule", WIDTH_RULES),
@@ -579,9 +567,9 @@ def split_calibration(calibration: torch.Tensor, opts: MIOptions) -> tuple[torch
     return calibration[:-n_hold], calibration[-n_hold:]
 
 
-@register("mi", needs_calibration=True)
+@register("mi", MIOptions, needs_calibration=True)
 def score_mi(model: nn.Module, adapter: FamilyAdapter, inputs: ScoringInputs) -> GroupScores:
-    opts = MIOptions.from_dict(inputs.options)
+    opts: MIOptions = inputs.options
     calibration, holdout = split_calibration(inputs.calibration, opts)
     gen = torch.Generator().manual_seed(inputs.seed)
     layers = adapter.layers(model)

@@ -1,7 +1,7 @@
 """LLM-Pruner's Taylor criterion: how much the language-model loss would change if a group were removed.
 
 Removing a group sets its weights W to 0, so to first order the loss changes by -Σ W·∂L/∂W.
-Options (`ScoringInputs.options`):
+Options (`TaylorOptions`):
 - `taylor`: `first` (default; element-wise Σ|W·g| over the group), `second` (element-wise
   Σ|W·g - ½·W·F·W| with F the diagonal Fisher, the mean of per-sequence g²), `vector`
   (|Σ W·g| per linear, the signed first-order loss change).
@@ -24,13 +24,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from edgeprune.criteria.base import GroupScores, ScoringInputs, register
 from edgeprune.errors import EdgepruneError
-from edgeprune.models import FamilyAdapter, is_decoder, is_sequence_classifier
+from edgeprune.models import CAUSAL_LM, CLASSIFIER, ENCODER, IGNORE, MASK_FRACTION, FamilyAdapter, model_kind
 
 ORDERS = ("first", "second", "vector")
 AGGREGATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -39,15 +40,26 @@ AGGREGATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "max": lambda t: t.amax(0),
     "prod": lambda t: t.prod(0),
 }
-MASK_FRACTION = 0.15
-IGNORE = -100  # the label transformers' LM losses skip
+GRADIENT_WINDOWS = 10  # LLM-Pruner's calibration sequences for gradients (CPU-sized)
 
 
-def option(inputs: ScoringInputs, key: str, default: str, allowed: tuple[str, ...]) -> str:
-    value = str(inputs.options.get(key, default))
-    if value not in allowed:
-        raise EdgepruneError(f"taylor option {key}='{value}' is unknown: choose from {', '.join(allowed)}")
-    return value
+@dataclass(frozen=True)
+class TaylorOptions:
+    """Options of `taylor` (see the module docstring)."""
+
+    taylor: str = "first"
+    aggregation: str = "sum"
+    micro_batch: int = 2
+    mask_token_id: int | None = None
+
+    def __post_init__(self) -> None:
+        for key, allowed in (("taylor", ORDERS), ("aggregation", tuple(AGGREGATIONS))):
+            if getattr(self, key) not in allowed:
+                raise EdgepruneError(
+                    f"taylor option {key}='{getattr(self, key)}' is unknown: choose from {', '.join(allowed)}"
+                )
+        if self.micro_batch < 1:
+            raise EdgepruneError(f"taylor micro_batch must be >= 1, got {self.micro_batch}")
 
 
 def unique(linears: list[nn.Linear]) -> list[nn.Linear]:
@@ -86,7 +98,8 @@ def gradients_only_for(model: nn.Module, params: list[nn.Parameter]) -> Iterator
 
 def lm_targets(model: nn.Module, calibration: torch.Tensor, inputs: ScoringInputs) -> tuple[torch.Tensor, torch.Tensor]:
     """(input ids, labels) for the model's own loss; refuses a model without an LM head or task labels."""
-    if is_sequence_classifier(model):
+    kind = model_kind(model)
+    if kind == CLASSIFIER:
         if inputs.labels is None or len(inputs.labels) != len(calibration):
             raise EdgepruneError(
                 "taylor on a sequence classifier needs one task label per calibration sentence "
@@ -95,9 +108,9 @@ def lm_targets(model: nn.Module, calibration: torch.Tensor, inputs: ScoringInput
         return calibration, inputs.labels
     if inputs.labels is not None:
         raise EdgepruneError(f"{type(model).__name__} is not a sequence classifier: score it without labels")
-    if is_decoder(model.config):
+    if kind == CAUSAL_LM:
         return calibration, calibration.clone()
-    if model.get_output_embeddings() is None:
+    if kind == ENCODER:
         raise EdgepruneError(
             f"taylor needs a language-model head, and {type(model).__name__} has none: score this model with "
             "fluctuation, wanda-sp or magnitude, or load its ...ForMaskedLM class"
@@ -106,7 +119,7 @@ def lm_targets(model: nn.Module, calibration: torch.Tensor, inputs: ScoringInput
     draws = torch.rand(calibration.shape, generator=gen)
     masked = draws < MASK_FRACTION
     masked[torch.arange(len(calibration)), draws.argmin(dim=1)] = True  # every sequence predicts at least one token
-    mask_id = inputs.options.get("mask_token_id")
+    mask_id = inputs.options.mask_token_id
     if mask_id is None:
         replacement = torch.randint(0, model.config.vocab_size, calibration.shape, generator=gen)
     else:
@@ -118,9 +131,10 @@ def lm_targets(model: nn.Module, calibration: torch.Tensor, inputs: ScoringInput
 
 def predicted_tokens(model: nn.Module, labels: torch.Tensor) -> torch.Tensor:
     """Tokens each sequence's loss averages over (causal LMs predict all but the first; a classifier, one label)."""
-    if is_sequence_classifier(model):
+    kind = model_kind(model)
+    if kind == CLASSIFIER:
         return torch.ones(len(labels), dtype=torch.long)
-    counted = labels[:, 1:] if is_decoder(model.config) else labels
+    counted = labels[:, 1:] if kind == CAUSAL_LM else labels
     return (counted != IGNORE).sum(dim=1)
 
 
@@ -207,13 +221,11 @@ def layer_scores(
     )
 
 
-@register("taylor", needs_calibration=True, takes_labels=True)
+@register("taylor", TaylorOptions, needs_calibration=True, takes_labels=True, windows=GRADIENT_WINDOWS)
 def score_taylor(model: nn.Module, adapter: FamilyAdapter, inputs: ScoringInputs) -> GroupScores:
-    order = option(inputs, "taylor", "first", ORDERS)
-    aggregation = option(inputs, "aggregation", "sum", tuple(AGGREGATIONS))
-    micro_batch = 1 if order == "second" else int(inputs.options.get("micro_batch", 2))
-    if micro_batch < 1:
-        raise EdgepruneError(f"taylor micro_batch must be >= 1, got {micro_batch}")
+    opts: TaylorOptions = inputs.options
+    order, aggregation = opts.taylor, opts.aggregation
+    micro_batch = 1 if order == "second" else opts.micro_batch
     ids, labels = lm_targets(model, inputs.calibration, inputs)
     layers = adapter.layers(model)
     per_layer = [params_of(group_linears(adapter, layer)) for layer in layers]

@@ -20,7 +20,7 @@ from typing import Protocol
 
 from edgeprune.devices.profiles import DeviceProfile
 from edgeprune.errors import EdgepruneError
-from edgeprune.runtime import model_file
+from edgeprune.runtime import model_file, onnx_files
 
 TIMEOUT_FLOOR_S = 120.0  # interpreter start, imports and session creation on a slow board
 TIMEOUT_SLACK = 3.0  # times the slow-board estimate before a runner call counts as hung
@@ -172,18 +172,13 @@ def compare_results(model: ProfileResult, baseline: ProfileResult) -> Comparison
     )
 
 
-def model_files(onnx: Path) -> list[Path]:
-    """What the runner needs of an export: the .onnx file and its external data, if any."""
-    return [p for p in (onnx, onnx.with_name(onnx.name + "_data")) if p.is_file()]
-
-
 def probe_timeout(models: list[Path], workload: Workload, runs: int, warmup: int) -> float:
     """Seconds one runner call may take: a generous multiple of what a slow board needs, never below a floor.
 
     Every token reads every weight byte once (prefill and each decode step alike), so the work is
     about model bytes x tokens x runs; loading is bytes over a slow disk.
     """
-    size = sum(f.stat().st_size for m in models for f in model_files(m))
+    size = sum(f.stat().st_size for m in models for f in onnx_files(m))
     tokens = workload.batch * max(workload.prefill + workload.decode, workload.sequence)
     estimate = size * tokens * (runs + warmup) / SLOW_BOARD_BYTES_PER_S + size / SLOW_DISK_BYTES_PER_S
     return max(TIMEOUT_FLOOR_S, TIMEOUT_SLACK * estimate)

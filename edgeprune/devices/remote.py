@@ -22,13 +22,13 @@ import edgeprune
 from edgeprune.devices.profiler import (
     RunnerProfiler,
     Workload,
-    model_files,
     parse_runner_output,
     runner_spec,
     timed_out,
 )
 from edgeprune.devices.profiles import DeviceProfile
 from edgeprune.errors import EdgepruneError
+from edgeprune.runtime import onnx_files
 
 PACKAGE_ROOT = Path(edgeprune.__file__).parent
 RUNNER_MODULES = ("__init__.py", "errors.py", "runtime.py", "devices/__init__.py", "devices/runner.py")
@@ -212,7 +212,7 @@ class SSHProfiler(RunnerProfiler):
     def upload(self, client: paramiko.SSHClient, workdir: str, models: list[Path]) -> None:
         """The runner and the model files into `workdir`, once `df` shows room for them."""
         name, base = self.device.name, self.device.workdir
-        files = [(f"m{i}/{f.name}", f) for i, m in enumerate(models) for f in model_files(m)]
+        files = [(f"m{i}/{f.name}", f) for i, m in enumerate(models) for f in onnx_files(m)]
         need_mb = DISK_MARGIN * sum(f.stat().st_size for _, f in files) / 2**20
         _, df, _ = run_remote(client, f"df -Pk {shlex.quote(workdir)}")
         free_mb = free_mb_from_df(df, name)

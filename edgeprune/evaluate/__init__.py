@@ -40,8 +40,10 @@ from edgeprune.evaluate.multiple_choice import (
     load_mc_jsonl,
     load_mc_task,
 )
-from edgeprune.evaluate.onnx_model import OnnxCausalLM, load_onnx_folder, onnx_file
+from edgeprune.evaluate.onnx_model import OnnxCausalLM, load_onnx_folder
 from edgeprune.evaluate.perplexity import WIKITEXT2_TEST, perplexity, wikitext2_text, window_starts
+from edgeprune.models import CAUSAL_LM, model_kind
+from edgeprune.runtime import model_file
 
 TASKS = ("wikitext2", *MC_FILES, *GLUE_TASKS)
 MC_MAX_LENGTH = 2048  # lm-eval's default context for log-likelihood tasks
@@ -78,11 +80,20 @@ def load_for_eval(
     """
     from edgeprune.loading import load_model, require_tokenizer
 
-    if spec and onnx_file(Path(spec).expanduser()) is not None:
+    if spec and is_onnx_export(spec):
         model, text = load_onnx_folder(Path(spec).expanduser(), threads, tokenizer)
         return model, text, spec
     loaded = load_model(spec, tokenizer)
     return loaded.model, require_tokenizer(loaded.tokenizer, loaded.source, "evaluation"), loaded.source
+
+
+def is_onnx_export(spec: str) -> bool:
+    """Whether `spec` names an .onnx file or a folder holding one (else it is a PyTorch model)."""
+    try:
+        model_file(spec)
+    except EdgepruneError:
+        return False
+    return True
 
 
 def max_positions(model) -> int:
@@ -90,7 +101,8 @@ def max_positions(model) -> int:
 
 
 def require_causal_lm(model, task: str) -> None:
-    if not (isinstance(model, OnnxCausalLM) or type(model).__name__.endswith("ForCausalLM")):
+    """Perplexity and multiple choice score next tokens: an exported decoder, or a PyTorch model of a causal family."""
+    if not (isinstance(model, OnnxCausalLM) or (hasattr(model, "config") and model_kind(model) == CAUSAL_LM)):
         raise EdgepruneError(f"task {task} needs a causal language model, got {type(model).__name__}")
 
 

@@ -18,14 +18,14 @@ from transformers.optimization import get_linear_schedule_with_warmup
 
 from edgeprune.errors import EdgepruneError
 from edgeprune.evaluate.glue import GlueExample, encode, glue_spec, glue_split
-from edgeprune.models import is_decoder
+from edgeprune.models import CAUSAL_LM, model_kind
 
 DEFAULT_STEPS = 300
 
 
 def build_classifier(model: PreTrainedModel, task: str, seed: int = 0) -> PreTrainedModel:
     """A sequence classifier for `task` around `model`'s base encoder, with a freshly initialized head."""
-    if is_decoder(model.config):
+    if model_kind(model) == CAUSAL_LM:
         raise EdgepruneError("finetune-head is for encoders (BERT family): evaluate decoders with zero-shot tasks")
     spec = glue_spec(task)
     config = copy.deepcopy(model.config)

@@ -20,7 +20,7 @@ from transformers import PreTrainedTokenizerBase
 
 from edgeprune.errors import EdgepruneError
 from edgeprune.evaluate.data import data_file, subsample
-from edgeprune.models import is_sequence_classifier
+from edgeprune.models import CLASSIFIER, model_kind
 
 
 @dataclass(frozen=True)
@@ -184,7 +184,7 @@ def predict(
 def check_classifier(model, task: str) -> None:
     """A sequence classifier with the right number of outputs, trained for this task if it says so."""
     spec = glue_spec(task)
-    if not is_sequence_classifier(model):
+    if model_kind(model) != CLASSIFIER:
         raise EdgepruneError(
             f"{task} needs a sequence classifier, and {type(model).__name__} has no classification head: "
             f"run `edgeprune finetune-head MODEL --task {task} -o OUT` and evaluate OUT"

@@ -18,20 +18,7 @@ import torch
 from transformers import AutoConfig, PreTrainedTokenizerBase
 
 from edgeprune.errors import EdgepruneError
-from edgeprune.runtime import MODEL_FILE, OnnxModel
-
-
-def onnx_file(path: Path) -> Path | None:
-    """An .onnx file itself, or an export folder's model.onnx (else its only *.onnx), or None."""
-    path = Path(path)
-    if path.is_file():
-        return path if path.suffix == ".onnx" else None
-    if not path.is_dir():
-        return None
-    if (path / MODEL_FILE).is_file():
-        return path / MODEL_FILE
-    graphs = sorted(path.glob("*.onnx"))
-    return graphs[0] if len(graphs) == 1 else None
+from edgeprune.runtime import OnnxModel, model_file
 
 
 class OnnxCausalLM:
@@ -72,9 +59,7 @@ def load_onnx_folder(
     """The exported decoder (a folder or one of its .onnx files) and the tokenizer beside it, or `tokenizer`'s."""
     from edgeprune.loading import load_tokenizer, require_tokenizer, tokenizer_option
 
-    path = onnx_file(spec)
-    if path is None:
-        raise EdgepruneError(f"{spec} has no single model.onnx: point at an ONNX export folder or .onnx file")
+    path = model_file(spec)
     folder = path.parent
     if not (folder / "config.json").is_file():
         raise EdgepruneError(f"{folder} has no config.json: export with Optimum, which writes it beside model.onnx")

@@ -28,6 +28,7 @@ from onnx import helper, numpy_helper
 from onnxruntime.quantization import QuantType, quantize_dynamic
 
 from edgeprune.errors import EdgepruneError
+from edgeprune.export.files import save_onnx
 
 MIN_BLOCK, MAX_BLOCK = 16, 256  # the block lengths ONNX Runtime's MatMulNBits CPU kernels (MLAS) take
 BLOCK_SIZE = 32  # quality of 4-bit falls off with larger blocks; 32 is what onnxruntime-genai uses for CPU
@@ -154,8 +155,7 @@ def quantize_weight_only(
         model = quantizer.model.model
     if token_embedding is not None:
         quantize_embedding(model.graph, token_embedding, vocab_bits, vocab_block)
-    onnx.save(model, str(target))
-    return Path(target)
+    return save_onnx(model, Path(target))
 
 
 def fitting_block(hidden: int, block_size: int) -> int:

@@ -1,16 +1,25 @@
 """What every model-family adapter provides: where the prunable groups are and how to slice them.
 
-A family adapter knows the module names of one architecture family. Everything that is
-the same across families (slicing linears, counting parameters) lives here once.
+A family adapter knows the module names of one architecture family and what kind of model it is
+(causal decoder or bidirectional encoder). Everything that is the same across families (slicing
+linears, counting parameters) lives here once, and so does the registry that finds a family by
+`config.model_type`.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
+
+from edgeprune.errors import EdgepruneError
+
+# What a family's layers compute: a causal decoder (next-token LM) or a bidirectional encoder.
+CAUSAL_LM = "causal-lm"
+ENCODER = "encoder"
 
 
 @dataclass(frozen=True)
@@ -61,10 +70,14 @@ class FamilyAdapter(ABC):
     heads, also its key/value rows).
     """
 
-    model_types: tuple[str, ...] = ()
+    model_types: ClassVar[tuple[str, ...]] = ()  # the `config.model_type` values this family serves
+    kind: ClassVar[str]  # CAUSAL_LM or ENCODER
     # Config flags that switch a kind's biases ("ffn", "heads") on for every layer at once, where
     # the family has such flags; a bias added to one projection (bias compensation) needs them set.
-    bias_flags: dict[str, str] = {}
+    bias_flags: ClassVar[dict[str, str]] = {}
+
+    def __init__(self, prune_kv_heads: bool = False):
+        self.prune_kv_heads = prune_kv_heads  # families without shared KV heads have no KV group to remove
 
     # -- where things are ---------------------------------------------------------------
     @abstractmethod
@@ -158,3 +171,25 @@ class FamilyAdapter(ABC):
                 if id(child) in wanted:
                     found[id(child)] = (parent, name, child)
         return [found[id(lin)] for lin in linears]
+
+
+FAMILIES: list[type[FamilyAdapter]] = []  # in registration order; `register_family` adds to it
+
+
+def register_family(adapter: type[FamilyAdapter]) -> type[FamilyAdapter]:
+    """Class decorator: serve the adapter's `model_types` with it."""
+    taken = {t for family in FAMILIES for t in family.model_types} & set(adapter.model_types)
+    if taken or adapter.kind not in (CAUSAL_LM, ENCODER):
+        raise ValueError(f"{adapter.__name__}: model types {sorted(taken)} taken, or kind {adapter.kind!r} unknown")
+    FAMILIES.append(adapter)
+    return adapter
+
+
+def family_for(config) -> type[FamilyAdapter]:
+    """The registered family serving `config.model_type`, or a one-line refusal naming what is supported."""
+    model_type = getattr(config, "model_type", None)
+    for family in FAMILIES:
+        if model_type in family.model_types:
+            return family
+    supported = ", ".join(t for family in FAMILIES for t in family.model_types)
+    raise EdgepruneError(f"unsupported architecture '{model_type}': edgeprune supports {supported}")

@@ -11,11 +11,13 @@ import torch
 from torch import nn
 
 from edgeprune.errors import EdgepruneError
-from edgeprune.models.base import FamilyAdapter, LayerWidths, head_rows, slice_linear
+from edgeprune.models.base import ENCODER, FamilyAdapter, LayerWidths, head_rows, register_family, slice_linear
 
 
+@register_family
 class BertAdapter(FamilyAdapter):
     model_types = ("bert", "roberta", "xlm-roberta")
+    kind = ENCODER
 
     def layers(self, model: nn.Module) -> list[nn.Module]:
         return list(model.base_model.encoder.layer)

@@ -14,15 +14,14 @@ import torch
 from torch import nn
 
 from edgeprune.errors import EdgepruneError
-from edgeprune.models.base import FamilyAdapter, LayerWidths, head_rows, slice_linear
+from edgeprune.models.base import CAUSAL_LM, FamilyAdapter, LayerWidths, head_rows, register_family, slice_linear
 
 
+@register_family
 class LlamaAdapter(FamilyAdapter):
     model_types = ("llama", "mistral", "qwen2")
+    kind = CAUSAL_LM
     bias_flags = {"ffn": "mlp_bias", "heads": "attention_bias"}
-
-    def __init__(self, prune_kv_heads: bool = False):
-        self.prune_kv_heads = prune_kv_heads
 
     def layers(self, model: nn.Module) -> list[nn.Module]:
         return list(model.base_model.layers)

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from edgeprune.errors import EdgepruneError
 
 METHODS = ("lora", "full")
+DEFAULT_STEPS = 100  # when neither steps, epochs nor minutes are given
 
 
 @dataclass
@@ -15,7 +16,7 @@ class RecoveryConfig:
     """Training settings; defaults are LLM-Pruner's LoRA (r=8, alpha=16, lr 1e-4) sized for a CPU.
 
     Budget: `steps` or `epochs` fix the number of optimizer steps, `minutes` caps wall time;
-    training stops at whichever is reached first (100 steps when none is given).
+    training stops at whichever is reached first (DEFAULT_STEPS when none is given).
     `method`: `lora` trains adapters that are merged afterwards, `full` every parameter.
     With a teacher the loss is the KL divergence between the teacher's and the student's
     next-token distributions at `temperature` (over the full vocabulary, or the teacher's
@@ -67,4 +68,4 @@ class RecoveryConfig:
             return max(1, math.ceil(self.epochs * n_train / self.examples_per_step(num_processes)))
         if self.steps is None and self.minutes is not None:
             return None
-        return self.steps or 100
+        return self.steps or DEFAULT_STEPS

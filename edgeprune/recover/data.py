@@ -34,7 +34,7 @@ from transformers import (
 
 from edgeprune.calibration import tokenize_text
 from edgeprune.errors import EdgepruneError
-from edgeprune.models import is_decoder, is_sequence_classifier
+from edgeprune.models import CAUSAL_LM, CLASSIFIER, ENCODER, IGNORE, MASK_FRACTION, MASKED_LM, model_kind
 from edgeprune.recover.config import RecoveryConfig
 
 ALPACA_PROMPT = (
@@ -48,12 +48,6 @@ ALPACA_PROMPT_NO_INPUT = (
     "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
     "### Instruction:\n{instruction}\n\n### Response:\n"
 )
-
-
-IGNORE = -100  # label of tokens that carry no loss (prompt, padding), as transformers expects
-
-
-MLM_PROBABILITY = 0.15
 
 
 FIRST_TEXT, SECOND_TEXT = ("text", "sentence", "sentence1"), ("text_pair", "sentence2")
@@ -187,28 +181,19 @@ def encode_labelled(rows: list[dict], tokenizer: PreTrainedTokenizerBase, seq_le
     return examples
 
 
-def model_kind(model: PreTrainedModel) -> str:
-    """Which loss the model can train with: causal LM, masked LM or sequence classification."""
-    if is_decoder(model.config):
-        return "decoder"
-    if is_sequence_classifier(model):
-        return "classifier"
-    if model.get_output_embeddings() is not None:
-        return "mlm"
-    raise EdgepruneError(
-        f"{type(model).__name__} has no head to train: recover a *ForMaskedLM or *ForSequenceClassification encoder"
-    )
-
-
 def encode_examples(
     rows: list | str, tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel, seq_len: int, source: str
 ):
     """(kind, examples): instruction rows or text for decoders, text (MLM) or labelled rows for encoders."""
     family = model_kind(model)
-    wanted = {"decoder": "Alpaca rows or text", "mlm": "a text file", "classifier": "labelled rows (text, label)"}
+    if family == ENCODER:
+        raise EdgepruneError(
+            f"{type(model).__name__} has no head to train: recover a *ForMaskedLM or *ForSequenceClassification encoder"
+        )
+    wanted = {CAUSAL_LM: "Alpaca rows or text", MASKED_LM: "a text file", CLASSIFIER: "labelled rows (text, label)"}
     labelled = isinstance(rows, list) and is_labelled_rows(rows)
     instruction = isinstance(rows, list) and is_instruction_rows(rows)
-    if (family == "classifier") != labelled or (instruction and family != "decoder"):
+    if (family == CLASSIFIER) != labelled or (instruction and family != CAUSAL_LM):
         raise EdgepruneError(f"{source} does not fit a {type(model).__name__}: give it {wanted[family]}")
     if labelled:
         return "classify", encode_labelled(rows, tokenizer, seq_len, model.config.num_labels, source)
@@ -220,7 +205,7 @@ def encode_examples(
                 f"{source} rows need `instruction` and `output` (Alpaca), a `text` field, or a `label`: fix the file"
             )
         rows = "\n\n".join(r["text"] for r in rows)
-    mlm = family == "mlm"
+    mlm = family == MASKED_LM
     windows = text_windows(tokenizer, rows, seq_len, mlm)
     return ("mlm" if mlm else "text"), [w for w in windows if len(w["input_ids"]) > 1]
 
@@ -257,7 +242,7 @@ def pad_batch(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
 def make_collate(kind: str, tokenizer: PreTrainedTokenizerBase) -> Callable[[list[dict]], dict[str, torch.Tensor]]:
     """Batches for the loss of `kind`: MLM masking from transformers, else padding with given labels."""
     if kind == "mlm":
-        return DataCollatorForLanguageModeling(tokenizer, mlm=True, mlm_probability=MLM_PROBABILITY)
+        return DataCollatorForLanguageModeling(tokenizer, mlm=True, mlm_probability=MASK_FRACTION)
     if kind == "classify":
         return DataCollatorWithPadding(tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)

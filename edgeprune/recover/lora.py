@@ -9,7 +9,7 @@ from transformers import (
 )
 
 from edgeprune.errors import EdgepruneError
-from edgeprune.models import adapter_for, is_sequence_classifier
+from edgeprune.models import CLASSIFIER, adapter_for, model_kind
 from edgeprune.recover.config import RecoveryConfig
 
 
@@ -38,7 +38,7 @@ def lora_config(model: nn.Module, config: RecoveryConfig) -> LoraConfig:
         targets = "all-linear"
     else:
         targets = [t.strip() for t in config.targets.split(",") if t.strip()]
-    task = "SEQ_CLS" if is_sequence_classifier(model) else None  # head in full
+    task = "SEQ_CLS" if model_kind(model) == CLASSIFIER else None  # head in full
     return LoraConfig(
         r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout, target_modules=targets, task_type=task
     )

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgeprune.errors import EdgepruneError
-from edgeprune.models import is_decoder
+from edgeprune.models import CAUSAL_LM, model_kind
 from edgeprune.recover.config import RecoveryConfig
 from edgeprune.recover.data import IGNORE
 
@@ -86,7 +86,7 @@ def objective_for(student: nn.Module, teacher: nn.Module | None, config: Recover
     """The objective `config` asks for; a teacher must be a decoder with the student's vocabulary."""
     if teacher is None:
         return Objective()
-    if not (is_decoder(student.config) and is_decoder(teacher.config)):
+    if not model_kind(student) == model_kind(teacher) == CAUSAL_LM:
         raise EdgepruneError("distillation (--teacher) needs a decoder student and teacher: recover encoders with LoRA")
     vocab = (student.get_output_embeddings().out_features, teacher.get_output_embeddings().out_features)
     if vocab[0] != vocab[1]:

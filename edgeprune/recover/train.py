@@ -22,7 +22,7 @@ from transformers import (
 
 from edgeprune.errors import EdgepruneError
 from edgeprune.evaluate import perplexity
-from edgeprune.models import is_decoder
+from edgeprune.models import CAUSAL_LM, model_kind
 from edgeprune.recover.checkpoints import TrainState, load_checkpoint, save_checkpoint
 from edgeprune.recover.config import RecoveryConfig
 from edgeprune.recover.data import IGNORE, RecoveryData, fixed_val_batches, load_recovery_data, make_collate
@@ -156,7 +156,7 @@ def recover(
     """
     accelerator = make_accelerator(config)
     set_seed(config.seed)
-    causal = is_decoder(model.config)
+    causal = model_kind(model) == CAUSAL_LM
     objective = objective_for(model, teacher, config)
     if teacher is not None:
         teacher.to(accelerator.device)
@@ -241,7 +241,7 @@ def recover(
 
 def heldout_perplexity(model: PreTrainedModel, heldout: torch.Tensor | None, seq_len: int) -> float | None:
     """Perplexity of a decoder on held-out tokens (None when there are none, too few, or no decoder)."""
-    if heldout is None or len(heldout) < seq_len or not is_decoder(model.config):
+    if heldout is None or len(heldout) < seq_len or model_kind(model) != CAUSAL_LM:
         return None
     return perplexity(model, heldout, seq_len=seq_len)
 
