@@ -189,3 +189,12 @@ def test_precision_names_agree_everywhere():
     run_choices = next(p for p in main.commands["run"].params if p.name == "precision").type.choices
     export_choices = next(p for p in main.commands["export"].params if p.name == "quantize").type.choices
     assert tuple(run_choices) == ("auto", *made) and tuple(export_choices) == made[1:]
+
+
+@pytest.mark.parametrize("precision", ["int8-b64", "int8-b128", "int4-mixed"])
+def test_export_ships_each_new_precision_verified(tmp_path, precision):
+    """`export --quantize` takes the new names: one verified model.onnx within that precision's tolerance."""
+    result = export_model(tiny_llama(), make_tokenizer(), tmp_path / "out", quantize=precision, text=TEXT)
+    assert result.precision == precision and set(result.verification) == {"fp32", precision}
+    assert result.sizes[precision] < result.sizes["fp32"]
+    assert {n.op_type for n in onnx.load(str(tmp_path / "out" / "model.onnx")).graph.node} >= {"MatMulNBits"}
