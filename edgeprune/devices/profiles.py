@@ -68,24 +68,25 @@ class DeviceProfile:
     def interpreter(self) -> str:
         return self.python or ("python3" if self.ssh else shlex.quote(sys.executable))
 
-    def python_words(self) -> list[str]:
-        """The interpreter command as words (`python:` may carry arguments, e.g. `/usr/bin/env python3`)."""
-        try:
-            words = shlex.split(self.interpreter)
-        except ValueError as err:
-            raise EdgepruneError(
-                f"python: '{self.interpreter}' in the device file cannot be split ({err}): fix its quotes"
-            ) from None
-        if not words:
-            raise EdgepruneError("python: in the device file is empty: give an interpreter such as python3")
-        return words
-
     def ssh_target(self) -> tuple[str, str, int]:
         """(user, host, port) of an SSH device."""
         match = SSH_TARGET.match(self.ssh or "")
         if not match:
             raise EdgepruneError(f"device '{self.name}' has ssh: '{self.ssh}': write it as user@host or user@host:port")
         return match["user"], match["host"], int(match["port"] or 22)
+
+
+def command_words(command: str) -> list[str]:
+    """A device file's `python:` as words: it may carry arguments (`/usr/bin/env python3`)."""
+    try:
+        words = shlex.split(command)
+    except ValueError as err:
+        raise EdgepruneError(
+            f"python: '{command}' in the device file cannot be split ({err}): fix its quotes"
+        ) from None
+    if not words:
+        raise EdgepruneError("python: in the device file is empty: give an interpreter such as python3")
+    return words
 
 
 def total_memory_mb() -> int:
