@@ -70,7 +70,7 @@ def target_quality_lines(found: dict | None) -> list[str]:
         + (", the first ones only: the device is emulated and slow" if found.get("emulated") else "")
         + ").",
         "",
-        f"| | this machine | {found['device']} |",
+        f"| | this machine ({here.get('machine', '?')}) | {found['device']} |",
         "|---|---|---|",
     ]
     for label, key, fmt in rows:

@@ -49,7 +49,9 @@ TIMEOUT_SLACK = 3.0  # times the slow-board estimate before a runner call counts
 # at 1.9 GB/s on the shared 2-core EPYC dev machine, 10.9 s per default-workload run; this assumes 1 GB/s)
 SLOW_BOARD_BYTES_PER_S = 1e9
 SLOW_DISK_BYTES_PER_S = 20e6  # reading the model from an SD card
-EMULATION_SLOWDOWN = 20.0  # qemu-aarch64 against that slow board: see emulated_slowdown
+# qemu-aarch64 ran SmolLM2 fp32 at 0.5 GB x tokens/s on the 2-core dev machine at load 6 (half the slow board's
+# figure; int4 relatively faster): 10 leaves room for a busier or slower host
+EMULATION_SLOWDOWN = 10.0
 
 
 @dataclass(frozen=True)
@@ -259,6 +261,7 @@ class ModelOutputs:
     model: str
     outputs: np.ndarray
     tokens: list[int] | None
+    machine: str  # the CPU architecture the runner reported (platform.machine() there)
 
 
 class RunnerProfiler:
@@ -316,7 +319,10 @@ class RunnerProfiler:
         )
         passes = len(inputs) * len(inputs[0]) + len(prompt_ids or []) + max_new_tokens
         output = self.call(spec, files, self.seconds_for(files, passes))
-        return [ModelOutputs(r["model"], unpack_array(r["outputs"]), r.get("tokens")) for r in output["results"]]
+        machine = output["host"]["machine"]
+        return [
+            ModelOutputs(r["model"], unpack_array(r["outputs"]), r.get("tokens"), machine) for r in output["results"]
+        ]
 
     def divergence(self, models: list[Path], reference: Path, windows: list[list[int]]) -> list[dict[str, list]]:
         """Per-window statistics (edgeprune.window_stats) of each file against `reference`, all run on the device."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import platform
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,8 +24,9 @@ from edgeprune.devices.profiles import DeviceProfile, get_device
 from edgeprune.evaluate.divergence import Divergence, summarize, windows_of
 
 QUANTIZED = ("int8", "int4", "dynamic-int8")
-# Windows measured on an emulated board: under qemu the fp32 reference alone takes about 2 minutes per
-# 128-token window of SmolLM2-135M (floating point is emulated in software), a real board well under a second.
+# Windows measured on an emulated board: under qemu a 128-token window of SmolLM2-135M through the fp32
+# reference and a quantized file takes about a minute (floating point is emulated in software), a real
+# board well under a second.
 EMULATED_WINDOWS = 4
 WORSE_SIGMAS = 3.0  # the board's KL exceeds this machine's by more than this many paired standard errors
 
@@ -64,7 +66,7 @@ def measure_on_target(
         "device": device.name,
         "emulated": device.emulated,
         "measure": target.measure,
-        "here": side(here),
+        "here": side(here) | {"machine": platform.machine()},
         "target": side(target),
         "difference": difference,
         "difference_stderr": stderr,
