@@ -37,6 +37,7 @@ from edgeprune.devices.profiles import get_device, load_profile
 from edgeprune.evaluate.divergence import summarize, windows_of
 from edgeprune.evaluate.perplexity import WIKITEXT2_TEST, wikitext2_text
 from edgeprune.export.exporter import FP32_ATOL
+from edgeprune.export.files import save_onnx
 from edgeprune.runtime import MODEL_FILE, eos_token_ids
 
 OUT = Path(__file__).parent / "out" / "bench_aarch64.json"
@@ -54,7 +55,7 @@ def float_activations(source: Path, target: Path) -> Path:
         for attribute in node.attribute:
             if node.op_type == "MatMulNBits" and attribute.name == "accuracy_level":
                 attribute.i = 0
-    onnx.save(model, str(target))
+    save_onnx(model, target)
     return target
 
 

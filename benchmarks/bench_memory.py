@@ -1,16 +1,17 @@
-"""Session memory of ONNX Runtime on the default decoder: dense fp32, weight-only int8 and int4 (MatMulNBits),
-with the weights inside model.onnx ("single") or in a model.onnx_data file beside it ("external",
-memory-mapped), under `edgeprune.runtime.session_options` ("before") and under those plus no CPU arena and
-exact initializer allocation ("after", the candidate settings).
+"""Session memory of ONNX Runtime on what `edgeprune export` ships: the weights in model.onnx_data beside the
+graph (memory-mapped, "external") against the same graph with its weights inside model.onnx ("single", what
+edgeprune wrote before), under `edgeprune.runtime.session_options` ("default") and with ONNX Runtime's weight
+pre-packing off ("no-prepack": what the pre-packed copies of the MatMul weights cost, and save).
 
-    edgeprune export smollm2-135m -o /tmp/dense
-    python benchmarks/bench_memory.py /tmp/dense [--work /tmp/bench_memory] [--rounds 3] [--threads 2]
+    edgeprune export smollm2-135m --fused -o /tmp/mem/fp32
+    edgeprune export smollm2-135m --fused --quantize int8 -o /tmp/mem/int8      # and int4
+    python benchmarks/bench_memory.py /tmp/mem/fp32 /tmp/mem/int8 /tmp/mem/int4 [--rounds 3] [--threads 2]
 
 Each (file, settings) is measured in a fresh process: its RSS before the session, after loading (and the
 peak while loading), and after one workload (prefill 128 + decode 32); "session MB" is the peak over the
-process before the session, what the profiler reports as session_rss_mb. Latency: sessions of one model
-(in-file weights, external weights, external weights with the "after" settings) alternate in one process,
-the order reversed every other round; ratios are medians of per-round ratios, so machine drift cancels.
+process before the session, what the profiler reports as session_rss_mb. The KV cache of the workload is
+printed beside it. Latency: the sessions of one model alternate in one process, the order reversed every
+other round; ratios are medians of per-round ratios, so machine drift cancels.
 Writes benchmarks/out/bench_memory.json and prints Markdown tables.
 """
 
@@ -28,21 +29,18 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from edgeprune.devices.runner import file_size_mb, rss_mb
-from edgeprune.runtime import OnnxModel, session_options
+from edgeprune.devices.runner import rss_mb
+from edgeprune.runtime import OnnxModel, onnx_bytes, session_options
 
 OUT = Path(__file__).parent / "out"
 PREFILL, DECODE = 128, 32
-BITS = {"int8": 8, "int4": 4}
 
 
 def options_for(settings: str, threads: int) -> ort.SessionOptions:
-    """`before`: what edgeprune opens sessions with; `after`: without the CPU arena and with initializers
-    allocated exactly instead of through it."""
+    """`default`: what edgeprune opens sessions with; `no-prepack`: without ORT's pre-packed weight copies."""
     options = session_options(threads)
-    if settings == "after":
-        options.enable_cpu_mem_arena = False
-        options.add_session_config_entry("session.use_device_allocator_for_initializers", "1")
+    if settings == "no-prepack":
+        options.add_session_config_entry("session.disable_prepacking", "1")
     return options
 
 
@@ -99,42 +97,24 @@ def alternating_latency(sessions: dict[str, tuple[Path, str]], threads: int, rou
     }
 
 
-def quantized(dense: Path, bits: int, target: Path) -> Path:
-    """ONNX Runtime's weight-only quantizer: block 32, symmetric, accuracy_level 4 (int8 dot products)."""
+def inline(shipped: Path, target: Path) -> Path:
+    """The shipped graph with every weight inside model.onnx (no weights file): the layout before."""
     if not target.is_file():
-        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
         target.parent.mkdir(parents=True, exist_ok=True)
-        quantizer = MatMulNBitsQuantizer(
-            onnx.load(str(dense)), bits=bits, block_size=32, is_symmetric=True, accuracy_level=4
-        )
-        quantizer.process()
-        quantizer.model.save_model_to_file(str(target), use_external_data_format=False)
+        onnx.save_model(onnx.load(str(shipped)), str(target))
     return target
 
 
-def external(single: Path, target: Path) -> Path:
-    """The same graph with every initializer over 1 KB in model.onnx_data beside it."""
-    if not target.is_file():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        onnx.save_model(
-            onnx.load(str(single)),
-            str(target),
-            save_as_external_data=True,
-            all_tensors_to_one_file=True,
-            location=target.name + "_data",
-            size_threshold=1024,
-        )
-    return target
+def variants(folders: list[Path], work: Path) -> dict[str, dict[str, Path]]:
+    """Per export folder (named by its precision): the shipped file and its single-file copy."""
+    files = {json.loads((f / "edgeprune.json").read_text())["precision"]: f / "model.onnx" for f in folders}
+    return {name: {"single": inline(f, work / name / "model.onnx"), "external": f} for name, f in files.items()}
 
 
-def variants(dense_folder: Path, work: Path) -> dict[str, dict[str, Path]]:
-    dense = dense_folder / "model.onnx"
-    files = {"fp32": dense} | {name: quantized(dense, bits, work / name / "model.onnx") for name, bits in BITS.items()}
-    return {
-        name: {"single": f, "external": external(f, work / f"{name}-external" / "model.onnx")}
-        for name, f in files.items()
-    }
+def kv_cache_mb(path: Path) -> float:
+    """K and V of every layer for the workload's positions, from the graph's cache inputs."""
+    caches = OnnxModel(path).caches
+    return sum(c.heads * c.head_dim * (PREFILL + DECODE) * np.dtype(c.dtype).itemsize for c in caches) / 1e6
 
 
 def table(rows: list[dict]) -> str:
@@ -151,7 +131,7 @@ def table(rows: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("dense", type=Path, nargs="?", help="folder of `edgeprune export smollm2-135m`")
+    parser.add_argument("folders", type=Path, nargs="*", help="folders `edgeprune export --fused [--quantize]` wrote")
     parser.add_argument("--work", type=Path, default=Path("/tmp/bench_memory"))
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
@@ -161,16 +141,17 @@ def main() -> None:
         print(json.dumps(measure_memory(Path(args.child[0]), args.child[1], args.threads)))
         return
     rows, latency = [], {}
-    for name, layouts in variants(args.dense, args.work).items():
+    for name, layouts in variants(args.folders, args.work).items():
+        print(name, f"KV cache of the workload: {kv_cache_mb(layouts['external']):.1f} MB", flush=True)
         for layout, path in layouts.items():
-            for settings in ("before", "after"):
-                row = {"model": name, "layout": layout, "settings": settings, "file_mb": file_size_mb(path)}
+            for settings in ("default", "no-prepack"):
+                row = {"model": name, "layout": layout, "settings": settings, "file_mb": onnx_bytes(path) / 1e6}
                 rows.append(row | measure_in_child(path, settings, args.threads))
                 print(table(rows[-1:]).splitlines()[-1], flush=True)
         sessions = {
-            "single, before": (layouts["single"], "before"),
-            "external, before": (layouts["external"], "before"),
-            "external, after": (layouts["external"], "after"),
+            "single, default": (layouts["single"], "default"),
+            "external, default": (layouts["external"], "default"),
+            "external, no-prepack": (layouts["external"], "no-prepack"),
         }
         latency[name] = alternating_latency(sessions, args.threads, args.rounds)
         print(name, "latency", latency[name], flush=True)

@@ -51,7 +51,7 @@ from edgeprune.models import FamilyAdapter, adapter_for, is_decoder
 from edgeprune.outputs import check_run_output, claim_run_output, local_inputs
 from edgeprune.recover.config import RecoveryConfig
 from edgeprune.report import write_report
-from edgeprune.runtime import MODEL_FILE
+from edgeprune.runtime import MODEL_FILE, onnx_bytes
 from edgeprune.structure import LayerKeep, PruneSpec, count_parameters, cut_model, plan_widths, select_keep
 
 DEFAULT_SPEEDUP = 1.3
@@ -238,7 +238,7 @@ def probe_from(
         precision=precision,
         latency_ms=result.latency_ms.p50,
         speedup=speedup,
-        onnx_mb=file.stat().st_size / 1e6,
+        onnx_mb=onnx_bytes(file) / 1e6,
         peak_mb=result.peak_rss_mb,
         divergence=quality.mean if quality else None,
         extra={

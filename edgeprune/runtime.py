@@ -31,6 +31,21 @@ def model_file(path: str | Path) -> Path:
     return candidate
 
 
+def weights_file(onnx_path: Path) -> Path:
+    """Where edgeprune keeps a model's weights: `<name>_data` beside the graph (see export/files.py)."""
+    return onnx_path.with_name(onnx_path.name + "_data")
+
+
+def onnx_files(onnx_path: Path) -> list[Path]:
+    """The .onnx file and its weights file, if it has one: what a copy, an upload or a size must include."""
+    return [p for p in (onnx_path, weights_file(onnx_path)) if p.is_file()]
+
+
+def onnx_bytes(onnx_path: Path) -> int:
+    """Bytes on disk of a model: its graph plus its weights file."""
+    return sum(file.stat().st_size for file in onnx_files(onnx_path))
+
+
 def session_options(threads: int | None = None) -> ort.SessionOptions:
     """Sequential execution with a fixed intra-op thread count (0 or None: ONNX Runtime's default).
 

@@ -35,6 +35,7 @@ from edgeprune.devices.target import EMULATED_WINDOWS, measure_on_target
 from edgeprune.errors import EdgepruneError
 from edgeprune.export import export_model
 from edgeprune.export.exporter import FP32_ATOL
+from edgeprune.export.files import save_onnx
 from edgeprune.export.quantize import quantize_model
 from edgeprune.runtime import OnnxModel
 
@@ -70,7 +71,7 @@ def float_activations(source: Path, target: Path) -> Path:
         for attribute in node.attribute:
             if node.op_type == "MatMulNBits" and attribute.name == "accuracy_level":
                 attribute.i = 0
-    onnx.save(model, str(target))
+    save_onnx(model, target)
     return target
 
 

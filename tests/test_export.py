@@ -15,6 +15,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from conftest import make_tokenizer, tiny_bert, tiny_llama
+from onnx.external_data_helper import uses_external_data
 from test_checkpoint import cut_non_uniform
 from test_cli import assert_one_line_error
 
@@ -22,9 +23,10 @@ from edgeprune.cli import main
 from edgeprune.errors import EdgepruneError
 from edgeprune.export import export_model, resolve_task
 from edgeprune.export.exporter import FP32_ATOL, Tolerance
+from edgeprune.export.files import INLINE_BYTES
 from edgeprune.export.quantize import quantize_int8, quantize_weight_only
 from edgeprune.models import adapter_for
-from edgeprune.runtime import OnnxModel, greedy_generate, open_session
+from edgeprune.runtime import OnnxModel, greedy_generate, onnx_bytes, open_session
 from edgeprune.structure import layer_widths
 
 TEXT = " ".join(f"w{(i * 37) % 89}" for i in range(40))  # the tiny tokenizer's words
@@ -100,12 +102,15 @@ def test_weight_only_export_ships_one_verified_model(exported, tmp_path, precisi
     # tiny random models sit on near-ties and amplify weight error (initializer_range 0.2): the real decoder's
     # tolerances do not apply; the 8-bit file must still agree on most positions
     result = export_model(model, make_tokenizer(), tmp_path / precision, quantize=precision, text=TEXT, tolerance=ANY)
-    assert [p.name for p in result.path.glob("*.onnx*")] == ["model.onnx"]
+    # one model: the graph and its memory-mapped weights file (export/files.py), nothing of the fp32 file left
+    assert sorted(p.name for p in result.path.glob("*.onnx*")) == ["model.onnx", "model.onnx_data"]
+    tensors = onnx.load(str(result.path / "model.onnx"), load_external_data=False).graph.initializer
+    assert all(len(t.raw_data) <= INLINE_BYTES for t in tensors) and any(map(uses_external_data, tensors))
     assert result.precision == precision and set(result.verification) == {"fp32", precision}
     nodes = matmul_nbits(result.path / "model.onnx")
     assert len(nodes) == 4 * 7 + 1  # q, k, v, o, gate, up, down of each layer and the lm_head
     assert {(n["bits"], n["block_size"], n["accuracy_level"]) for n in nodes} == {(bits, 32, 4), (8, 32, 4)}
-    assert result.sizes[precision] == (result.path / "model.onnx").stat().st_size < result.sizes["fp32"]
+    assert result.sizes[precision] == onnx_bytes(result.path / "model.onnx") < result.sizes["fp32"]
     check = result.verification[precision]
     assert check.cache_steps == 8 and 0 < check.max_abs_diff < check.max_abs_logit
     record = json.loads((result.path / "edgeprune.json").read_text())
@@ -159,7 +164,7 @@ def test_dynamic_int8_is_close_to_fp32_and_agrees_where_the_top1_is_clear(export
         clear = top2[:, 1] - top2[:, 0] > CLEAR_MARGIN * scale
         assert clear.sum() >= 5  # enough clear positions for the agreement to mean something
         assert (int8.argmax(-1) == fp32.argmax(-1))[clear].all()
-        assert dynamic.stat().st_size < result.sizes["fp32"]
+        assert onnx_bytes(dynamic) < result.sizes["fp32"]
 
 
 def test_greedy_generation_matches_transformers(exported):

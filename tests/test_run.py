@@ -17,10 +17,9 @@ from edgeprune.budget import Budget
 from edgeprune.checkpoint import load_pruned
 from edgeprune.cli import main
 from edgeprune.devices.profiler import ProfileResult, Stats, Workload, compare_results
-from edgeprune.devices.runner import file_size_mb
 from edgeprune.models import adapter_for
 from edgeprune.run import RunConfig, parameters_at, pruned_copy, run_job
-from edgeprune.runtime import OnnxModel, model_file
+from edgeprune.runtime import OnnxModel, model_file, onnx_bytes
 from edgeprune.structure import count_parameters
 
 
@@ -154,7 +153,7 @@ class FileSizeProfiler:
         model = OnnxModel(path)
         model.forward(np.arange(7, 7 + 8, dtype=np.int64)[None])
         self.files.append(path)
-        ms = file_size_mb(path)
+        ms = onnx_bytes(path) / 1e6
         timing = Stats(ms, ms, ms, 0.0)
         kind = "decoder" if model.is_decoder else "encoder"
         return ProfileResult(

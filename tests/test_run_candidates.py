@@ -13,6 +13,7 @@ from edgeprune.budget import Budget
 from edgeprune.devices.profiler import Comparison, ProfileResult, Stats, Workload
 from edgeprune.report import budget_lines, probe_speedup
 from edgeprune.run import RunConfig, run_job
+from edgeprune.runtime import onnx_bytes
 
 DENSE_MS = 100.0
 
@@ -21,8 +22,8 @@ def fake_result(file, ms: float) -> ProfileResult:
     stats = Stats(ms, ms, ms, 0.0)
     return ProfileResult(
         model=str(file), kind="decoder", device="fake", workload=Workload(), runs=1, warmup=0, threads=1,
-        providers=["CPUExecutionProvider"], ort_version="-", machine="-", file_size_mb=file.stat().st_size / 1e6,
-        peak_rss_mb=3 * file.stat().st_size / 1e6, session_rss_mb=0.0, rss_mb=0.0, latency_ms=stats,
+        providers=["CPUExecutionProvider"], ort_version="-", machine="-", file_size_mb=onnx_bytes(file) / 1e6,
+        peak_rss_mb=3 * onnx_bytes(file) / 1e6, session_rss_mb=0.0, rss_mb=0.0, latency_ms=stats,
         prefill_ms=None, decode_ms_per_token=None, prefill_tokens_per_s=None, decode_tokens_per_s=None,
         tokens_per_s=None,
     )  # fmt: skip
@@ -35,10 +36,10 @@ class BytesProfiler:
         self.dense_bytes: int | None = None
 
     def ms(self, file) -> float:
-        return DENSE_MS * file.stat().st_size / self.dense_bytes
+        return DENSE_MS * onnx_bytes(file) / self.dense_bytes
 
     def profile(self, onnx_file, workload):
-        self.dense_bytes = self.dense_bytes or onnx_file.stat().st_size  # the first profile is the dense model
+        self.dense_bytes = self.dense_bytes or onnx_bytes(onnx_file)  # the first profile is the dense model
         return fake_result(onnx_file, self.ms(onnx_file))
 
     def compare(self, onnx_file, baseline, workload):
@@ -117,6 +118,7 @@ def test_plot_budget_lines_are_the_quantities_the_check_uses(saved_llama, calibr
     checked = {b.kind: b.final_value for b in result.budgets}
     assert checked["speedup"] == record["final"]["speedup_alternating"]  # the shipped point's x on the speed panel
     assert checked["memory_mb"] == record["final"]["onnx_mb"]  # and on the size panel
+    assert record["final"]["onnx_mb"] == onnx_bytes(out / "onnx" / "model.onnx") / 1e6  # graph and weights file
     for probe in record["probes"]:  # every plotted point sits where the check would put it
         assert probe_speedup(probe, record) == pytest.approx(
             1.0 if (probe["precision"], probe["sparsity"]) == ("fp32", 0) else probe["speedup"]

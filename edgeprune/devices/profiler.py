@@ -30,7 +30,7 @@ import edgeprune
 from edgeprune.devices.profiles import DeviceProfile, command_words
 from edgeprune.devices.runner import unpack_array
 from edgeprune.errors import EdgepruneError
-from edgeprune.runtime import model_file
+from edgeprune.runtime import model_file, onnx_files
 
 PACKAGE_ROOT = Path(edgeprune.__file__).parent
 RUNNER_MODULES = (
@@ -198,11 +198,6 @@ def compare_results(model: ProfileResult, baseline: ProfileResult) -> Comparison
     )
 
 
-def model_files(onnx: Path) -> list[Path]:
-    """What the runner needs of an export: the .onnx file and its external data, if any."""
-    return [p for p in (onnx, onnx.with_name(onnx.name + "_data")) if p.is_file()]
-
-
 def runner_zip() -> bytes:
     """A zip app (`python runner.pyz`) with the runner and only the modules it imports: what a board gets."""
     buffer = io.BytesIO()
@@ -219,7 +214,7 @@ def work_timeout(models: list[Path], token_passes: int, slowdown: float = 1.0) -
     Every token reads every weight byte once (prefill and each decode step alike), so the work is
     about model bytes x tokens run; loading is bytes over a slow disk. `slowdown`: an emulated board's factor.
     """
-    size = sum(f.stat().st_size for m in models for f in model_files(m))
+    size = sum(f.stat().st_size for m in models for f in onnx_files(m))
     estimate = size * token_passes / SLOW_BOARD_BYTES_PER_S + size / SLOW_DISK_BYTES_PER_S
     return max(TIMEOUT_FLOOR_S, TIMEOUT_SLACK * slowdown * estimate)
 

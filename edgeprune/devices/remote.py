@@ -20,13 +20,13 @@ import paramiko
 from edgeprune.devices.profiler import (
     RUNNER_NAME,
     RunnerProfiler,
-    model_files,
     parse_runner_output,
     runner_zip,
     timed_out,
 )
 from edgeprune.devices.profiles import DeviceProfile, command_words
 from edgeprune.errors import EdgepruneError
+from edgeprune.runtime import onnx_files
 
 CONNECT_TIMEOUT = 15.0
 COMMAND_TIMEOUT = 120.0  # seconds of silence before a setup command (python check, mkdir, df, upload) counts as hung
@@ -189,7 +189,7 @@ class SSHProfiler(RunnerProfiler):
     def upload(self, client: paramiko.SSHClient, workdir: str, models: list[Path]) -> None:
         """The runner and the model files into `workdir`, once `df` shows room for them."""
         name, base = self.device.name, self.device.workdir
-        files = [(f"m{i}/{f.name}", f) for i, m in enumerate(models) for f in model_files(m)]
+        files = [(f"m{i}/{f.name}", f) for i, m in enumerate(models) for f in onnx_files(m)]
         need_mb = DISK_MARGIN * sum(f.stat().st_size for _, f in files) / 2**20
         _, df, _ = run_remote(client, f"df -Pk {shlex.quote(workdir)}")
         free_mb = free_mb_from_df(df, name)

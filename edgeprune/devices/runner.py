@@ -30,7 +30,7 @@ import numpy as np
 import onnxruntime as ort
 
 from edgeprune.errors import EdgepruneError
-from edgeprune.runtime import OnnxModel, greedy_generate, model_file
+from edgeprune.runtime import OnnxModel, greedy_generate, model_file, onnx_bytes
 from edgeprune.window_stats import window_stats
 
 PROC_STATUS = Path("/proc/self/status")
@@ -65,12 +65,6 @@ def stats(samples: list[float]) -> dict[str, float]:
         "mean": float(values.mean()),
         "std": float(values.std()),
     }
-
-
-def file_size_mb(path: Path) -> float:
-    """The .onnx file plus its external-data file, if the export wrote one."""
-    sizes = [p.stat().st_size for p in (path, path.with_name(path.name + "_data")) if p.is_file()]
-    return sum(sizes) / 1e6
 
 
 class Measured:
@@ -129,7 +123,7 @@ class Measured:
         result = {
             "model": str(self.path),
             "kind": "decoder" if self.model.is_decoder else "encoder",
-            "file_size_mb": file_size_mb(self.path),
+            "file_size_mb": onnx_bytes(self.path) / 1e6,
             "providers": self.model.session.get_providers(),
             "peak_rss_mb": max(self.peak_rss_mb, resident) if alone else process_mb + self.session_rss_mb,
             "session_rss_mb": self.session_rss_mb,

@@ -18,13 +18,14 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from edgeprune.checkpoint import versions
 from edgeprune.errors import EdgepruneError
+from edgeprune.export.files import move_onnx
 from edgeprune.export.fused import build_fused, check_fusable
 from edgeprune.export.graph import add_logits_to_keep
 from edgeprune.export.quantize import BLOCK_SIZE, check_precision, optimize_graph, quantize_model
 from edgeprune.export.verify import VERIFY_TEXT, Verification, verify_onnx
 from edgeprune.models import is_decoder
 from edgeprune.outputs import PROVENANCE, atomic_output_dir
-from edgeprune.runtime import MODEL_FILE
+from edgeprune.runtime import MODEL_FILE, onnx_bytes
 from edgeprune.structure import WIDTHS_KEY
 
 TASKS = ("auto", "text-generation-with-past", "feature-extraction", "text-classification", "fill-mask")
@@ -164,18 +165,16 @@ def export_model(
         if task == "text-generation-with-past":
             add_logits_to_keep(fp32)
         if optimize:
-            optimize_graph(fp32, tmp / "model.optimized.onnx").replace(fp32)
+            move_onnx(optimize_graph(fp32, tmp / "model.optimized.onnx"), fp32)
         result = ExportResult(path=Path(out), task=task, export_seconds=seconds, precision=precision)
         result.verification["fp32"] = verify_onnx(model, tokenizer, fp32, text)
-        result.sizes["fp32"] = fp32.stat().st_size
+        result.sizes["fp32"] = onnx_bytes(fp32)
         check_fp32(result.verification["fp32"], atol)
         if precision != "fp32":
             quantized = quantize_model(fp32, tmp / f"model.{precision}.onnx", precision, block_size)
             result.verification[precision] = verify_onnx(model, tokenizer, quantized, text)
-            result.sizes[precision] = quantized.stat().st_size
             check_quantized(result.verification[precision], precision, tolerance or TOLERANCES[precision])
-            quantized.replace(fp32)
-            fp32.with_name(fp32.name + "_data").unlink(missing_ok=True)  # the fp32 weights, if stored apart
+            result.sizes[precision] = onnx_bytes(move_onnx(quantized, fp32))
         if tokenizer is not None:  # without one, verified on random ids (verify_onnx)
             tokenizer.save_pretrained(tmp)
         record = {

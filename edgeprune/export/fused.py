@@ -25,6 +25,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from edgeprune.errors import EdgepruneError
+from edgeprune.export.files import save_onnx
 
 GENAI_CONFIG = "genai_config.json"
 FUSED_FAMILIES = ("llama",)  # model_type values whose decoder the builder's LlamaModel expresses
@@ -92,7 +93,7 @@ def builder_for(model: PreTrainedModel, cache_dir: Path):
 
 
 def build_fused(model: PreTrainedModel, folder: Path) -> Path:
-    """Write the fused fp32 graph as one `model.onnx` (no external data) and `genai_config.json` into `folder`."""
+    """Write the fused fp32 graph (`model.onnx` + its weights file) and `genai_config.json` into `folder`."""
     import torch
 
     check_fusable(model)
@@ -106,7 +107,7 @@ def build_fused(model: PreTrainedModel, folder: Path) -> Path:
             builder.make_model("")
             builder.save_model(str(scratch))
             graph = onnx.load(str(scratch / builder.filename))  # weights in model.onnx.data beside it
-            onnx.save(graph, str(folder / builder.filename))
+            save_onnx(graph, folder / builder.filename)
             model.config.save_pretrained(folder)  # what Optimum writes too: evaluation and generate read them
             model.generation_config.save_pretrained(folder)
             builder.make_genai_config(str(folder), {}, str(folder))
@@ -154,6 +155,4 @@ def write_fused_probe(dense_fused: Path, out_file: Path, model: PreTrainedModel)
         next(a for a in gqa.attribute if a.name == "num_heads").i = layer.self_attn.q_proj.out_features // size
         for info in [v for v in graph.value_info if f"layers.{index}." in v.name or f"layers.{index}/" in v.name]:
             graph.value_info.remove(info)
-    out_file.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(graph_model, str(out_file))
-    return out_file
+    return save_onnx(graph_model, out_file)

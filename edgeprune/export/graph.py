@@ -15,6 +15,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from edgeprune.export.files import save_onnx
 from edgeprune.runtime import LOGITS_TO_KEEP
 
 INT64_MAX = np.iinfo(np.int64).max
@@ -50,5 +51,5 @@ def add_logits_to_keep(path: Path) -> bool:
     for offset, node in enumerate(nodes):
         graph.node.insert(position + offset, node)
     producer.input[0] = sliced  # no onnx.checker: it rejects ORT's contrib ops; the export's verification runs it
-    onnx.save(model, str(path))
+    save_onnx(model, path)
     return True

@@ -22,6 +22,7 @@ from onnx import helper, numpy_helper
 from onnxruntime.quantization import QuantType, quantize_dynamic
 
 from edgeprune.errors import EdgepruneError
+from edgeprune.export.files import save_onnx
 
 PRECISIONS = ("fp32", "int8", "int4", "dynamic-int8")
 WEIGHT_ONLY_BITS = {"int8": 8, "int4": 4}
@@ -106,8 +107,7 @@ def quantize_weight_only(
             break
     if token_embedding is not None:
         quantize_embedding(model.graph, token_embedding, vocab_bits, block_size)
-    onnx.save(model, str(target))
-    return Path(target)
+    return save_onnx(model, Path(target))
 
 
 def head_matmul(graph: onnx.GraphProto, embedding: TokenEmbedding) -> str | None:

@@ -23,6 +23,7 @@ from onnx import numpy_helper
 from torch import nn
 
 from edgeprune.errors import EdgepruneError
+from edgeprune.export.files import save_onnx
 from edgeprune.models import FamilyAdapter
 from edgeprune.structure import LayerKeep
 
@@ -146,9 +147,7 @@ def slice_ffn(dense_onnx: Path, out_file: Path, names: list[dict[str, list]], ke
                 replace_bias(*bias, entry.ffn)
         replace(layer_names["output"], entry.ffn, axis=0)  # stored [neurons, hidden]
     drop_unused(graph, replaced)
-    out_file.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, str(out_file))
-    return out_file
+    return save_onnx(model, out_file)
 
 
 def ffn_bias_names(names: list[dict[str, list]], graph: onnx.GraphProto) -> list[dict[str, list]]:
@@ -217,6 +216,4 @@ def write_ffn(
             array = np.ascontiguousarray(linear.weight.detach().float().T.numpy())  # MatMul stores [in, out]
             initializers[weight_name].CopyFrom(numpy_helper.from_array(array, weight_name))
             write_bias(bias_where, linear.bias)
-    out_file.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, str(out_file))
-    return out_file
+    return save_onnx(model, out_file)
