@@ -16,13 +16,15 @@ The same files and the same runner (edgeprune.devices.runner, one thread) on bot
   the dense fp32 file, its perplexity and top-1 agreement, the fp32 file's perplexity, all measured on the CPU;
 - with `--ssh-device` (a device file whose python is the emulated one): the remote path, upload + run + fetch of
   the int4 file's outputs over SSH, which must equal the local emulated run bit for bit.
-Seconds are wall time of each runner call (emulated: functional only). Writes benchmarks/out/bench_aarch64.json.
+Seconds are wall time of each runner call (emulated: functional only). Writes benchmarks/out/bench_aarch64.json;
+each finished step is kept in --work, so a rerun resumes (delete it to measure again).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import pickle
 import time
 from pathlib import Path
 
@@ -59,10 +61,15 @@ def float_activations(source: Path, target: Path) -> Path:
     return target
 
 
-def timed(call):
+def timed(work: Path, name: str, call):
+    """(value, seconds) of `call`, kept in `work` so an interrupted benchmark resumes past finished steps."""
+    path = work / f"{name}.pkl"
+    if path.is_file():
+        return pickle.loads(path.read_bytes())
     start = time.perf_counter()
-    value = call()
-    return value, time.perf_counter() - start
+    found = (call(), time.perf_counter() - start)
+    path.write_bytes(pickle.dumps(found))
+    return found
 
 
 def first_mismatch(a: list[int], b: list[int]) -> int | None:
@@ -126,7 +133,9 @@ def main() -> None:
     parser.add_argument("--logit-tokens", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=24)
     parser.add_argument("--ssh-device", type=Path, help="device file reaching the emulated python over SSH")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/bench_aarch64"), help="finished steps, for resuming")
     args = parser.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
 
     here = dataclasses.replace(get_device("local"), threads=1)
     arm = dataclasses.replace(get_device("rpi5-emulated"), python=str(args.target / "bin" / "python3"))
@@ -147,8 +156,8 @@ def main() -> None:
         return dict(zip(names, answers, strict=True))
 
     seconds = {}
-    (here_out, seconds["outputs_here"]) = timed(lambda: outputs(here, list(files)))
-    (arm_out, seconds["outputs_aarch64"]) = timed(lambda: outputs(arm, list(files)))
+    (here_out, seconds["outputs_here"]) = timed(args.work, "outputs_here", lambda: outputs(here, list(files)))
+    (arm_out, seconds["outputs_aarch64"]) = timed(args.work, "outputs_aarch64", lambda: outputs(arm, list(files)))
     assert {a.machine for a in arm_out.values()} == {"aarch64"}
     candidates = [files[p] for p in QUANTIZED]
     (here_q, seconds["heldout_here"]) = timed(
@@ -168,7 +177,7 @@ def main() -> None:
     }
     if args.ssh_device:
         ssh = load_profile(args.ssh_device)
-        (remote, seconds["ssh_int4_outputs"]) = timed(lambda: outputs(ssh, ["int4"]))
+        (remote, seconds["ssh_int4_outputs"]) = timed(args.work, "ssh_int4_outputs", lambda: outputs(ssh, ["int4"]))
         local = arm_out["int4"]
         entry["ssh"] = {
             "device": ssh.ssh,
