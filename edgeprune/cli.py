@@ -736,6 +736,12 @@ TIMEOUT_HELP = (
 )
 
 
+EMULATED_TIMINGS = (
+    "{name} is emulated: the model runs there with the board's instructions, but these timings (and speedups) "
+    "are the emulator's, not the board's; only file size and the fact that it ran carry over. Time on the real board."
+)
+
+
 def stats_cell(stats) -> str:
     return "" if stats is None else f"{stats.p50:.2f} / {stats.p90:.2f} ({stats.mean:.2f} ± {stats.std:.2f})"
 
@@ -772,7 +778,8 @@ def profile(
             results = [profiler.profile(onnx, load)]
             record = results[0].as_dict()
     first = results[0]
-    table = Table(title=f"{target.name}: ORT {first.ort_version}, {first.threads} threads, {first.providers[0]}")
+    title = f"{target.name}: ORT {first.ort_version}, {first.threads} threads, {first.providers[0]}"
+    table = Table(title=title + (" (EMULATED: functional only)" if target.emulated else ""))
     table.add_column("")
     for r in results:
         table.add_column(Path(r.model).name if len(results) == 1 else r.model, justify="right")
@@ -796,6 +803,8 @@ def profile(
         phases = [("prefill", comparison.prefill_speedup), ("decode", comparison.decode_speedup)]
         detail = ", ".join(f"{name} {value:.3f}x" for name, value in phases if value is not None)
         out.print(f"speedup of {onnx} over {against}: {comparison.speedup:.3f}x" + (f" ({detail})" if detail else ""))
+    if target.emulated:
+        out.print(EMULATED_TIMINGS.format(name=target.name))
     if json_file:
         Path(json_file).write_text(json.dumps(record, indent=2) + "\n")
 

@@ -28,6 +28,7 @@ from edgeprune.budget import (
     ProbeLog,
     SearchResult,
     latency_target,
+    refuse_timed_budgets_on_emulation,
     search_candidates,
     smallest_sparsity,
 )
@@ -38,6 +39,7 @@ from edgeprune.criteria import GroupScores, score_groups, scoring_inputs
 from edgeprune.criteria.base import parse_options
 from edgeprune.devices.profiler import Profiler, ProfileResult, Workload, profiler_for
 from edgeprune.devices.profiles import get_device
+from edgeprune.devices.target import quality_on_target
 from edgeprune.errors import EdgepruneError
 from edgeprune.evaluate.divergence import Divergence, heldout_divergence
 from edgeprune.export.exporter import FP32_ATOL, check_fp32, export_model
@@ -403,11 +405,12 @@ def run_job(
     """
     inputs = local_inputs(cfg.model, cfg.calibration, cfg.recover_data, *cfg.device_files)
     out = check_run_output(out, overwrite, inputs)
+    device = get_device(cfg.device, cfg.device_files)
+    refuse_timed_budgets_on_emulation(cfg.budgets, device.name, device.emulated)
     say("loading model")
     loaded = load_model(cfg.model, cfg.tokenizer)
     model, tokenizer = loaded.model, require_tokenizer(loaded.tokenizer, loaded.source, "the run's calibration")
     adapter = adapter_for(model.config)
-    device = get_device(cfg.device, cfg.device_files)
     profiler = profiler or profiler_for(device, runs=cfg.runs, warmup=cfg.warmup, timeout=cfg.timeout)
     calib = split_calibration(tokenizer, cfg)
     claim_run_output(out, overwrite, (*inputs, loaded.folder))
@@ -476,6 +479,7 @@ class RunResult:
     profile: dict
     recovery: dict | None
     versions: dict
+    target_quality: dict | None = None  # an ARM device's own held-out measurement of a quantized model (target.py)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -532,6 +536,9 @@ def finish(inputs: FinishInputs, search: SearchResult, say: Callable[[str], None
     dense_file = inputs.runner.dense_onnx()
     comparison = inputs.runner.profiler.compare(shipped / MODEL_FILE, dense_file, cfg.workload)
     quality = measure_quality(shipped / MODEL_FILE, loaded.model, inputs.calib, cfg)
+    on_target = quality_on_target(
+        inputs.runner.profiler, best.precision, shipped / MODEL_FILE, dense_file, inputs.calib.heldout, quality, say
+    )
     final_probe = probe_from(
         best.precision,
         best.sparsity,
@@ -563,6 +570,7 @@ def finish(inputs: FinishInputs, search: SearchResult, say: Callable[[str], None
         profile={"final": comparison.model.as_dict(), "dense": comparison.baseline.as_dict()},
         recovery=recovery,
         versions=versions(),
+        target_quality=on_target,
     )
     write_report(result.as_dict(), inputs.out)
     return result
