@@ -107,6 +107,23 @@ def sample_windows(tokens: torch.Tensor, n_samples: int, seq_len: int, seed: int
     return torch.stack([tokens[s : s + seq_len] for s in starts.tolist()])
 
 
+def disjoint_windows(tokens: torch.Tensor, seq_len: int, max_windows: int) -> torch.Tensor:
+    """Up to `max_windows` non-overlapping windows of `seq_len` tokens, spread evenly over the stream, in text order.
+
+    For the re-fit, which learns width² coefficients: random windows of a short text overlap and repeat
+    tokens instead of adding new ones, and its check windows (the last ones) must share no token with
+    the windows it fits on.
+    """
+    n = len(tokens) // seq_len
+    if n == 0:
+        raise EdgepruneError(
+            f"calibration text has {len(tokens)} tokens, fewer than one window of {seq_len}: "
+            "give a longer text or a smaller --calib-seq-len"
+        )
+    picked = torch.linspace(0, n - 1, min(n, max_windows)).round().long()
+    return tokens[: n * seq_len].reshape(n, seq_len)[picked]
+
+
 def calibration_batch(
     tokenizer: PreTrainedTokenizerBase,
     source: str | Path | None = None,

@@ -143,7 +143,8 @@ def checked_refit(
     """
     if check is None:
         return refit(fit, weight, columns, max(dampings)), max(dampings), math.nan, math.nan
-    energy = max(output_error(check, weight, torch.arange(weight.shape[1]), None), 1e-300)
+    weight = weight.double()
+    energy = max(float((weight @ check * weight).sum()), 1e-300)  # ‖A Wᵀ‖², the scale of the relative errors
     plain = output_error(check, weight, columns, None) / energy
     best, best_error = None, plain
     for damping in dampings:

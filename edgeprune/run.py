@@ -31,7 +31,7 @@ from edgeprune.budget import (
     search_candidates,
     smallest_sparsity,
 )
-from edgeprune.calibration import heldout_start, load_text, sample_windows, tokenize_text
+from edgeprune.calibration import disjoint_windows, heldout_start, load_text, sample_windows, tokenize_text
 from edgeprune.checkpoint import save_pruned, versions
 from edgeprune.compensate import cut_and_compensate
 from edgeprune.criteria import GroupScores, ScoringInputs, score_groups
@@ -92,6 +92,7 @@ class RunConfig:
     workload: Workload = field(default_factory=Workload)
     calibration: str | None = None
     calib_samples: int = 32
+    refit_samples: int = 256  # at most this many non-overlapping windows of the text's head for the re-fit
     calib_seq_len: int = 128
     eval_seq_len: int = 128
     eval_tokens: int = 8192
@@ -143,22 +144,25 @@ class RunConfig:
 
 @dataclass
 class Calibration:
-    """Token windows for scoring and a disjoint held-out stream for perplexity.
+    """Token windows for scoring and for the re-fit, and a disjoint held-out stream for perplexity.
 
-    `head` is the text before the held-out tail: scoring samples it, and so does the default
-    recovery, so the reported perplexity stays held out.
+    `head` is the text before the held-out tail: scoring samples it, the re-fit reads it in
+    non-overlapping windows, and so does the default recovery, so the reported perplexity stays held out.
     """
 
     windows: torch.Tensor
     heldout: torch.Tensor
     head: torch.Tensor
+    refit: torch.Tensor
 
 
 def split_calibration(tokenizer, cfg: RunConfig) -> Calibration:
     tokens = tokenize_text(tokenizer, load_text(cfg.calibration))
     cut = heldout_start(len(tokens))
-    windows = sample_windows(tokens[:cut], cfg.calib_samples, cfg.calib_seq_len, cfg.seed)
-    return Calibration(windows=windows, heldout=tokens[cut:][: cfg.eval_tokens], head=tokens[:cut])
+    head = tokens[:cut]
+    windows = sample_windows(head, cfg.calib_samples, cfg.calib_seq_len, cfg.seed)
+    refit = disjoint_windows(head, cfg.calib_seq_len, cfg.refit_samples)
+    return Calibration(windows=windows, heldout=tokens[cut:][: cfg.eval_tokens], head=head, refit=refit)
 
 
 def scoring_settings(cfg: RunConfig, source_hash: str) -> dict:
@@ -271,7 +275,7 @@ class ProbeRunner:
         self.fused = uses_fused_graph(loaded.model, cfg.graph)
 
     def refit_windows(self) -> torch.Tensor | None:
-        return self.calib.windows if self.cfg.compensate else None
+        return self.calib.refit if self.cfg.compensate else None
 
     def export(self, model: nn.Module, folder: Path) -> Path:
         export_model(model, self.loaded.tokenizer, folder, overwrite=True, fused=self.fused)

@@ -11,8 +11,10 @@ from edgeprune.compensate import (
     CompensateOptions,
     Gram,
     cut_and_compensate,
+    checked_refit,
     cut_by_obs,
     obs_removal_order,
+    output_error,
     refit,
 )
 from edgeprune.models import adapter_for
@@ -63,6 +65,41 @@ def make_neuron_a_multiple(model, adapter, layer: int, copy_of: int, removed: in
                 linear.bias[removed] = linear.bias[copy_of]
         if len(inputs) == 2:  # SwiGLU act(gate) * up: doubling the up row doubles the activation
             inputs[1].weight[removed] *= 2
+
+
+def gram_of(a: torch.Tensor) -> torch.Tensor:
+    gram = Gram.empty(a.shape[1])
+    gram.add(a)
+    return gram.xtx
+
+
+def test_check_keeps_the_plain_cut_when_the_refit_does_worse_on_held_out_windows():
+    """On the fitted tokens column 2 copies column 0, so the re-fit moves column 2's weight onto column 0;
+    on the check tokens they are independent, where that move doubles the error: the plain cut wins."""
+    gen = torch.Generator().manual_seed(0)
+    fit, check = (torch.randn(400, 3, generator=gen, dtype=torch.float64) for _ in range(2))
+    fit[:, 2] = fit[:, 0]
+    weight = torch.randn(4, 3, generator=gen, dtype=torch.float64)
+    keep = torch.tensor([0, 1])
+    new, damping, error, plain = checked_refit(gram_of(fit), gram_of(check), weight, keep, (1e-4, 1e-2))
+    assert damping is None and error == plain
+    torch.testing.assert_close(new, weight[:, keep])
+    energy = output_error(gram_of(check), weight, torch.tensor([], dtype=torch.long), None)  # all columns removed
+    assert plain == pytest.approx(output_error(gram_of(check), weight, keep, None) / energy, rel=1e-12)
+    for d in (1e-4, 1e-2):  # what the guard refused: larger on the check tokens
+        assert output_error(gram_of(check), weight, keep, refit(gram_of(fit), weight, keep, d)) / energy > plain
+
+
+def test_check_takes_the_refit_where_it_holds_on_held_out_windows_and_refits_on_all():
+    """Column 2 = column 0 on every token: the re-fit wins the check and is redone on fit + check."""
+    gen = torch.Generator().manual_seed(1)
+    fit, check = (torch.randn(400, 3, generator=gen, dtype=torch.float64) for _ in range(2))
+    fit[:, 2], check[:, 2] = fit[:, 0], check[:, 0]
+    weight = torch.randn(4, 3, generator=gen, dtype=torch.float64)
+    keep = torch.tensor([0, 1])
+    new, damping, error, plain = checked_refit(gram_of(fit), gram_of(check), weight, keep, (1e-1, 1e-6))
+    assert damping == 1e-6 and error < 1e-9 < plain
+    torch.testing.assert_close(new, refit(gram_of(fit) + gram_of(check), weight, keep, 1e-6))
 
 
 @pytest.mark.parametrize("family", ["llama", "bert"])
