@@ -1,4 +1,4 @@
-"""Does the least-squares re-fit pay? KL(dense || cut) and perplexity on two held-out texts, re-fit variants side by side.
+"""Does the least-squares re-fit pay? KL(dense || cut) and perplexity on two held-out texts, per re-fit variant.
 
 SmolLM2-135M-Instruct, FFN neurons of layers 1..28 (the default `run` job's kind of cut), uniform,
 fluctuation scores from `run`'s 32 scoring windows of the packaged text (seed 0). Sparsities are
@@ -28,10 +28,17 @@ import numpy as np
 import torch
 from bench_common import append_result, data_dir, read_results
 
-from edgeprune.calibration import calibration_batch, disjoint_windows, heldout_start, load_text, sample_windows, tokenize_text
+from edgeprune.calibration import (
+    calibration_batch,
+    disjoint_windows,
+    heldout_start,
+    load_text,
+    sample_windows,
+    tokenize_text,
+)
 from edgeprune.compensate import CompensateOptions, cut_and_compensate
 from edgeprune.criteria import ScoringInputs, score_groups
-from edgeprune.evaluate.divergence import dense_output, decoder_window_stats, windows_of
+from edgeprune.evaluate.divergence import decoder_window_stats, dense_output, windows_of
 from edgeprune.loading import load_model
 from edgeprune.models import adapter_for
 from edgeprune.run import RunConfig

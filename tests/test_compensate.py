@@ -10,8 +10,8 @@ import torch
 from edgeprune.compensate import (
     CompensateOptions,
     Gram,
-    cut_and_compensate,
     checked_refit,
+    cut_and_compensate,
     cut_by_obs,
     obs_removal_order,
     output_error,
