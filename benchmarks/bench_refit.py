@@ -1,7 +1,8 @@
 """Does the least-squares re-fit pay? KL(dense || cut) and perplexity on two held-out texts, per re-fit variant.
 
-SmolLM2-135M-Instruct, FFN neurons of layers 1..28 (the default `run` job's kind of cut), uniform,
-fluctuation scores from `run`'s 32 scoring windows of the packaged text (seed 0). Sparsities are
+SmolLM2-135M-Instruct, FFN neurons of layers 1..28 (the default `run` job's kind of cut), uniform;
+groups chosen by `--criteria` (scores from `run`'s 32 scoring windows of the packaged text, seed 0;
+`obs`: by their error after the re-fit, on the re-fit windows; `obs` and `none` do not go together). Sparsities are
 `run`'s (fraction of those layers' prunable parameters). Held-out texts, both paired against the
 dense model window by window: `pkg` = the packaged text's held-out tail exactly as `run` measures it
 (13 windows of 128), `wiki` = the first `--wiki-tokens` of WikiText-2 *test* (raw file, no BOS).
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import math
 import time
 from pathlib import Path
@@ -36,13 +38,13 @@ from edgeprune.calibration import (
     sample_windows,
     tokenize_text,
 )
-from edgeprune.compensate import CompensateOptions, cut_and_compensate
+from edgeprune.compensate import CompensateOptions, cut_and_compensate, cut_by_obs
 from edgeprune.criteria import ScoringInputs, score_groups
 from edgeprune.evaluate.divergence import decoder_window_stats, dense_output, windows_of
 from edgeprune.loading import load_model
 from edgeprune.models import adapter_for
 from edgeprune.run import RunConfig
-from edgeprune.structure import cut_model, plan_widths, select_keep
+from edgeprune.structure import cut_model, plan_uniform_widths, select_keep
 
 OUT = Path(__file__).parent / "out" / "bench_refit.json"
 
@@ -94,6 +96,7 @@ class HeldOut:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sparsities", default="0.061,0.2,0.35")
+    parser.add_argument("--criteria", default="fluctuation")
     parser.add_argument("--methods", default="none,fixed:0.0001,checked")
     parser.add_argument("--windows", default="pkg-random-32,pkg-disjoint")
     parser.add_argument("--wiki-tokens", type=int, default=8192)
@@ -112,7 +115,8 @@ def main() -> None:
     wiki = data_dir() / "wikitext-2-raw"
     test = tokenize_text(tokenizer, (wiki / "wiki.test.raw").read_text(encoding="utf-8"))[: args.wiki_tokens]
     texts = [HeldOut("pkg", tail[: cfg.eval_tokens], model, args.cache), HeldOut("wiki", test, model, args.cache)]
-    scores = score_groups("fluctuation", model, adapter, ScoringInputs(sample_windows(head, 32, 128, 0), seed=0))
+    scoring = ScoringInputs(sample_windows(head, 32, 128, 0), seed=0)
+    scores = {c: score_groups(c, model, adapter, scoring) for c in args.criteria.split(",") if c != "obs"}
 
     def refit_calibration(spec: str) -> torch.Tensor:
         source, kind, *n = spec.split("-")
@@ -126,27 +130,33 @@ def main() -> None:
     if not any(e["method"] == "dense" and e["wiki_tokens"] == len(test) for e in done):
         row = {"method": "dense", "wiki_tokens": len(test), **{t.name: t.measure(model) for t in texts}}
         append_result(args.out, row)
-    for sparsity in [float(s) for s in args.sparsities.split(",")]:
-        keep = select_keep(model, adapter, scores, plan_widths(model, adapter, scores, cfg.spec(sparsity)))
+    sparsities = [float(s) for s in args.sparsities.split(",")]
+    for sparsity, criterion in itertools.product(sparsities, args.criteria.split(",")):
+        plan = plan_uniform_widths(model, adapter, cfg.spec(sparsity))
+        keep = None if criterion == "obs" else select_keep(model, adapter, scores[criterion], plan)
         for windows in args.windows.split(","):
             for method in args.methods.split(","):
-                key = {"sparsity": sparsity, "method": method, "windows": "-" if method == "none" else windows}
-                if any(all(e.get(k) == v for k, v in key.items()) and e["wiki_tokens"] == len(test) for e in done):
+                key = {"sparsity": sparsity, "criterion": criterion, "method": method}
+                key["windows"] = "-" if method == "none" else windows
+                if (criterion, method) == ("obs", "none") or any(
+                    all(e.get(k) == v for k, v in key.items()) and e["wiki_tokens"] == len(test) for e in done
+                ):
                     continue
                 pruned = copy.deepcopy(model)
                 start, cpu = time.perf_counter(), time.process_time()
                 options, choices = options_for(method), []
                 if options is None:
                     cut_model(pruned, adapter, keep)
+                elif criterion == "obs":
+                    choices = cut_by_obs(pruned, adapter, plan, refit_calibration(windows), options).choices
                 else:
-                    calib = refit_calibration(windows)
-                    choices = cut_and_compensate(pruned, adapter, keep, calib, options).choices
+                    choices = cut_and_compensate(pruned, adapter, keep, refit_calibration(windows), options).choices
                 seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu
                 row = {**key, "wiki_tokens": len(test), **{t.name: t.measure(pruned) for t in texts}}
                 row |= {"cut_seconds": seconds, "cut_cpu_seconds": cpu_seconds, "choices": [c.damping for c in choices]}
                 done.append(append_result(args.out, row))
                 print(
-                    f"s={sparsity:<6} {key['windows']:16s} {method:14s} "
+                    f"s={sparsity:<6} {criterion:12s} {key['windows']:16s} {method:14s} "
                     + " | ".join(f"{t.name} KL {row[t.name]['kl']:.4f} PPL {row[t.name]['ppl']:.2f}" for t in texts)
                     + f" | cut {seconds:.0f} s",
                     flush=True,
