@@ -18,6 +18,7 @@ from edgeprune.errors import EdgepruneError
 PACKAGED_TEXT = Path(__file__).parent / "data" / "calibration.txt"
 DATASET_ALIASES = {"wikitext2": ("wikitext", "wikitext-2-raw-v1", "train")}
 HELDOUT_FRACTION = 0.2  # the tail of a calibration text, never sampled for scoring or trained on, measures perplexity
+REFIT_WINDOWS = 256  # at most this many non-overlapping windows of the calibration text feed the re-fit
 
 
 def heldout_start(n_tokens: int) -> int:
@@ -122,6 +123,17 @@ def disjoint_windows(tokens: torch.Tensor, seq_len: int, max_windows: int) -> to
         )
     picked = torch.linspace(0, n - 1, min(n, max_windows)).round().long()
     return tokens[: n * seq_len].reshape(n, seq_len)[picked]
+
+
+def refit_batch(
+    tokenizer: PreTrainedTokenizerBase,
+    source: str | Path | None = None,
+    seq_len: int = 128,
+    max_windows: int = REFIT_WINDOWS,
+    data_dir: str | Path | None = None,
+) -> torch.Tensor:
+    """Token ids [n, seq_len] for the re-fit: `disjoint_windows` of the whole text of `source` (see `load_text`)."""
+    return disjoint_windows(tokenize_text(tokenizer, load_text(source, data_dir)), seq_len, max_windows)
 
 
 def calibration_batch(

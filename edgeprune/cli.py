@@ -67,7 +67,7 @@ TAYLOR_AGGREGATIONS = ("sum", "mean", "max", "prod")
 # CPU-sensible calibration: LLM-Pruner's 10 sequences for gradients, 32 for activation statistics.
 DEFAULT_CALIB_SAMPLES = {"taylor": 10}
 ACTIVATION_CALIB_SAMPLES = 32
-ACTIVATION_CRITERION = "fluctuation"  # compensation reads activations: it takes the activation criteria's default
+ACTIVATION_CRITERION = "fluctuation"  # layer importance reads activations: it takes the activation criteria's default
 SELECTIONS = ("scores", "obs")
 LAYER_MEASURES = ("block-influence", "block-information")
 
@@ -124,6 +124,16 @@ def load_calibration(loaded, criterion: str, source: str | None, samples: int | 
         raise EdgepruneError("--calib-samples must be >= 1 and --calib-seq-len >= 2")
     with console.status(f"reading calibration text ({n} x {seq_len} tokens)"):
         return calibration_batch(tokenizer, source, n, seq_len, seed)
+
+
+def load_refit_windows(loaded, source: str | None, seq_len: int):
+    """The re-fit's windows: non-overlapping ones over the whole calibration text (`calibration.refit_batch`)."""
+    from edgeprune.calibration import refit_batch
+    from edgeprune.loading import require_tokenizer
+
+    tokenizer = require_tokenizer(loaded.tokenizer, loaded.source, "calibration")
+    with console.status(f"reading the re-fit's calibration windows ({seq_len} tokens each)"):
+        return refit_batch(tokenizer, source, seq_len)
 
 
 def parse_criterion_options(pairs: tuple[str, ...]) -> dict:
@@ -374,7 +384,7 @@ def prune(
         from edgeprune.compensate import CompensateOptions, allocate_by_errors, compensated_cut
         from edgeprune.structure import select_keep
 
-        batch = load_calibration(loaded, ACTIVATION_CRITERION, *calib_settings)
+        batch = load_refit_windows(loaded, calibration, calib_seq_len)
         options = CompensateOptions(add_bias=bias_compensation)
 
         def cut(model, adapter, keep, plan):

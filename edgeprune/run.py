@@ -31,7 +31,14 @@ from edgeprune.budget import (
     search_candidates,
     smallest_sparsity,
 )
-from edgeprune.calibration import disjoint_windows, heldout_start, load_text, sample_windows, tokenize_text
+from edgeprune.calibration import (
+    REFIT_WINDOWS,
+    disjoint_windows,
+    heldout_start,
+    load_text,
+    sample_windows,
+    tokenize_text,
+)
 from edgeprune.checkpoint import save_pruned, versions
 from edgeprune.compensate import cut_and_compensate
 from edgeprune.criteria import GroupScores, ScoringInputs, score_groups
@@ -92,7 +99,7 @@ class RunConfig:
     workload: Workload = field(default_factory=Workload)
     calibration: str | None = None
     calib_samples: int = 32
-    refit_samples: int = 256  # at most this many non-overlapping windows of the text's head for the re-fit
+    refit_samples: int = REFIT_WINDOWS  # at most this many non-overlapping windows of the head for the re-fit
     calib_seq_len: int = 128
     eval_seq_len: int = 128
     eval_tokens: int = 8192
