@@ -454,10 +454,14 @@ def prune(
             compensate_bias(loaded.model, adapter, keep, means)
 
     if compensate:
+        import torch
+
+        from edgeprune.calibration import REFIT_WINDOWS, disjoint_windows
         from edgeprune.compensate import CompensateOptions, allocate_by_errors, compensated_cut
         from edgeprune.structure import select_keep
 
-        batch = text.sample(calib)
+        # prune measures no held-out text: the re-fit reads non-overlapping windows of all of it
+        batch = disjoint_windows(torch.cat([text.head, text.heldout]), calib.seq_len, REFIT_WINDOWS)
         options = CompensateOptions(add_bias=bias_compensation)
 
         def cut(model, adapter, keep, plan):

@@ -32,7 +32,13 @@ from edgeprune.budget import (
     search_candidates,
     smallest_sparsity,
 )
-from edgeprune.calibration import CalibrationSettings, CalibrationText, read_calibration
+from edgeprune.calibration import (
+    REFIT_WINDOWS,
+    CalibrationSettings,
+    CalibrationText,
+    disjoint_windows,
+    read_calibration,
+)
 from edgeprune.checkpoint import save_pruned, versions
 from edgeprune.compensate import cut_and_compensate
 from edgeprune.criteria import GroupScores, score_groups, scoring_inputs
@@ -94,7 +100,8 @@ class RunConfig:
     block_size: int = BLOCK_SIZE  # weight-only quantization block (inputs per scale)
     workload: Workload = field(default_factory=Workload)
     calibration: str | None = None
-    calib_samples: int | None = None  # None: the criterion's own count for scoring, DEFAULT_WINDOWS for the re-fit
+    calib_samples: int | None = None  # None: the criterion's own count for scoring
+    refit_samples: int = REFIT_WINDOWS  # at most this many non-overlapping windows of the head for the re-fit
     calib_seq_len: int = CalibrationSettings.seq_len
     eval_seq_len: int = 128
     eval_tokens: int = 8192
@@ -151,19 +158,21 @@ class RunConfig:
 
 @dataclass
 class Calibration(CalibrationText):
-    """The calibration text (its held-out tail cut to `eval_tokens`) and the windows the cuts are re-fit on.
+    """The calibration text (its held-out tail cut to `eval_tokens`), the scoring windows and the re-fit's.
 
-    `head` is the text before the held-out tail: scoring samples it, and so does the default
-    recovery, so the reported perplexity stays held out.
+    `head` is the text before the held-out tail: scoring samples it, the re-fit reads it in
+    non-overlapping windows, and so does the default recovery, so the reported perplexity stays held out.
     """
 
     windows: torch.Tensor
+    refit: torch.Tensor
 
 
 def split_calibration(tokenizer, cfg: RunConfig) -> Calibration:
     text = read_calibration(tokenizer, cfg.calibration)
     windows = text.sample(cfg.calibration_settings)
-    return Calibration(head=text.head, heldout=text.heldout[: cfg.eval_tokens], windows=windows)
+    refit = disjoint_windows(text.head, cfg.calib_seq_len, cfg.refit_samples)
+    return Calibration(head=text.head, heldout=text.heldout[: cfg.eval_tokens], windows=windows, refit=refit)
 
 
 def scoring_settings(cfg: RunConfig, source_hash: str) -> dict:
@@ -276,7 +285,7 @@ class ProbeRunner:
         self.fused = uses_fused_graph(loaded.model, cfg.graph)
 
     def refit_windows(self) -> torch.Tensor | None:
-        return self.calib.windows if self.cfg.compensate else None
+        return self.calib.refit if self.cfg.compensate else None
 
     def export(self, model: nn.Module, folder: Path) -> Path:
         export_model(model, self.loaded.tokenizer, folder, overwrite=True, fused=self.fused)
