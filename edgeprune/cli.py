@@ -514,6 +514,7 @@ def inspect(model: str | None, as_json: bool) -> None:
 @click.option("--steps", type=int, help="optimizer steps (default 100 when no budget is given)")
 @click.option("--epochs", type=float, help="passes over the training examples (instead of --steps)")
 @click.option("--minutes", type=float, help="wall-time cap; stops at the first budget reached")
+@click.option("--cpu-minutes", type=float, help="cap on this process's CPU time (all threads): load-independent")
 @click.option("--rank", default=8, show_default=True, help="LoRA rank")
 @click.option("--alpha", default=16, show_default=True, help="LoRA alpha")
 @click.option("--lr", default=1e-4, show_default=True, help="AdamW learning rate")
