@@ -600,6 +600,7 @@ def inspect(model: str | None, as_json: bool) -> None:
 @click.option("--steps", type=int, cls=LazyHelp, more_help=default_steps, help="optimizer steps")
 @click.option("--epochs", type=float, help="passes over the training examples (instead of --steps)")
 @click.option("--minutes", type=float, help="wall-time cap; stops at the first budget reached")
+@click.option("--cpu-minutes", type=float, help="cap on this process's CPU time (all threads): load-independent")
 @click.option("--rank", type=int, cls=ConfigDefault, config=RECOVERY, help="LoRA rank")
 @click.option("--alpha", type=int, cls=ConfigDefault, config=RECOVERY, help="LoRA alpha")
 @click.option("--lr", type=float, cls=ConfigDefault, config=RECOVERY, help="AdamW learning rate")
