@@ -19,6 +19,7 @@ import statistics
 import subprocess
 import tempfile
 import zipfile
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
@@ -300,7 +301,7 @@ class RunnerProfiler:
         inputs: list[list[int]],
         prompt_ids: list[int] | None = None,
         max_new_tokens: int = 0,
-        eos_ids: set[int] = frozenset(),
+        eos_ids: Iterable[int] = (),
     ) -> list[ModelOutputs]:
         """Each file's first output on `inputs` (one forward) and, for decoders, its greedy tokens after the prompt."""
         files = [model_file(m) for m in models]

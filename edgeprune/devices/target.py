@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edgeprune.devices.profiler import LocalProfiler, RunnerProfiler
+from edgeprune.devices.profiler import LocalProfiler, Profiler, RunnerProfiler
 from edgeprune.devices.profiles import DeviceProfile, get_device
 from edgeprune.evaluate.divergence import Divergence, summarize, windows_of
 
@@ -75,7 +75,7 @@ def measure_on_target(
 
 
 def quality_on_target(
-    profiler,
+    profiler: Profiler,
     precision: str,
     file: Path,
     reference: Path,
