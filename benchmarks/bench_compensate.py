@@ -10,8 +10,11 @@ once without BOS, non-overlapping windows). Cuts:
   removes 35% of all parameters (the default job's final model: 34.5%).
 Methods: `none` (plain cut), `ls` (the criterion's groups, down_proj/o_proj re-fit layer by layer),
 `obs` (groups chosen by their error after the re-fit; no criterion), `alloc` (`obs` after the FFN
-neurons of the uniform plan are moved to the layers where the re-fit error is lowest). Seconds per
-stage are wall time (and process CPU time for the cut).
+neurons of the uniform plan are moved to the layers where the re-fit error is lowest). The re-fit is
+compensate.py's default (the last quarter of the `--calib-samples` windows checks each projection's
+damping, the plain cut included); `--damping D` re-fits at D on all windows unchecked instead (the
+re-fit before the check: D = 1e-4). Criteria: any registered name, or `mi-conditional` (mi with
+`selection=conditional`). Seconds per stage are wall time (and process CPU time for the cut).
 Resumable: every row is appended to --out and skipped on a rerun.
 
     python benchmarks/bench_compensate.py --threads 2
@@ -42,6 +45,7 @@ CUTS = {  # name: (targets, protect_first, protect_last, fraction of all paramet
     "default35": (("ffn",), 1, 1, 0.35),
 }
 SCORE_SAMPLES = {"taylor": 10}
+CRITERION_OPTIONS = {"mi-conditional": ("mi", {"selection": "conditional"})}  # name: (criterion, options)
 
 
 def cut_spec(name: str, model, adapter, scores) -> PruneSpec:
@@ -66,6 +70,7 @@ def main() -> None:
     parser.add_argument("--cuts", default=",".join(CUTS))
     parser.add_argument("--methods", default="obs,ls,none")
     parser.add_argument("--calib-samples", type=int, default=64, help="windows of 128 tokens for the re-fit")
+    parser.add_argument("--damping", type=float, help="re-fit at this damping on all windows, unchecked")
     parser.add_argument("--ppl-tokens", type=int, default=16384)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=OUT)
@@ -79,7 +84,8 @@ def main() -> None:
     test_text = (data_dir() / "wikitext-2-raw" / "wiki.test.raw").read_text(encoding="utf-8")
     test = tokenize_text(tokenizer, test_text)[: args.ppl_tokens]
     refit_calib = calibration_batch(tokenizer, valid, args.calib_samples, 128, seed=0)
-    base = {"ppl_tokens": len(test), "calib_samples": args.calib_samples}
+    base = {"ppl_tokens": len(test), "calib_samples": args.calib_samples, "damping": args.damping}
+    options = CompensateOptions() if args.damping is None else CompensateOptions((args.damping,), check_fraction=0.0)
 
     def evaluate(m) -> tuple[float, float]:
         start = time.perf_counter()
@@ -92,7 +98,7 @@ def main() -> None:
 
     methods = args.methods.split(",")
     for criterion in args.criteria.split(","):
-        scores, score_seconds = None, None
+        scores, score_seconds, score_cpu = None, None, None
         for cut in args.cuts.split(","):
             for method in methods:
                 key = {"cut": cut, "method": method, **base}
@@ -109,23 +115,26 @@ def main() -> None:
                 elif scores is None:
                     samples = SCORE_SAMPLES.get(criterion, 32)
                     calib = calibration_batch(tokenizer, valid, samples, 128, seed=0)
-                    start = time.perf_counter()
-                    scores = score_groups(criterion, model, adapter, ScoringInputs(calibration=calib, seed=0))
-                    score_seconds = time.perf_counter() - start
+                    name, criterion_options = CRITERION_OPTIONS.get(criterion, (criterion, {}))
+                    inputs = ScoringInputs(calibration=calib, seed=0, options=criterion_options)
+                    start, cpu_start = time.perf_counter(), time.process_time()
+                    scores = score_groups(name, model, adapter, inputs)
+                    score_seconds, score_cpu = time.perf_counter() - start, time.process_time() - cpu_start
                 if method not in ("obs", "alloc"):
                     spec = cut_spec(cut, model, adapter, scores)
                     plan = plan_widths(model, adapter, scores, spec)
                     keep = select_keep(model, adapter, scores, plan)
                 pruned = copy.deepcopy(model)
                 start, cpu_start = time.perf_counter(), time.process_time()
+                choices = []
                 if method == "none":
                     cut_model(pruned, adapter, keep)
                 elif method == "ls":
-                    cut_and_compensate(pruned, adapter, keep, refit_calib, CompensateOptions())
+                    choices = cut_and_compensate(pruned, adapter, keep, refit_calib, options).choices
                 else:  # obs; alloc: OBS after moving the uniform plan's FFN neurons to where errors are lowest
                     if method == "alloc":
-                        plan = allocate_by_errors(pruned, adapter, refit_calib, plan)
-                    cut_by_obs(pruned, adapter, plan, refit_calib, CompensateOptions())
+                        plan = allocate_by_errors(pruned, adapter, refit_calib, plan, options=options)
+                    choices = cut_by_obs(pruned, adapter, plan, refit_calib, options).choices
                 cut_seconds, cut_cpu = time.perf_counter() - start, time.process_time() - cpu_start
                 ppl, eval_seconds = evaluate(pruned)
                 row = {
@@ -136,6 +145,8 @@ def main() -> None:
                     "params": count_parameters(pruned),
                     "ppl128": ppl,
                     "score_seconds": None if method in ("obs", "alloc") else score_seconds,
+                    "score_cpu_seconds": None if method in ("obs", "alloc") else score_cpu,
+                    "choices": [(c.layer, c.kind, c.damping) for c in choices],
                     "cut_seconds": cut_seconds,
                     "cut_cpu_seconds": cut_cpu,
                     "eval_seconds": eval_seconds,

@@ -1,42 +1,68 @@
-"""Recovery of LLM-Pruner's 20% cut by distillation from the dense model vs LoRA, at equal wall time.
+"""Recovery of a cut, re-fit SmolLM2 by distillation vs LoRA, at equal CPU time of the training process.
 
-Protocol (bench_llmpruner.py's cut): SmolLM2-135M-Instruct, Element¹ Taylor on 10 windows of 128
-tokens of WikiText-2 validation, FFN neurons and query heads of layers 4..27, 20.0% of all
-parameters removed. Each row trains that cut model for --minutes of wall time from the same
-start, then WikiText-2 test PPL@128 (first --ppl-tokens tokens, non-overlapping windows):
-- `lora-alpaca`: LoRA r=8 on Alpaca-cleaned (first 5,000), LM loss on responses, lr 1e-3, seq 256
-  (bench_llmpruner's recovery, the reference);
-- `kd-<method>-<data>[-top<k>]`: KL to the dense teacher (temperature 1, full vocabulary unless
-  top-k), `full` (every parameter, lr --full-lr) or `lora` (lr 1e-3), seq 128, on `self` (text
-  the dense model writes: `edgeprune.recover.selftext`, generated once into --work, its time
-  reported apart), `packaged` (the packaged calibration text minus run's held-out tail) or
-  `alpaca`.
-Resumable: finished rows are read back from --out and skipped.
+Budget: `--cpu-minutes` of CPU time of the training process (`time.process_time`, every thread of
+the process; `RecoveryConfig.cpu_minutes`) at `--threads 1`. On a machine shared by several
+engineers wall time says more about the others' jobs than about the method; CPU time of a
+1-thread process is close to load-independent. Each row reports its optimizer steps, training
+tokens and tokens per CPU-second beside the budget, so it converts to any machine.
 
-    python benchmarks/bench_distill.py --minutes 5 --threads 1
-    python benchmarks/bench_distill.py --rows kd-full-self lora-alpaca --minutes 30   # the issue's goal rows
+Cuts (each re-fit by least squares after the cut, as `prune` and `run` do by default; the plain
+cut is scored too):
+- `llmpruner20`: LLM-Pruner's protocol (bench_llmpruner.py): Element¹ Taylor on 10 windows of 128
+  tokens of WikiText-2 validation, FFN neurons and query heads of layers 4..27, 20.0% of all
+  parameters; re-fit on 32 windows of 128 of validation (seed 0, as bench_compensate.py);
+- `run<NN>`: the default `run` job's kind of cut: `run`'s criterion (fluctuation) on its 32
+  calibration windows of the packaged text, FFN neurons of layers 1..28, NN% of them, re-fit on the
+  same windows (`run.pruned_copy`).
+Rows `<loss>-<trained>-<data>`, all with `run`'s recovery settings (`run.run_recovery`: seq 128,
+8 held-out examples, held-out loss every 5 steps, the best step kept) unless named otherwise:
+- `kd-lora-*`: KL to the dense model (T=1, full vocabulary), LoRA r=8, lr `run`'s (1e-3);
+- `kd-full-*`: the same, every parameter, lr --full-lr;
+- `lm-lora-alpaca`: LLM-Pruner's reference: LoRA, LM loss on Alpaca responses, lr 1e-3, seq 256;
+data `self` (text the dense model writes, `recover.selftext` defaults: its CPU cost is measured
+once and reported apart), `packaged` (`selftext.packaged_head_text`: the packaged calibration
+text minus `run`'s held-out tail) or `alpaca` (Alpaca-cleaned, first 5,000).
+Quality: WikiText-2 test PPL@128 on the first --ppl-tokens tokens (non-overlapping windows), and
+for `run` cuts also `run`'s held-out tail of the packaged text (what `run` reports).
+Resumable: finished rows are read back from --out and skipped; a row's training is checkpointed
+every --save-every steps under --work and resumed after a crash. `--thread-scaling STEPS` times
+STEPS optimizer steps of `kd-lora-self` at 1 and 2 threads, alternating (meaningful on an idle
+machine only: it records the load).
+
+    python benchmarks/bench_distill.py --cut llmpruner20 --cpu-minutes 6 \
+        --rows kd-lora-self kd-lora-packaged kd-lora-alpaca lm-lora-alpaca
+    python benchmarks/bench_distill.py --cut llmpruner20 --cpu-minutes 30 --rows kd-lora-self lm-lora-alpaca
+    python benchmarks/bench_distill.py --cut run06 --cpu-minutes 2 --rows kd-lora-packaged
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from bench_common import append_result, data_dir, read_results
-from bench_llmpruner import cut
+from bench_llmpruner import CALIBRATION, sparsity_for_total
+from bench_llmpruner import spec as llmpruner_spec
 
-from edgeprune.calibration import tokenize_text
-from edgeprune.checkpoint import is_pruned_folder, load_pruned
+from edgeprune.calibration import calibration_batch, tokenize_text
+from edgeprune.checkpoint import load_pruned, save_pruned
+from edgeprune.criteria import ScoringInputs, score_groups
 from edgeprune.evaluate import perplexity
 from edgeprune.loading import load_model
-from edgeprune.recover import RecoveryConfig, SelfTextConfig, load_recovery_data, recover
-from edgeprune.recover.selftext import default_data, packaged_head_text
+from edgeprune.models import adapter_for
+from edgeprune.recover import RecoveryConfig, SelfTextConfig, StepReport, load_recovery_data, recover
+from edgeprune.recover.selftext import SELF_TEXT_FILE, default_data, packaged_head_text
+from edgeprune.run import RunConfig, load_or_score, pruned_copy, run_recovery, split_calibration
+from edgeprune.structure import count_parameters
 
 OUT = Path(__file__).parent / "out"
 ALPACA = ("instruct", "alpaca_data_cleaned.first5000.json")
-ROWS = ("kd-full-self", "lora-alpaca", "kd-lora-self", "kd-full-alpaca", "kd-full-packaged", "kd-full-self-top64")
+REFIT_SAMPLES = 32  # windows of 128 tokens of wiki.valid for llmpruner20's re-fit (bench_compensate.py)
 
 
 def wiki_tokens(tokenizer, n: int) -> torch.Tensor:
@@ -44,108 +70,198 @@ def wiki_tokens(tokenizer, n: int) -> torch.Tensor:
     return tokenize_text(tokenizer, text)[:n]
 
 
-def row_config(row: str, args: argparse.Namespace) -> tuple[RecoveryConfig, str, bool]:
+def cut_folders(cut: str, work: Path) -> tuple[Path, Path]:
+    """(plain cut, re-fit cut) folders of a cut name."""
+    return work / cut / "plain", work / cut / "refit"
+
+
+def make_llmpruner_cut(dense, tokenizer, work: Path) -> dict:
+    """LLM-Pruner's 20% Taylor cut, saved plain and re-fit; returns what was done."""
+    adapter = adapter_for(dense.config)
+    valid = data_dir() / "wikitext-2-raw" / "wiki.valid.raw"
+    calib = calibration_batch(tokenizer, valid, CALIBRATION["taylor"], 128, seed=0)
+    scores = score_groups("taylor", dense, adapter, ScoringInputs(calibration=calib, seed=0))
+    spec = llmpruner_spec(sparsity_for_total(dense, adapter, scores, 0.20))
+    refit_windows = calibration_batch(tokenizer, valid, REFIT_SAMPLES, 128, seed=0)
+    return save_cuts(dense, tokenizer, adapter, scores, spec, refit_windows, cut_folders("llmpruner20", work))
+
+
+def make_run_cut(cut: str, dense, tokenizer, work: Path) -> dict:
+    """`run`'s kind of cut at NN% of the FFN neurons of layers 1..28, saved plain and re-fit."""
+    cfg = RunConfig()
+    adapter = adapter_for(dense.config)
+    calib = split_calibration(tokenizer, cfg)
+    scores = load_or_score(work / "run_scores.safetensors", dense, adapter, cfg, calib, "bench")
+    spec = cfg.spec(int(cut.removeprefix("run")) / 100)
+    return save_cuts(dense, tokenizer, adapter, scores, spec, calib.windows, cut_folders(cut, work))
+
+
+def save_cuts(dense, tokenizer, adapter, scores, spec, windows, folders: tuple[Path, Path]) -> dict:
+    """Cut a copy of `dense` plain and another re-fit on `windows`; save both."""
+    info = {"sparsity": spec.sparsity, "targets": list(spec.targets)}
+    info["protect"] = [spec.protect_first, spec.protect_last]
+    for folder, calibration in zip(folders, (None, windows), strict=True):
+        started = time.process_time()
+        model, _ = pruned_copy(dense, adapter, scores, spec, calibration)
+        cpu = time.process_time() - started
+        info |= {"params": count_parameters(model), f"{folder.name}_cpu_seconds": round(cpu, 1)}
+        save_pruned(model, tokenizer, folder, {"benchmark": "bench_distill.py", **info}, overwrite=True)
+    return info
+
+
+def row_config(row: str, cpu_minutes: float, args: argparse.Namespace) -> tuple[RecoveryConfig, str, bool]:
     """(training settings, data name, distilled?) of a row name."""
-    if row == "lora-alpaca":
-        return RecoveryConfig(minutes=args.minutes, lr=1e-3, seq_len=256, eval_every=5), "alpaca", False
-    _, method, data, *rest = row.split("-")
-    top_k = int(rest[0].removeprefix("top")) if rest else None
-    lr = args.full_lr if method == "full" else 1e-3
-    config = RecoveryConfig(method=method, minutes=args.minutes, lr=lr, seq_len=128, eval_every=5, top_k=top_k)
-    return config, data, True
+    loss, method, data = row.split("-")
+    base = replace(run_recovery(), minutes=None, cpu_minutes=cpu_minutes, save_every=args.save_every)
+    if loss == "lm":
+        return replace(base, seq_len=256), data, False
+    return replace(base, method=method, lr=args.full_lr if method == "full" else base.lr), data, True
 
 
-def data_path(name: str, tokenizer, teacher, args: argparse.Namespace) -> tuple[Path, float]:
-    """The file a row trains on and the seconds spent making it now (0 when it exists)."""
+def self_text(tokenizer, teacher, args: argparse.Namespace) -> Path:
+    """The text the dense model writes (once into --work); its cost is logged to --out the first time."""
+    folder = args.work / "self_text"
+    fresh = not (folder / SELF_TEXT_FILE).is_file()
+    wall, cpu = time.perf_counter(), time.process_time()
+    path = default_data(tokenizer, packaged_head_text(tokenizer), folder, teacher, "dense", SelfTextConfig())
+    if fresh:
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+        written = sum(len(tokenize_text(tokenizer, r["text"][len(r["prompt"]) :])) for r in rows)
+        entry = {"selftext": True, "samples": len(rows), "generated_tokens": written}
+        entry |= {"cpu_seconds": time.process_time() - cpu, "wall_seconds": time.perf_counter() - wall}
+        entry["text_tokens"] = len(tokenize_text(tokenizer, "\n\n".join(r["text"] for r in rows)))
+        append_result(args.out, entry)
+        print(f"self text: {written} tokens written in {entry['cpu_seconds']:.0f} CPU-s", flush=True)
+    return path
+
+
+def data_path(name: str, tokenizer, teacher, args: argparse.Namespace) -> Path:
     if name == "alpaca":
-        return data_dir().joinpath(*ALPACA), 0.0
-    started = time.perf_counter()
-    folder = args.work / ("self_text" if name == "self" else "packaged")
-    config = SelfTextConfig(samples=args.samples)
-    path = default_data(
-        tokenizer, packaged_head_text(tokenizer), folder, teacher if name == "self" else None, "dense", config
-    )
-    return path, time.perf_counter() - started
+        return data_dir().joinpath(*ALPACA)
+    if name == "self":
+        return self_text(tokenizer, teacher, args)
+    return default_data(tokenizer, packaged_head_text(tokenizer), args.work / "packaged")
 
 
-def run_row(row: str, args: argparse.Namespace, tokens: torch.Tensor) -> dict:
-    config, data_name, distilled = row_config(row, args)
-    cpu_start = time.process_time()
-    dense = load_model(None)
-    student, tokenizer = load_pruned(args.work / "taylor-20")
-    path, data_seconds = data_path(data_name, tokenizer, dense.model, args)
-    data = load_recovery_data(path, tokenizer, student, config)
+def quality(model, wiki: torch.Tensor, heldout: torch.Tensor | None) -> dict:
+    """WikiText-2 PPL@128 (and the run's held-out tail PPL) with the CPU time they took."""
+    started = time.process_time()
+    out = {"ppl128": perplexity(model, wiki, seq_len=128)}
+    if heldout is not None:
+        out["heldout_ppl128"] = perplexity(model, heldout, seq_len=128)
+    return out | {"eval_cpu_seconds": round(time.process_time() - started, 1)}
 
-    def on_step(report) -> None:
+
+def run_row(row: str, key: str, cpu_minutes: float, args, dense, tokenizer, wiki, heldout) -> dict:
+    config, data_name, distilled = row_config(row, cpu_minutes, args)
+    student, _ = load_pruned(cut_folders(args.cut, args.work)[1])
+    data = load_recovery_data(data_path(data_name, tokenizer, dense, args), tokenizer, student, config)
+    work = args.work / "train" / key.replace(":", "_").replace("@", "_")
+    resume = (work / "checkpoint" / "state.json").is_file()
+
+    def on_step(report: StepReport) -> None:
         note = f" val {report.val_loss:.4f}" if report.val_loss is not None else ""
-        print(
-            f"  {row} step {report.step} loss {report.train_loss:.4f}{note} {report.tokens_per_s:.0f} tok/s", flush=True
-        )
+        print(f"  {key} step {report.step} loss {report.train_loss:.4f}{note}", flush=True)
 
-    teacher = dense.model if distilled else None
-    result = recover(student, tokenizer, data, config, on_step=on_step, teacher=teacher, teacher_id="dense")
-    ppl = perplexity(result.model, tokens, seq_len=128)
+    teacher = dense if distilled else None
+    result = recover(
+        student, tokenizer, data, config, work, resume, on_step=on_step, teacher=teacher, teacher_id="dense"
+    )
     record = result.record
-    print(f"{row}: PPL@128 {ppl:.2f} after {record.steps} steps ({record.seconds:.0f} s)", flush=True)
-    return {
-        "row": row,
-        "ppl128": ppl,
-        "data_seconds": data_seconds,
-        "recovery": record.as_dict(),
-        "cpu_seconds": time.process_time() - cpu_start,  # the machine is shared: wall time is not all ours
-    }
+    entry = {"row": key, "cut": args.cut, "cpu_minutes_budget": cpu_minutes, "recovery": record.as_dict()}
+    entry |= quality(result.model, wiki, heldout)
+    print(
+        f"{key}: PPL@128 {entry['ppl128']:.2f} after {record.steps} steps, {record.tokens} tokens, "
+        f"{record.cpu_seconds:.0f} CPU-s ({record.seconds:.0f} wall s)",
+        flush=True,
+    )
+    return entry
 
 
-def print_table(entries: list[dict], dense_ppl: float, pruned_ppl: float) -> None:
-    print("| row | minutes | steps (epochs) | tokens/s | teacher share | val loss | PPL@128 | of dense |")
+def thread_scaling(steps: int, args, dense, tokenizer) -> None:
+    """Wall and CPU time of `steps` kd-lora-self steps at 1 and 2 threads, alternating twice."""
+    config = replace(run_recovery(), minutes=None, steps=steps, eval_every=10**6)
+    path = self_text(tokenizer, dense, args)
+    for threads in (1, 2, 1, 2):
+        torch.set_num_threads(threads)
+        student, _ = load_pruned(cut_folders(args.cut, args.work)[1])
+        data = load_recovery_data(path, tokenizer, student, config)
+        load_before = os.getloadavg()[0]
+        record = recover(student, tokenizer, data, config, teacher=dense, teacher_id="dense").record
+        entry = {"thread_scaling": True, "threads": threads, "steps": record.steps, "tokens": record.tokens}
+        entry |= {"wall_seconds": record.seconds, "cpu_seconds": record.cpu_seconds, "load_before": load_before}
+        append_result(args.out, entry)
+        print(
+            f"{threads} threads: {record.tokens / record.seconds:.0f} tokens per wall s, "
+            f"{record.tokens / record.cpu_seconds:.0f} per CPU-s (load before {load_before:.1f})",
+            flush=True,
+        )
+    torch.set_num_threads(args.threads)
+
+
+def reference(args, dense, tokenizer, wiki, heldout) -> dict:
+    """The cut's plain and re-fit quality (made and scored once), beside the dense model's."""
+    entries = read_results(args.out)
+    found = next((e for e in entries if e.get("reference") == args.cut), None)
+    if found is not None:
+        return found
+    if args.cut == "llmpruner20":
+        info = make_llmpruner_cut(dense, tokenizer, args.work)
+    else:
+        info = make_run_cut(args.cut, dense, tokenizer, args.work)
+    entry = {"reference": args.cut, **info, "dense": quality(dense, wiki, heldout)}
+    for folder in cut_folders(args.cut, args.work):
+        entry[folder.name] = quality(load_pruned(folder)[0], wiki, heldout)
+    append_result(args.out, entry)
+    return entry
+
+
+def print_table(entries: list[dict], cut: str) -> None:
+    ref = next(e for e in entries if e.get("reference") == cut)
+    dense = ref["dense"]["ppl128"]
+    print(f"| {cut} row | CPU-min budget | steps | tokens | tokens/CPU-s | val loss | PPL@128 | of dense |")
     print("|---|---|---|---|---|---|---|---|")
-    print(f"| dense | | | | | | {dense_ppl:.2f} | 1.00x |")
-    print(f"| taylor 20%, no recovery | | | | | | {pruned_ppl:.2f} | {pruned_ppl / dense_ppl:.2f}x |")
+    for name in ("dense", "plain", "refit"):
+        print(f"| {name} | | | | | | {ref[name]['ppl128']:.2f} | {ref[name]['ppl128'] / dense:.2f}x |")
     for e in entries:
-        if "row" not in e:
+        if e.get("cut") != cut:
             continue
         r = e["recovery"]
-        share = "–" if r["teacher_share"] is None else f"{r['teacher_share']:.0%}"
         print(
-            f"| {e['row']} | {r['seconds'] / 60:.1f} | {r['steps']} ({r['epochs']:.2f}) | "
-            f"{r['tokens_per_s_per_process'][0]:.0f} | {share} | {r['val_loss_before']:.3f} -> "
-            f"{r['val_loss_best']:.3f} | {e['ppl128']:.2f} | {e['ppl128'] / dense_ppl:.2f}x |"
+            f"| {e['row']} | {e['cpu_minutes_budget']:g} | {r['steps']} | {r['tokens']} | "
+            f"{r['tokens'] / r['cpu_seconds']:.0f} | {r['val_loss_before']:.3f} -> {r['val_loss_best']:.3f} | "
+            f"{e['ppl128']:.2f} | {e['ppl128'] / dense:.2f}x |"
         )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", nargs="*", default=list(ROWS))
-    parser.add_argument("--minutes", type=float, default=5.0)
+    parser.add_argument("--cut", default="llmpruner20", help="llmpruner20 or runNN (NN%% of FFN neurons, 1..28)")
+    parser.add_argument("--rows", nargs="*", default=["kd-lora-self", "lm-lora-alpaca"])
+    parser.add_argument("--cpu-minutes", type=float, nargs="+", default=[6.0], help="one row per budget")
     parser.add_argument("--full-lr", type=float, default=1e-4)
-    parser.add_argument("--samples", type=int, default=128, help="self-generated texts")
+    parser.add_argument("--save-every", type=int, default=25, help="steps between resumable checkpoints")
     parser.add_argument("--ppl-tokens", type=int, default=16384)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--thread-scaling", type=int, metavar="STEPS", help="time 1 vs 2 threads instead")
     parser.add_argument("--work", type=Path, default=OUT / "distill")
     parser.add_argument("--out", type=Path, default=OUT / "bench_distill.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    if not is_pruned_folder(args.work / "taylor-20"):
-        cut("taylor", args, args.work / "taylor-20")
-    entries = read_results(args.out)
-    tag = f"{args.minutes:g}min"
-    if not any(e.get("reference") for e in entries):
-        dense = load_model(None)
-        tokens = wiki_tokens(dense.tokenizer, args.ppl_tokens)
-        pruned, _ = load_pruned(args.work / "taylor-20")
-        entry = {"reference": True, "dense_ppl128": perplexity(dense.model, tokens, seq_len=128)}
-        entry["pruned_ppl128"] = perplexity(pruned, tokens, seq_len=128)
-        append_result(args.out, entry)
-        entries = read_results(args.out)
-    tokens = wiki_tokens(load_model(None).tokenizer, args.ppl_tokens)
-    for row in args.rows:
-        if any(e.get("row") == f"{row}@{tag}" for e in entries):
-            continue
-        entry = run_row(row, args, tokens)
-        append_result(args.out, {**entry, "row": f"{row}@{tag}", "minutes_budget": args.minutes})
-        entries = read_results(args.out)
-    reference = next(e for e in entries if e.get("reference"))
-    print_table(entries, reference["dense_ppl128"], reference["pruned_ppl128"])
+    loaded = load_model(None)
+    dense, tokenizer = loaded.model, loaded.tokenizer
+    wiki = wiki_tokens(tokenizer, args.ppl_tokens)
+    heldout = None if args.cut == "llmpruner20" else split_calibration(tokenizer, RunConfig()).heldout
+    reference(args, dense, tokenizer, wiki, heldout)
+    if args.thread_scaling:
+        return thread_scaling(args.thread_scaling, args, dense, tokenizer)
+    for cpu_minutes in args.cpu_minutes:
+        for row in args.rows:
+            key = f"{args.cut}:{row}@{cpu_minutes:g}cpu-min"
+            if any(e.get("row") == key for e in read_results(args.out)):
+                continue
+            append_result(args.out, run_row(row, key, cpu_minutes, args, dense, tokenizer, wiki, heldout))
+    print_table(read_results(args.out), args.cut)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ BUDGET_KINDS = {
     "peak_mb": "peak resident memory (MB)",
     "params": "parameters",
 }
+TIMED_KINDS = ("latency_ms", "speedup")  # what only a real device's clock can tell
 SPARSITY_DECIMALS = 3
 # Weight-only precisions the search tries, most to least faithful (export/quantize.py says how each is made);
 # int8 in 64/128 blocks and int4 with its sensitive MatMuls at 8 bits sit between int8 and int4, and which of
@@ -362,6 +363,18 @@ def choice_reason(best: Probe, rivals: list[Probe], how: str) -> str:
 def check_budgets_given(budgets: list[Budget]) -> None:
     if not budgets:
         raise EdgepruneError("no budget given: pass --latency-ms, --speedup, --memory-mb, --peak-mb or --params")
+
+
+def refuse_timed_budgets_on_emulation(budgets: list[Budget], device: str, emulated: bool) -> None:
+    """An emulator's clock says nothing about the board's: qemu ran SmolLM2 10x (int4) to 24x (fp32) slower
+    than the x86 host, so not even ratios between candidates carry over. One line, before any work."""
+    timed = [b.kind for b in budgets if b.kind in TIMED_KINDS]
+    if emulated and timed:
+        raise EdgepruneError(
+            f"device '{device}' is emulated, so its timings are not the board's and a {timed[0]} budget cannot be "
+            "searched there (the default budget is --speedup): give --memory-mb, --peak-mb or --params, or time on "
+            "the real board (e.g. --device rpi5)"
+        )
 
 
 def least_sparsity(

@@ -23,6 +23,7 @@ DATASET_ALIASES = {"wikitext2": ("wikitext", "wikitext-2-raw-v1", "train")}
 HELDOUT_FRACTION = 0.2  # the tail of a calibration text, never sampled for scoring or trained on, measures perplexity
 # Windows for activation statistics and re-fits (a criterion may register fewer: LLM-Pruner's 10 for gradients).
 DEFAULT_WINDOWS = 32
+REFIT_WINDOWS = 256  # at most this many non-overlapping windows of the calibration text feed the re-fit
 
 
 def heldout_start(n_tokens: int) -> int:
@@ -110,6 +111,23 @@ def sample_windows(tokens: torch.Tensor, n_samples: int, seq_len: int, seed: int
     gen = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, len(tokens) - seq_len + 1, (n_samples,), generator=gen)
     return torch.stack([tokens[s : s + seq_len] for s in starts.tolist()])
+
+
+def disjoint_windows(tokens: torch.Tensor, seq_len: int, max_windows: int) -> torch.Tensor:
+    """Up to `max_windows` non-overlapping windows of `seq_len` tokens, spread evenly over the stream, in text order.
+
+    For the re-fit, which learns width² coefficients: random windows of a short text overlap and repeat
+    tokens instead of adding new ones, and its check windows (the last ones) must share no token with
+    the windows it fits on.
+    """
+    n = len(tokens) // seq_len
+    if n == 0:
+        raise EdgepruneError(
+            f"calibration text has {len(tokens)} tokens, fewer than one window of {seq_len}: "
+            "give a longer text or a smaller --calib-seq-len"
+        )
+    picked = torch.linspace(0, n - 1, min(n, max_windows)).round().long()
+    return tokens[: n * seq_len].reshape(n, seq_len)[picked]
 
 
 def calibration_batch(

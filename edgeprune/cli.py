@@ -454,10 +454,14 @@ def prune(
             compensate_bias(loaded.model, adapter, keep, means)
 
     if compensate:
+        import torch
+
+        from edgeprune.calibration import REFIT_WINDOWS, disjoint_windows
         from edgeprune.compensate import CompensateOptions, allocate_by_errors, compensated_cut
         from edgeprune.structure import select_keep
 
-        batch = text.sample(calib)
+        # prune measures no held-out text: the re-fit reads non-overlapping windows of all of it
+        batch = disjoint_windows(torch.cat([text.head, text.heldout]), calib.seq_len, REFIT_WINDOWS)
         options = CompensateOptions(add_bias=bias_compensation)
 
         def cut(model, adapter, keep, plan):
@@ -596,6 +600,7 @@ def inspect(model: str | None, as_json: bool) -> None:
 @click.option("--steps", type=int, cls=LazyHelp, more_help=default_steps, help="optimizer steps")
 @click.option("--epochs", type=float, help="passes over the training examples (instead of --steps)")
 @click.option("--minutes", type=float, help="wall-time cap; stops at the first budget reached")
+@click.option("--cpu-minutes", type=float, help="cap on this process's CPU time (all threads): load-independent")
 @click.option("--rank", type=int, cls=ConfigDefault, config=RECOVERY, help="LoRA rank")
 @click.option("--alpha", type=int, cls=ConfigDefault, config=RECOVERY, help="LoRA alpha")
 @click.option("--lr", type=float, cls=ConfigDefault, config=RECOVERY, help="AdamW learning rate")
@@ -736,6 +741,12 @@ TIMEOUT_HELP = (
 )
 
 
+EMULATED_TIMINGS = (
+    "{name} is emulated: the model runs there with the board's instructions, but these timings (and speedups) "
+    "are the emulator's, not the board's; only file size and the fact that it ran carry over. Time on the real board."
+)
+
+
 def stats_cell(stats) -> str:
     return "" if stats is None else f"{stats.p50:.2f} / {stats.p90:.2f} ({stats.mean:.2f} ± {stats.std:.2f})"
 
@@ -772,7 +783,8 @@ def profile(
             results = [profiler.profile(onnx, load)]
             record = results[0].as_dict()
     first = results[0]
-    table = Table(title=f"{target.name}: ORT {first.ort_version}, {first.threads} threads, {first.providers[0]}")
+    title = f"{target.name}: ORT {first.ort_version}, {first.threads} threads, {first.providers[0]}"
+    table = Table(title=title + (" (EMULATED: functional only)" if target.emulated else ""))
     table.add_column("")
     for r in results:
         table.add_column(Path(r.model).name if len(results) == 1 else r.model, justify="right")
@@ -796,6 +808,8 @@ def profile(
         phases = [("prefill", comparison.prefill_speedup), ("decode", comparison.decode_speedup)]
         detail = ", ".join(f"{name} {value:.3f}x" for name, value in phases if value is not None)
         out.print(f"speedup of {onnx} over {against}: {comparison.speedup:.3f}x" + (f" ({detail})" if detail else ""))
+    if target.emulated:
+        out.print(EMULATED_TIMINGS.format(name=target.name))
     if json_file:
         Path(json_file).write_text(json.dumps(record, indent=2) + "\n")
 

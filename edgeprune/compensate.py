@@ -38,12 +38,47 @@ SELECTIONS = ("scores", "obs")
 
 @dataclass(frozen=True)
 class CompensateOptions:
-    """How the re-fit runs: ridge strength (× the mean diagonal of G), bias fitting, batching."""
+    """How the re-fit runs: its ridge candidates (× the mean diagonal of G), the windows that check them.
 
+    Each cut projection keeps whichever candidate, the plain cut included, rebuilds its output best on
+    the check windows (the last `check_fraction` of the calibration windows, never fitted on), and is
+    then re-fit at that damping on all windows. Why: least squares over width² coefficients from a few
+    thousand tokens fits the calibration text's noise; on held-out text a weakly damped re-fit of a
+    small cut did worse than no re-fit at all (benchmarks/RESULTS.md, the compensation section).
+    `damping` is the inverse Gram of OBS selection and of the error allocation (rankings, not weights).
+    """
+
+    dampings: tuple[float, ...] = (1e-2, 1e-1, 1.0)
+    check_fraction: float = 0.25
     damping: float = 1e-4
     add_bias: bool = False  # give bias-free projections a bias (Llama: sets mlp_bias/attention_bias)
     batch_size: int = 8
     obs_batch: int = 32  # FFN columns removed per OBS step (heads: one at a time)
+
+    def __post_init__(self) -> None:
+        if not self.dampings or min(self.dampings) < 0:
+            raise EdgepruneError(f"re-fit dampings {self.dampings} must be one or more non-negative numbers")
+        if not 0.0 <= self.check_fraction < 1.0:
+            raise EdgepruneError(f"check fraction {self.check_fraction} is outside [0, 1)")
+
+
+@dataclass(frozen=True)
+class RefitChoice:
+    """What one cut projection got: the damping that won on the check windows (None: the plain cut won)."""
+
+    layer: int
+    kind: str
+    damping: float | None
+    check_error: float  # the winner's output error on the check windows, relative to the output's energy there
+    plain_error: float  # the plain cut's, on the same windows
+
+
+@dataclass
+class Compensation:
+    """The groups each layer kept and the re-fit each cut projection got."""
+
+    keep: list[LayerKeep]
+    choices: list[RefitChoice]
 
 
 # -- the math (pure) ------------------------------------------------------------------------
@@ -88,6 +123,37 @@ def refit(gram: torch.Tensor, weight: torch.Tensor, keep: torch.Tensor, damping:
     g_kk = gram[keep][:, keep] + lam * torch.eye(len(keep), dtype=torch.float64)
     rhs = gram[keep] @ weight.T + lam * weight[:, keep].T
     return torch.linalg.solve(g_kk, rhs).T
+
+
+def output_error(gram: torch.Tensor, weight: torch.Tensor, columns: torch.Tensor, new: torch.Tensor | None) -> float:
+    """‖A W'ᵀ − A Wᵀ‖² (A: the input with Gram `gram`), W' = `new` in `columns` (None: W's own), 0 elsewhere."""
+    delta = -weight.double()
+    delta[:, columns] += weight[:, columns].double() if new is None else new
+    return float((delta @ gram * delta).sum())
+
+
+def checked_refit(
+    fit: torch.Tensor, check: torch.Tensor | None, weight: torch.Tensor, columns: torch.Tensor, dampings: tuple
+) -> tuple[torch.Tensor, float | None, float, float]:
+    """The kept columns' new weights: the plain cut or the re-fit whose output error on `check` is smallest.
+
+    A winning re-fit is redone at its damping on fit + check (more tokens, the same ridge). Returns the
+    weights, the winning damping (None: plain cut), and its and the plain cut's relative check errors.
+    Without check windows the most damped candidate is taken unchecked (errors reported as NaN).
+    """
+    if check is None:
+        return refit(fit, weight, columns, max(dampings)), max(dampings), math.nan, math.nan
+    weight = weight.double()
+    energy = max(float((weight @ check * weight).sum()), 1e-300)  # ‖A Wᵀ‖², the scale of the relative errors
+    plain = output_error(check, weight, columns, None) / energy
+    best, best_error = None, plain
+    for damping in dampings:
+        error = output_error(check, weight, columns, refit(fit, weight, columns, damping)) / energy
+        if error < best_error:
+            best, best_error = damping, error
+    if best is None:
+        return weight[:, columns].double(), None, plain, plain
+    return refit(fit + check, weight, columns, best), best, best_error, plain
 
 
 def damped_inverse(gram: torch.Tensor, damping: float) -> torch.Tensor:
@@ -242,37 +308,59 @@ def replace_projection(adapter: FamilyAdapter, layer: nn.Module, old: nn.Linear,
 Chooser = Callable[[int, str, nn.Module, torch.Tensor, torch.Tensor], torch.Tensor | None]
 
 
+@dataclass
+class LayerCalls:
+    """The current layer's inputs on the fit windows and on the check windows (none: nothing is checked)."""
+
+    fit: list[LayerCall]
+    check: list[LayerCall]
+
+    def advance(self, layer: nn.Module) -> LayerCalls:
+        return LayerCalls(run_layer(layer, self.fit), run_layer(layer, self.check))
+
+
+def split_check(calibration: torch.Tensor, fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fit windows, check windows): the last `fraction` of the windows check, if that leaves both non-empty."""
+    n_check = int(len(calibration) * fraction)
+    if n_check == 0:
+        return calibration, calibration[:0]
+    return calibration[:-n_check], calibration[-n_check:]
+
+
 def compensate_kind(
     adapter: FamilyAdapter,
     index: int,
     layer: nn.Module,
     kind: str,
-    calls: list[LayerCall],
+    calls: LayerCalls,
     choose: Chooser,
     options: CompensateOptions,
-    wanted: bool,
-) -> torch.Tensor | None:
-    """Choose, cut and re-fit one kind of group of one layer; returns the kept groups (None: untouched)."""
-    if not wanted:
-        return None
+) -> tuple[torch.Tensor, RefitChoice] | None:
+    """Choose, cut and re-fit one kind of group of one layer; returns the kept groups and the re-fit (None: untouched).
+
+    Groups are chosen on all windows' Gram; the re-fit candidates are fitted on the fit windows and
+    judged on the check windows (`checked_refit`).
+    """
     projection = adapter.ffn_output(layer) if kind == "ffn" else adapter.head_output(layer)
     has_bias = projection.bias is not None
-    gram = input_gram(layer, projection, calls).augmented(has_bias)
+    fit = input_gram(layer, projection, calls.fit).augmented(has_bias)
+    check = input_gram(layer, projection, calls.check).augmented(has_bias) if calls.check else None
     weight = augmented_weight(projection)
-    keep = choose(index, kind, layer, gram, weight)
+    keep = choose(index, kind, layer, fit if check is None else fit + check, weight)
     if keep is None:
         return None
     columns = keep if kind == "ffn" else head_rows(keep, adapter.head_dim(layer))
     if has_bias:
-        columns = torch.cat([columns, torch.tensor([gram.shape[0] - 1])])
-    new = install_refit(projection, refit(gram, weight, columns, options.damping), has_bias)
+        columns = torch.cat([columns, torch.tensor([fit.shape[0] - 1])])
+    new_weight, damping, error, plain = checked_refit(fit, check, weight, columns, options.dampings)
+    new = install_refit(projection, new_weight, has_bias)
     if kind == "ffn":
         adapter.cut_ffn(layer, keep)
         replace_projection(adapter, layer, adapter.ffn_output(layer), new)
     else:
         adapter.cut_heads(layer, keep)
         replace_projection(adapter, layer, adapter.head_output(layer), new)
-    return keep
+    return keep, RefitChoice(index, kind, damping, error, plain)
 
 
 def compensate_layers(
@@ -282,26 +370,35 @@ def compensate_layers(
     choose: Chooser,
     cuts: list[tuple[bool, bool]],
     options: CompensateOptions,
-) -> list[LayerKeep]:
+) -> Compensation:
     """Cut every layer in order with its groups chosen by `choose`, re-fitting on the cut model's activations.
 
     `cuts[i]` = (heads cut?, FFN cut?) in layer i. Heads come first: the FFN is calibrated on the
-    output of the re-fit attention.
+    output of the re-fit attention. The last `options.check_fraction` of the windows only check.
     """
     if options.add_bias:
         for kind, position in (("heads", 0), ("ffn", 1)):
             if any(cut[position] for cut in cuts):
                 require_biases(model, adapter, kind)
-    calls = first_layer_inputs(model, adapter, calibration, options.batch_size)
-    keep = []
-    for i, (layer, (cut_heads, cut_ffn)) in enumerate(zip(adapter.layers(model), cuts, strict=True)):
-        heads = compensate_kind(adapter, i, layer, "heads", calls, choose, options, cut_heads)
-        ffn = compensate_kind(adapter, i, layer, "ffn", calls, choose, options, cut_ffn)
-        keep.append(LayerKeep(ffn=ffn, heads=heads))
-        if i + 1 < len(adapter.layers(model)):
-            calls = run_layer(layer, calls)
+    fit, check = split_check(calibration, options.check_fraction)
+    calls = LayerCalls(
+        first_layer_inputs(model, adapter, fit, options.batch_size),
+        first_layer_inputs(model, adapter, check, options.batch_size) if len(check) else [],
+    )
+    result = Compensation([], [])
+    layers = adapter.layers(model)
+    for i, (layer, cut) in enumerate(zip(layers, cuts, strict=True)):
+        entry = LayerKeep()
+        for kind, wanted in zip(("heads", "ffn"), cut, strict=True):
+            done = compensate_kind(adapter, i, layer, kind, calls, choose, options) if wanted else None
+            if done is not None:
+                setattr(entry, kind, done[0])
+                result.choices.append(done[1])
+        result.keep.append(entry)
+        if i + 1 < len(layers):
+            calls = calls.advance(layer)
     record_widths(model, adapter)
-    return keep
+    return result
 
 
 def cut_and_compensate(
@@ -310,7 +407,7 @@ def cut_and_compensate(
     keep: list[LayerKeep],
     calibration: torch.Tensor,
     options: CompensateOptions = CompensateOptions(),
-) -> list[LayerKeep]:
+) -> Compensation:
     """Cut `model` in place to the given keep-indices, re-fitting each cut output projection."""
 
     def choose(i: int, kind: str, *_args) -> torch.Tensor | None:
@@ -347,7 +444,7 @@ def cut_by_obs(
     plan: list[LayerWidths],
     calibration: torch.Tensor,
     options: CompensateOptions = CompensateOptions(),
-) -> list[LayerKeep]:
+) -> Compensation:
     """Cut `model` in place to the planned widths, choosing the groups by OBS error after re-fitting."""
     widths = [adapter.widths(layer) for layer in adapter.layers(model)]
     cuts = [(p.heads < w.heads, p.ffn < w.ffn) for p, w in zip(plan, widths, strict=True)]
@@ -502,7 +599,7 @@ def compensated_cut(
     calibration: torch.Tensor,
     selection: str = "scores",
     options: CompensateOptions = CompensateOptions(),
-) -> list[LayerKeep]:
+) -> Compensation:
     """The cut `prune` makes with compensation on: the scores' `keep`, or OBS's choice at the same `plan`."""
     if selection not in SELECTIONS:
         raise EdgepruneError(f"unknown selection '{selection}': choose from {', '.join(SELECTIONS)}")

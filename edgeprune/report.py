@@ -43,12 +43,58 @@ def divergence_cell(row: dict) -> str:
     return f"{value:.4f}" + (f" ± {stderr:.4f}" if stderr is not None else "")
 
 
+EMULATED_NOTE = (
+    "**Emulated device: functional only.** The model ran with the board's instructions under an emulator; "
+    "latency, tokens/s and speedups below are the emulator's, not the board's (file size and quality carry over; "
+    "peak memory includes the emulator's own)."
+)
+
+
+def target_quality_lines(found: dict | None) -> list[str]:
+    """The shipped quantized file's held-out quality on the ARM device beside this machine's, same windows."""
+    if not found:
+        return []
+    here, target = found["here"], found["target"]
+    rows = (
+        ("divergence from dense", "mean", "{:.4f}"),
+        ("perplexity", "perplexity", "{:.2f}"),
+        ("dense perplexity", "dense_perplexity", "{:.2f}"),
+        ("top-1 agreement with dense", "top1_agreement", "{:.1%}"),
+    )
+    lines = [
+        "",
+        f"## Quality on {found['device']} (where it will run)",
+        "",
+        f"The shipped file against the dense fp32 export, both run on each CPU, on the same {target['windows']} "
+        f"held-out windows ({target['tokens']:,} tokens"
+        + (", the first ones only: the device is emulated and slow" if found.get("emulated") else "")
+        + ").",
+        "",
+        f"| | this machine ({here.get('machine', '?')}) | {found['device']} |",
+        "|---|---|---|",
+    ]
+    for label, key, fmt in rows:
+        lines.append(f"| {label} | {format_value(here.get(key), fmt)} | {format_value(target.get(key), fmt)} |")
+    verdict = {
+        True: "worse on the device beyond window noise",
+        False: "not worse on the device beyond window noise",
+        None: "one window: no noise estimate",
+    }[found["worse_on_target"]]
+    lines += [
+        "",
+        f"Device minus this machine: {found['measure']} {found['difference']:+.4f} ± "
+        f"{found['difference_stderr']:.4f} (paired standard error): {verdict}.",
+    ]
+    return lines
+
+
 def summary_markdown(record: dict) -> str:
     """What shipped and why, dense vs shipped, the budgets, and every candidate the search measured."""
     dense, final = record["dense"], record["final"]
     lines = [
         f"# edgeprune run: {record['model']} on {record['device']}",
         "",
+        *([EMULATED_NOTE, ""] if record.get("profile", {}).get("final", {}).get("emulated") else []),
         f"Shipped: **{candidate_label(final)}** (`onnx/model.onnx`), criterion `{record['criterion']}`"
         f" ({1 - final['params'] / dense['params']:.1%} of all parameters removed), recovery: "
         f"{'on' if record.get('recovery') else 'off'}.",
@@ -79,6 +125,7 @@ def summary_markdown(record: dict) -> str:
             f"| {budget['kind']} | {budget['limit']:,.4g} | {budget['final_value']:,.4g} | "
             f"{'yes' if budget['met'] else 'NO'} |"
         )
+    lines += target_quality_lines(record.get("target_quality"))
     lines += ["", "## Every candidate measured (in search order)", ""]
     lines.append(
         "| precision | sparsity | params | file MB | speedup vs dense (alternating) | divergence | perplexity "

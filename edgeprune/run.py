@@ -28,16 +28,24 @@ from edgeprune.budget import (
     ProbeLog,
     SearchResult,
     latency_target,
+    refuse_timed_budgets_on_emulation,
     search_candidates,
     smallest_sparsity,
 )
-from edgeprune.calibration import CalibrationSettings, CalibrationText, read_calibration
+from edgeprune.calibration import (
+    REFIT_WINDOWS,
+    CalibrationSettings,
+    CalibrationText,
+    disjoint_windows,
+    read_calibration,
+)
 from edgeprune.checkpoint import save_pruned, versions
 from edgeprune.compensate import cut_and_compensate
 from edgeprune.criteria import GroupScores, score_groups, scoring_inputs
 from edgeprune.criteria.base import parse_options
 from edgeprune.devices.profiler import Profiler, ProfileResult, Workload, profiler_for
 from edgeprune.devices.profiles import get_device
+from edgeprune.devices.target import quality_on_target
 from edgeprune.errors import EdgepruneError
 from edgeprune.evaluate.divergence import Divergence, heldout_divergence
 from edgeprune.export.exporter import FP32_ATOL, check_fp32, export_model
@@ -92,7 +100,8 @@ class RunConfig:
     block_size: int = BLOCK_SIZE  # weight-only quantization block (inputs per scale)
     workload: Workload = field(default_factory=Workload)
     calibration: str | None = None
-    calib_samples: int | None = None  # None: the criterion's own count for scoring, DEFAULT_WINDOWS for the re-fit
+    calib_samples: int | None = None  # None: the criterion's own count for scoring
+    refit_samples: int = REFIT_WINDOWS  # at most this many non-overlapping windows of the head for the re-fit
     calib_seq_len: int = CalibrationSettings.seq_len
     eval_seq_len: int = 128
     eval_tokens: int = 8192
@@ -149,19 +158,21 @@ class RunConfig:
 
 @dataclass
 class Calibration(CalibrationText):
-    """The calibration text (its held-out tail cut to `eval_tokens`) and the windows the cuts are re-fit on.
+    """The calibration text (its held-out tail cut to `eval_tokens`), the scoring windows and the re-fit's.
 
-    `head` is the text before the held-out tail: scoring samples it, and so does the default
-    recovery, so the reported perplexity stays held out.
+    `head` is the text before the held-out tail: scoring samples it, the re-fit reads it in
+    non-overlapping windows, and so does the default recovery, so the reported perplexity stays held out.
     """
 
     windows: torch.Tensor
+    refit: torch.Tensor
 
 
 def split_calibration(tokenizer, cfg: RunConfig) -> Calibration:
     text = read_calibration(tokenizer, cfg.calibration)
     windows = text.sample(cfg.calibration_settings)
-    return Calibration(head=text.head, heldout=text.heldout[: cfg.eval_tokens], windows=windows)
+    refit = disjoint_windows(text.head, cfg.calib_seq_len, cfg.refit_samples)
+    return Calibration(head=text.head, heldout=text.heldout[: cfg.eval_tokens], windows=windows, refit=refit)
 
 
 def scoring_settings(cfg: RunConfig, source_hash: str) -> dict:
@@ -274,7 +285,7 @@ class ProbeRunner:
         self.fused = uses_fused_graph(loaded.model, cfg.graph)
 
     def refit_windows(self) -> torch.Tensor | None:
-        return self.calib.windows if self.cfg.compensate else None
+        return self.calib.refit if self.cfg.compensate else None
 
     def export(self, model: nn.Module, folder: Path) -> Path:
         export_model(model, self.loaded.tokenizer, folder, overwrite=True, fused=self.fused)
@@ -403,11 +414,12 @@ def run_job(
     """
     inputs = local_inputs(cfg.model, cfg.calibration, cfg.recover_data, *cfg.device_files)
     out = check_run_output(out, overwrite, inputs)
+    device = get_device(cfg.device, cfg.device_files)
+    refuse_timed_budgets_on_emulation(cfg.budgets, device.name, device.emulated)
     say("loading model")
     loaded = load_model(cfg.model, cfg.tokenizer)
     model, tokenizer = loaded.model, require_tokenizer(loaded.tokenizer, loaded.source, "the run's calibration")
     adapter = adapter_for(model.config)
-    device = get_device(cfg.device, cfg.device_files)
     profiler = profiler or profiler_for(device, runs=cfg.runs, warmup=cfg.warmup, timeout=cfg.timeout)
     calib = split_calibration(tokenizer, cfg)
     claim_run_output(out, overwrite, (*inputs, loaded.folder))
@@ -476,6 +488,7 @@ class RunResult:
     profile: dict
     recovery: dict | None
     versions: dict
+    target_quality: dict | None = None  # an ARM device's own held-out measurement of a quantized model (target.py)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -532,6 +545,9 @@ def finish(inputs: FinishInputs, search: SearchResult, say: Callable[[str], None
     dense_file = inputs.runner.dense_onnx()
     comparison = inputs.runner.profiler.compare(shipped / MODEL_FILE, dense_file, cfg.workload)
     quality = measure_quality(shipped / MODEL_FILE, loaded.model, inputs.calib, cfg)
+    on_target = quality_on_target(
+        inputs.runner.profiler, best.precision, shipped / MODEL_FILE, dense_file, inputs.calib.heldout, quality, say
+    )
     final_probe = probe_from(
         best.precision,
         best.sparsity,
@@ -563,6 +579,7 @@ def finish(inputs: FinishInputs, search: SearchResult, say: Callable[[str], None
         profile={"final": comparison.model.as_dict(), "dense": comparison.baseline.as_dict()},
         recovery=recovery,
         versions=versions(),
+        target_quality=on_target,
     )
     write_report(result.as_dict(), inputs.out)
     return result

@@ -7,7 +7,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from edgeprune.calibration import PACKAGED_TEXT, calibration_batch, load_text, sample_windows, tokenize_text
+from edgeprune.calibration import (
+    PACKAGED_TEXT,
+    calibration_batch,
+    disjoint_windows,
+    load_text,
+    sample_windows,
+    tokenize_text,
+)
 from edgeprune.errors import EdgepruneError
 
 
@@ -59,6 +66,16 @@ def test_sample_windows_never_run_past_the_end():
     tokens = torch.arange(40)
     windows = sample_windows(tokens, n_samples=200, seq_len=39, seed=0)
     assert windows.shape == (200, 39) and int(windows.max()) <= 39
+
+
+def test_disjoint_windows_share_no_token_and_spread_over_the_text_in_order():
+    tokens = torch.arange(1000)
+    every = disjoint_windows(tokens, seq_len=64, max_windows=100)  # 15 fit, the last 40 tokens dropped
+    assert torch.equal(every, tokens[:960].reshape(15, 64))
+    some = disjoint_windows(tokens, seq_len=64, max_windows=4)
+    assert [int(w[0]) for w in some] == [0, 5 * 64, 9 * 64, 14 * 64]  # first and last window, evenly between
+    with pytest.raises(EdgepruneError, match="fewer than one window"):
+        disjoint_windows(tokens[:10], seq_len=64, max_windows=4)
 
 
 def test_glue_task_calibration_reads_train_sentences(tokenizer, data_dir):

@@ -10,9 +10,11 @@ import torch
 from edgeprune.compensate import (
     CompensateOptions,
     Gram,
+    checked_refit,
     cut_and_compensate,
     cut_by_obs,
     obs_removal,
+    output_error,
     refit,
 )
 from edgeprune.models import adapter_for
@@ -65,6 +67,41 @@ def make_neuron_a_multiple(model, adapter, layer: int, copy_of: int, removed: in
             inputs[1].weight[removed] *= 2
 
 
+def gram_of(a: torch.Tensor) -> torch.Tensor:
+    gram = Gram.empty(a.shape[1])
+    gram.add(a)
+    return gram.xtx
+
+
+def test_check_keeps_the_plain_cut_when_the_refit_does_worse_on_held_out_windows():
+    """On the fitted tokens column 2 copies column 0, so the re-fit moves column 2's weight onto column 0;
+    on the check tokens they are independent, where that move doubles the error: the plain cut wins."""
+    gen = torch.Generator().manual_seed(0)
+    fit, check = (torch.randn(400, 3, generator=gen, dtype=torch.float64) for _ in range(2))
+    fit[:, 2] = fit[:, 0]
+    weight = torch.randn(4, 3, generator=gen, dtype=torch.float64)
+    keep = torch.tensor([0, 1])
+    new, damping, error, plain = checked_refit(gram_of(fit), gram_of(check), weight, keep, (1e-4, 1e-2))
+    assert damping is None and error == plain
+    torch.testing.assert_close(new, weight[:, keep])
+    energy = output_error(gram_of(check), weight, torch.tensor([], dtype=torch.long), None)  # all columns removed
+    assert plain == pytest.approx(output_error(gram_of(check), weight, keep, None) / energy, rel=1e-12)
+    for d in (1e-4, 1e-2):  # what the guard refused: larger on the check tokens
+        assert output_error(gram_of(check), weight, keep, refit(gram_of(fit), weight, keep, d)) / energy > plain
+
+
+def test_check_takes_the_refit_where_it_holds_on_held_out_windows_and_refits_on_all():
+    """Column 2 = column 0 on every token: the re-fit wins the check and is redone on fit + check."""
+    gen = torch.Generator().manual_seed(1)
+    fit, check = (torch.randn(400, 3, generator=gen, dtype=torch.float64) for _ in range(2))
+    fit[:, 2], check[:, 2] = fit[:, 0], check[:, 0]
+    weight = torch.randn(4, 3, generator=gen, dtype=torch.float64)
+    keep = torch.tensor([0, 1])
+    new, damping, error, plain = checked_refit(gram_of(fit), gram_of(check), weight, keep, (1e-1, 1e-6))
+    assert damping == 1e-6 and error < 1e-9 < plain
+    torch.testing.assert_close(new, refit(gram_of(fit) + gram_of(check), weight, keep, 1e-6))
+
+
 @pytest.mark.parametrize("family", family_names())
 def test_removed_neuron_that_is_a_multiple_of_a_kept_one_is_rebuilt(family):
     model = tiny_model(family)
@@ -77,7 +114,7 @@ def test_removed_neuron_that_is_a_multiple_of_a_kept_one_is_rebuilt(family):
     keep[1].ffn = torch.tensor([i for i in range(width) if i != 10])
     plain = copy.deepcopy(model)
     cut_model(plain, adapter, keep)
-    cut_and_compensate(model, adapter, keep, ids, CompensateOptions(damping=0.0))
+    cut_and_compensate(model, adapter, keep, ids, CompensateOptions(dampings=(0.0,)))
     assert adapter.widths(adapter.layers(model)[1]).ffn == width - 1
     scale = dense.abs().max()
     assert (logits(model, ids) - dense).abs().max() < 1e-4 * scale
@@ -105,8 +142,8 @@ def test_refit_lowers_the_cut_projection_error_on_calibration_tokens(family, kin
         m = copy.deepcopy(model)
         if name == "plain":
             cut_model(m, adapter, keep)
-        elif name == "refit":
-            cut_and_compensate(m, adapter, keep, ids)
+        elif name == "refit":  # fitted on all windows, none held back to check
+            cut_and_compensate(m, adapter, keep, ids, CompensateOptions(dampings=(1e-4,), check_fraction=0.0))
         seen = []
         hook = projection(adapter.layers(m)[1]).register_forward_hook(lambda _m, _a, out, s=seen: s.append(out))
         logits(m, ids)
@@ -161,7 +198,7 @@ def test_obs_cut_reaches_the_planned_widths(family):
         w = plan[i]
         heads = w.heads - (w.kv_heads if family == "llama" else 1)  # BERT: every head is its own KV head
         plan[i] = type(w)(ffn=w.ffn - 30, heads=heads, kv_heads=w.kv_heads if family == "llama" else heads)
-    keep = cut_by_obs(model, adapter, plan, calibration())
+    keep = cut_by_obs(model, adapter, plan, calibration()).keep
     assert layer_widths(model, adapter) == plan
     assert keep[0].ffn is None and keep[1].ffn is not None and len(keep[1].ffn) == plan[1].ffn
     assert torch.isfinite(logits(model, calibration())).all()

@@ -158,6 +158,15 @@ def test_recovery_lowers_validation_loss(family, tokenizer, pattern_text):
     assert measured == pytest.approx(best, abs=1e-4)  # the best step's adapter is what got merged
 
 
+def test_cpu_minutes_cap_stops_training_and_counts_its_tokens(llama, tokenizer, pattern_text):
+    prune_non_uniform(llama)
+    config = RecoveryConfig(steps=50, cpu_minutes=1e-5, **FAST)  # 0.6 ms of CPU: spent within the first step
+    data = load_recovery_data(pattern_text, tokenizer, llama, config)
+    record = recover(llama, tokenizer, data, config).record
+    assert record.steps == 1  # not the 50 asked for
+    assert record.tokens == config.batch_size * config.grad_accum * config.seq_len  # full windows, no padding
+
+
 def test_recover_model_updates_the_model_in_place(llama, tokenizer, pattern_text, token_ids, tmp_path):
     prune_non_uniform(llama)
     with torch.no_grad():

@@ -2,25 +2,46 @@
 
 `Profiler` is a protocol so the budget search can be tested with a fake. `LocalProfiler`
 runs `edgeprune.devices.runner` in a subprocess (peak RSS is then the session's own
-process); `profiler_for` picks the SSH profiler for devices reached over SSH. Every runner
-call has a deadline (`probe_timeout`, or --timeout), so a hung board stops the run in one line.
+process), as the zip app a board gets, with the device's interpreter (this one, or e.g. an
+emulator's); `profiler_for` picks the SSH profiler for devices reached over SSH. Beyond
+timing, the same runner returns a model's outputs and its held-out divergence on the device.
+Every runner call has a deadline (`probe_timeout`, or --timeout), so a hung board stops the
+run in one line.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import math
+import os
 import statistics
 import subprocess
-import sys
+import tempfile
+import zipfile
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Protocol
 
-from edgeprune.devices.profiles import DeviceProfile
+import numpy as np
+
+import edgeprune
+from edgeprune.devices.profiles import DeviceProfile, command_words
+from edgeprune.devices.runner import unpack_array
 from edgeprune.errors import EdgepruneError
 from edgeprune.runtime import model_file, onnx_files
+
+PACKAGE_ROOT = Path(edgeprune.__file__).parent
+RUNNER_MODULES = (
+    "__init__.py",
+    "errors.py",
+    "runtime.py",
+    "window_stats.py",
+    "devices/__init__.py",
+    "devices/runner.py",
+)
+RUNNER_NAME = "edgeprune-runner.pyz"
 
 TIMEOUT_FLOOR_S = 120.0  # interpreter start, imports and session creation on a slow board
 TIMEOUT_SLACK = 3.0  # times the slow-board estimate before a runner call counts as hung
@@ -28,6 +49,9 @@ TIMEOUT_SLACK = 3.0  # times the slow-board estimate before a runner call counts
 # at 1.9 GB/s on the shared 2-core EPYC dev machine, 10.9 s per default-workload run; this assumes 1 GB/s)
 SLOW_BOARD_BYTES_PER_S = 1e9
 SLOW_DISK_BYTES_PER_S = 20e6  # reading the model from an SD card
+# qemu-aarch64 ran SmolLM2 fp32 at 0.5 GB x tokens/s on the 2-core dev machine at load 6 (half the slow board's
+# figure; int4 relatively faster): 10 leaves room for a busier or slower host
+EMULATION_SLOWDOWN = 10.0
 
 
 @dataclass(frozen=True)
@@ -93,6 +117,7 @@ class ProfileResult:
     tokens_per_s: float | None
     samples: dict[str, list[float]] = field(default_factory=dict, repr=False)
     created: str = ""
+    emulated: bool = False  # measured under an emulator: a functional check, never the board's latency
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -156,6 +181,7 @@ def to_result(raw: dict, host: dict, device: DeviceProfile, workload: Workload, 
         tokens_per_s=raw["tokens_per_s"],
         samples=raw["samples"],
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        emulated=device.emulated,
     )
 
 
@@ -172,16 +198,30 @@ def compare_results(model: ProfileResult, baseline: ProfileResult) -> Comparison
     )
 
 
-def probe_timeout(models: list[Path], workload: Workload, runs: int, warmup: int) -> float:
-    """Seconds one runner call may take: a generous multiple of what a slow board needs, never below a floor.
+def runner_zip() -> bytes:
+    """A zip app (`python runner.pyz`) with the runner and only the modules it imports: what a board gets."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name in RUNNER_MODULES:
+            archive.write(PACKAGE_ROOT / name, f"edgeprune/{name}")
+        archive.writestr("__main__.py", "from edgeprune.devices.runner import main\n\nmain()\n")
+    return buffer.getvalue()
+
+
+def work_timeout(models: list[Path], token_passes: int, slowdown: float = 1.0) -> float:
+    """Seconds a runner call may take: a generous multiple of what a slow board needs, never below a floor.
 
     Every token reads every weight byte once (prefill and each decode step alike), so the work is
-    about model bytes x tokens x runs; loading is bytes over a slow disk.
+    about model bytes x tokens run; loading is bytes over a slow disk. `slowdown`: an emulated board's factor.
     """
     size = sum(f.stat().st_size for m in models for f in onnx_files(m))
+    estimate = size * token_passes / SLOW_BOARD_BYTES_PER_S + size / SLOW_DISK_BYTES_PER_S
+    return max(TIMEOUT_FLOOR_S, TIMEOUT_SLACK * slowdown * estimate)
+
+
+def probe_timeout(models: list[Path], workload: Workload, runs: int, warmup: int, slowdown: float = 1.0) -> float:
     tokens = workload.batch * max(workload.prefill + workload.decode, workload.sequence)
-    estimate = size * tokens * (runs + warmup) / SLOW_BOARD_BYTES_PER_S + size / SLOW_DISK_BYTES_PER_S
-    return max(TIMEOUT_FLOOR_S, TIMEOUT_SLACK * estimate)
+    return work_timeout(models, tokens * (runs + warmup), slowdown)
 
 
 def timed_out(where: str, seconds: float) -> EdgepruneError:
@@ -191,16 +231,9 @@ def timed_out(where: str, seconds: float) -> EdgepruneError:
     )
 
 
-def runner_spec(models: list[str], workload: Workload, device: DeviceProfile, runs: int, warmup: int) -> dict:
-    return {
-        "models": models,
-        "workload": asdict(workload),
-        "runs": runs,
-        "warmup": warmup,
-        "threads": device.threads,
-        "providers": device.execution_providers,
-        "seed": 0,
-    }
+def task_spec(task: str, device: DeviceProfile, **fields) -> dict:
+    """A runner spec without its "models" (each transport names the files where the runner sees them)."""
+    return {"task": task, "threads": device.threads, "providers": device.execution_providers, **fields}
 
 
 def parse_runner_output(stdout: str, stderr: str, where: str) -> dict:
@@ -216,8 +249,18 @@ def parse_runner_output(stdout: str, stderr: str, where: str) -> dict:
     return output
 
 
+@dataclass
+class ModelOutputs:
+    """One file's answers on a device: its first output on the inputs, and greedy tokens (decoders)."""
+
+    model: str
+    outputs: np.ndarray
+    tokens: list[int] | None
+    machine: str  # the CPU architecture the runner reported (platform.machine() there)
+
+
 class RunnerProfiler:
-    """Runs `edgeprune.devices.runner` somewhere (see `execute`) and turns its JSON into results."""
+    """Runs `edgeprune.devices.runner` somewhere (see `call`) and turns its JSON into results."""
 
     def __init__(self, device: DeviceProfile, runs: int = 10, warmup: int = 2, timeout: float | None = None):
         if runs < 1 or warmup < 0:
@@ -225,17 +268,23 @@ class RunnerProfiler:
         if timeout is not None and not (math.isfinite(timeout) and timeout > 0):
             raise EdgepruneError(f"--timeout {timeout} must be a positive number of seconds")
         self.device, self.runs, self.warmup, self.timeout = device, runs, warmup, timeout
+        self.slowdown = EMULATION_SLOWDOWN if device.emulated else 1.0
 
-    def seconds_allowed(self, models: list[Path], workload: Workload) -> float:
-        """--timeout, else the deadline the workload implies."""
-        return self.timeout if self.timeout is not None else probe_timeout(models, workload, self.runs, self.warmup)
-
-    def execute(self, models: list[Path], workload: Workload) -> dict:
-        """The runner's parsed output for these .onnx files."""
+    def call(self, spec: dict, models: list[Path], seconds: float) -> dict:
+        """The runner's parsed output for `spec` run on these .onnx files, within `seconds`."""
         raise NotImplementedError
 
+    def seconds_for(self, models: list[Path], token_passes: int) -> float:
+        """--timeout, else the deadline this much work implies on the device."""
+        return self.timeout if self.timeout is not None else work_timeout(models, token_passes, self.slowdown)
+
     def run(self, models: list[Path], workload: Workload) -> list[ProfileResult]:
-        output = self.execute([model_file(m) for m in models], workload)
+        files = [model_file(m) for m in models]
+        spec = task_spec("profile", self.device, workload=asdict(workload), runs=self.runs, warmup=self.warmup, seed=0)
+        seconds = self.timeout
+        if seconds is None:
+            seconds = probe_timeout(files, workload, self.runs, self.warmup, self.slowdown)
+        output = self.call(spec, files, seconds)
         return [to_result(r, output["host"], self.device, workload, self.runs, self.warmup) for r in output["results"]]
 
     def profile(self, onnx: Path, workload: Workload) -> ProfileResult:
@@ -245,24 +294,65 @@ class RunnerProfiler:
         model, base = self.run([onnx, baseline], workload)
         return compare_results(model, base)
 
+    def outputs(
+        self,
+        models: list[Path],
+        inputs: list[list[int]],
+        prompt_ids: list[int] | None = None,
+        max_new_tokens: int = 0,
+        eos_ids: set[int] = frozenset(),
+    ) -> list[ModelOutputs]:
+        """Each file's first output on `inputs` (one forward) and, for decoders, its greedy tokens after the prompt."""
+        files = [model_file(m) for m in models]
+        spec = task_spec(
+            "outputs",
+            self.device,
+            inputs=inputs,
+            prompt_ids=prompt_ids,
+            max_new_tokens=max_new_tokens,
+            eos_ids=sorted(eos_ids),
+        )
+        passes = len(inputs) * len(inputs[0]) + len(prompt_ids or []) + max_new_tokens
+        output = self.call(spec, files, self.seconds_for(files, passes))
+        machine = output["host"]["machine"]
+        return [
+            ModelOutputs(r["model"], unpack_array(r["outputs"]), r.get("tokens"), machine) for r in output["results"]
+        ]
+
+    def divergence(self, models: list[Path], reference: Path, windows: list[list[int]]) -> list[dict[str, list]]:
+        """Per-window statistics (edgeprune.window_stats) of each file against `reference`, all run on the device."""
+        files = [model_file(reference), *(model_file(m) for m in models)]
+        spec = task_spec("divergence", self.device, windows=windows, batch_size=1)
+        output = self.call(spec, files, self.seconds_for(files, len(windows) * len(windows[0])))
+        return [result["windows"] for result in output["results"]]
+
 
 class LocalProfiler(RunnerProfiler):
-    """Profiles on this machine, in a fresh Python process per call."""
+    """Runs on this machine, in a fresh process per call: the device's interpreter (this one unless the profile
+    names another, e.g. an emulator) with the runner zip a board would get."""
 
-    def execute(self, models: list[Path], workload: Workload) -> dict:
-        spec = runner_spec([str(m) for m in models], workload, self.device, self.runs, self.warmup)
-        seconds = self.seconds_allowed(models, workload)
-        try:
-            proc = subprocess.run(
-                [sys.executable, "-m", "edgeprune.devices.runner"],
-                input=json.dumps(spec),
-                capture_output=True,
-                text=True,
-                timeout=seconds,
-            )
-        except subprocess.TimeoutExpired:  # the runner has been killed
-            raise timed_out("this machine", seconds) from None
-        return parse_runner_output(proc.stdout, proc.stderr, "this machine")
+    def call(self, spec: dict, models: list[Path], seconds: float) -> dict:
+        words = [os.path.expanduser(word) for word in command_words(self.device.interpreter)]
+        with tempfile.TemporaryDirectory(prefix="edgeprune-runner-") as folder:
+            runner = Path(folder) / RUNNER_NAME
+            runner.write_bytes(runner_zip())
+            try:
+                proc = subprocess.run(
+                    [*words, str(runner)],
+                    input=json.dumps({**spec, "models": [str(m) for m in models]}),
+                    capture_output=True,
+                    text=True,
+                    timeout=seconds,
+                )
+            except subprocess.TimeoutExpired:  # the runner has been killed
+                raise timed_out("this machine", seconds) from None
+            except OSError as err:
+                raise EdgepruneError(
+                    f"cannot start python: '{self.device.interpreter}' of device {self.device.name} "
+                    f"({err.strerror or err}): fix python: in the device file"
+                ) from None
+        where = "this machine" if self.device.python is None else f"{self.device.name} ({words[0]})"
+        return parse_runner_output(proc.stdout, proc.stderr, where)
 
 
 def profiler_for(device: DeviceProfile, runs: int = 10, warmup: int = 2, timeout: float | None = None) -> Profiler:

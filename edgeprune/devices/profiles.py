@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 import platform
 import re
+import shlex
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,12 +21,18 @@ from edgeprune.errors import EdgepruneError
 
 PACKAGED_DIR = Path(__file__).parent / "profiles"
 SSH_TARGET = re.compile(r"^(?P<user>[^@\s]+)@(?P<host>[^:\s]+)(:(?P<port>\d+))?$")
+ARM_ARCHES = ("aarch64", "arm64", "armv7l", "armv8l")
 REQUIRED = ("name", "arch", "cores", "threads", "memory_mb", "execution_providers")
 
 
 @dataclass(frozen=True)
 class DeviceProfile:
-    """A target device. `ssh` is None for the local machine, else `user@host[:port]`."""
+    """A target device. `ssh` is None for the local machine, else `user@host[:port]`.
+
+    `python` is the device's interpreter command (words, e.g. an emulator wrapper); unset, it is python3 on a
+    board and this interpreter locally. `emulated` devices run the right instructions at the wrong speed:
+    their timings are functional checks, never latencies.
+    """
 
     name: str
     arch: str
@@ -33,7 +41,8 @@ class DeviceProfile:
     memory_mb: int
     execution_providers: list[str]
     ssh: str | None = None
-    python: str = "python3"
+    python: str | None = None
+    emulated: bool = False
     workdir: str = "/tmp/edgeprune"
     known_hosts: str | None = None  # extra known_hosts file; ~/.ssh/known_hosts is always read
     identity_file: str | None = None
@@ -46,12 +55,38 @@ class DeviceProfile:
     def reach(self) -> str:
         return "ssh" if self.ssh else "local"
 
+    @property
+    def is_arm(self) -> bool:
+        return self.arch in ARM_ARCHES
+
+    @property
+    def runs_elsewhere(self) -> bool:
+        """Not this Python process's interpreter: a board over SSH, or a local interpreter of its own (an emulator)."""
+        return self.reach == "ssh" or self.python is not None
+
+    @property
+    def interpreter(self) -> str:
+        return self.python or ("python3" if self.ssh else shlex.quote(sys.executable))
+
     def ssh_target(self) -> tuple[str, str, int]:
         """(user, host, port) of an SSH device."""
         match = SSH_TARGET.match(self.ssh or "")
         if not match:
             raise EdgepruneError(f"device '{self.name}' has ssh: '{self.ssh}': write it as user@host or user@host:port")
         return match["user"], match["host"], int(match["port"] or 22)
+
+
+def command_words(command: str) -> list[str]:
+    """A device file's `python:` as words: it may carry arguments (`/usr/bin/env python3`)."""
+    try:
+        words = shlex.split(command)
+    except ValueError as err:
+        raise EdgepruneError(
+            f"python: '{command}' in the device file cannot be split ({err}): fix its quotes"
+        ) from None
+    if not words:
+        raise EdgepruneError("python: in the device file is empty: give an interpreter such as python3")
+    return words
 
 
 def total_memory_mb() -> int:
@@ -98,6 +133,8 @@ def load_profile(path: Path) -> DeviceProfile:
         raise EdgepruneError(f"device file {path}: {err}") from None
     if not isinstance(profile.threads, int) or profile.threads < 1:
         raise EdgepruneError(f"device file {path}: threads must be a positive integer or auto")
+    if not isinstance(profile.emulated, bool):
+        raise EdgepruneError(f"device file {path}: emulated must be true or false")
     if profile.ssh:
         profile.ssh_target()
     return profile

@@ -13,26 +13,21 @@ import io
 import json
 import logging
 import shlex
-import zipfile
 from pathlib import Path
 
 import paramiko
 
-import edgeprune
 from edgeprune.devices.profiler import (
+    RUNNER_NAME,
     RunnerProfiler,
-    Workload,
     parse_runner_output,
-    runner_spec,
+    runner_zip,
     timed_out,
 )
-from edgeprune.devices.profiles import DeviceProfile
+from edgeprune.devices.profiles import DeviceProfile, command_words
 from edgeprune.errors import EdgepruneError
 from edgeprune.runtime import onnx_files
 
-PACKAGE_ROOT = Path(edgeprune.__file__).parent
-RUNNER_MODULES = ("__init__.py", "errors.py", "runtime.py", "devices/__init__.py", "devices/runner.py")
-RUNNER_NAME = "edgeprune-runner.pyz"
 CONNECT_TIMEOUT = 15.0
 COMMAND_TIMEOUT = 120.0  # seconds of silence before a setup command (python check, mkdir, df, upload) counts as hung
 DISK_MARGIN = 1.1  # the upload plus 10%
@@ -40,16 +35,6 @@ DISK_MARGIN = 1.1  # the upload plus 10%
 # paramiko logs its transport thread's failures (e.g. "Error reading SSH protocol banner") with a traceback
 # through logging's last-resort handler; the exception it raises is what the user sees, as one line.
 logging.getLogger("paramiko").addHandler(logging.NullHandler())
-
-
-def runner_zip() -> bytes:
-    """A zip app (`python runner.pyz`) with the runner and only the modules it imports."""
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
-        for name in RUNNER_MODULES:
-            archive.write(PACKAGE_ROOT / name, f"edgeprune/{name}")
-        archive.writestr("__main__.py", "from edgeprune.devices.runner import main\n\nmain()\n")
-    return buffer.getvalue()
 
 
 def remote_path(path: str) -> str:
@@ -62,16 +47,8 @@ def remote_path(path: str) -> str:
 
 
 def remote_command(command: str) -> str:
-    """The device file's `python:` as shell words: it may carry arguments (`/usr/bin/env python3`)."""
-    try:
-        words = shlex.split(command)
-    except ValueError as err:
-        raise EdgepruneError(
-            f"python: '{command}' in the device file cannot be split ({err}): fix its quotes"
-        ) from None
-    if not words:
-        raise EdgepruneError("python: in the device file is empty: give an interpreter such as python3")
-    return " ".join(remote_path(word) for word in words)
+    """The device file's `python:` as one shell command line on the board (~ is the board's $HOME)."""
+    return " ".join(remote_path(word) for word in command_words(command))
 
 
 def free_mb_from_df(text: str, where: str) -> float:
@@ -154,25 +131,24 @@ def clean_up(client: paramiko.SSHClient, workdir: str) -> None:
 
 
 class SSHProfiler(RunnerProfiler):
-    """Profiles on the board named by the device profile's `ssh: user@host[:port]`."""
+    """Runs on the board named by the device profile's `ssh: user@host[:port]`: upload, run, read the answer back."""
 
-    def execute(self, models: list[Path], workload: Workload) -> dict:
+    def call(self, spec: dict, models: list[Path], seconds: float) -> dict:
         client = connect(self.device)
         try:
             workdir = self.prepare(client, models)
             try:
                 names = [f"m{i}/{m.name}" for i, m in enumerate(models)]
-                spec = runner_spec(names, workload, self.device, self.runs, self.warmup)
                 runner = shlex.quote(f"{workdir}/{RUNNER_NAME}")  # its full path, so clean_up can find it
-                command = f"cd {shlex.quote(workdir)} && {remote_command(self.device.python)} {runner}"
-                seconds = self.seconds_allowed(models, workload)
+                command = f"cd {shlex.quote(workdir)} && {remote_command(self.device.interpreter)} {runner}"
                 try:
-                    _, out, err = run_remote(client, command, json.dumps(spec), timeout=seconds)
+                    _, out, err = run_remote(client, command, json.dumps({**spec, "models": names}), timeout=seconds)
                 except TimeoutError:
                     raise timed_out(self.device.name, seconds) from None
                 output = parse_runner_output(out, err, self.device.name)
-                for result, model in zip(output["results"], models, strict=True):
-                    result["model"] = f"{self.device.name}:{model}"
+                local = dict(zip(names, models, strict=True))
+                for result in output["results"]:  # the board's relative names back to this machine's paths
+                    result["model"] = f"{self.device.name}:{local.get(result['model'], result['model'])}"
                 return output
             finally:
                 clean_up(client, workdir)
@@ -186,14 +162,15 @@ class SSHProfiler(RunnerProfiler):
 
     def prepare(self, client: paramiko.SSHClient, models: list[Path]) -> str:
         """Check python+onnxruntime and free disk, then upload the runner and the models to a fresh folder."""
-        python, name = remote_command(self.device.python), self.device.name
+        python, name = remote_command(self.device.interpreter), self.device.name
         status, out, err = run_remote(
             client, f"{python} -c 'import numpy, onnxruntime; print(onnxruntime.__version__)'"
         )
         if status != 0:
+            python_there = self.device.interpreter
             raise EdgepruneError(
-                f"{self.device.python} on {name} cannot import onnxruntime and numpy: run "
-                f"`{self.device.python} -m pip install onnxruntime numpy` there (or set python: in the device file)"
+                f"{python_there} on {name} cannot import onnxruntime and numpy: run "
+                f"`{python_there} -m pip install onnxruntime numpy` there (or set python: in the device file)"
             )
         base = self.device.workdir
         status, workdir, err = run_remote(

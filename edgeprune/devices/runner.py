@@ -1,16 +1,23 @@
-"""The measuring process: reads a JSON spec on stdin, times ONNX models, prints one JSON object.
+"""The process that runs models on a device: reads a JSON spec on stdin, prints one JSON object.
 
 The same code runs locally (a subprocess, so peak RSS is the session's own process) and on
 a board (shipped as a zip app with `edgeprune.runtime`), so it imports only numpy,
 onnxruntime, the standard library and edgeprune's torch-free modules.
 
-Spec: {"models": [path, ...], "workload": {"batch", "sequence", "prefill", "decode"},
-"runs": N, "warmup": W, "threads": T, "providers": [...], "seed": S}.
-With two models, runs alternate A B B A ... so slow drift on a shared machine hits both.
+Every spec has "models": [path, ...], "threads": T, "providers": [...], and a "task":
+- "profile" (the default): "workload": {"batch", "sequence", "prefill", "decode"}, "runs": N,
+  "warmup": W, "seed": S. With two models, runs alternate A B B A ... so slow drift hits both.
+- "outputs": "inputs": [[id, ...], ...] (logits of one forward, returned as packed float32 arrays)
+  and, for decoders, "prompt_ids", "max_new_tokens", "eos_ids" (greedy tokens): what the same files
+  must reproduce on another CPU.
+- "divergence": "windows": [[id, ...], ...], "batch_size": B; models = [reference, candidate, ...]:
+  per-window statistics (edgeprune.window_stats) of each candidate against the reference, all run here.
 """
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import os
 import platform
@@ -23,7 +30,8 @@ import numpy as np
 import onnxruntime as ort
 
 from edgeprune.errors import EdgepruneError
-from edgeprune.runtime import OnnxModel, model_file, onnx_bytes
+from edgeprune.runtime import OnnxModel, greedy_generate, model_file, onnx_bytes
+from edgeprune.window_stats import window_stats
 
 PROC_STATUS = Path("/proc/self/status")
 CLEAR_REFS = Path("/proc/self/clear_refs")
@@ -150,6 +158,16 @@ def alternating_order(n_models: int, runs: int) -> list[int]:
     return order
 
 
+def host(threads: int) -> dict:
+    return {
+        "machine": platform.machine(),
+        "python": platform.python_version(),
+        "ort_version": ort.__version__,
+        "cpu_count": os.cpu_count(),
+        "threads": threads,
+    }
+
+
 def measure(spec: dict) -> dict:
     threads = int(spec.get("threads") or 0)
     process_mb = rss_mb("VmRSS")
@@ -165,22 +183,63 @@ def measure(spec: dict) -> dict:
     if len(models) == 1:  # the peak was never reset: it covers the timed runs too
         models[0].peak_rss_mb = rss_mb("VmHWM")
         models[0].session_rss_mb = models[0].peak_rss_mb - models[0].baseline_mb
-    return {
-        "results": [m.report(process_mb, alone=len(models) == 1) for m in models],
-        "host": {
-            "machine": platform.machine(),
-            "python": platform.python_version(),
-            "ort_version": ort.__version__,
-            "cpu_count": os.cpu_count(),
-            "threads": threads,
-        },
-    }
+    return {"results": [m.report(process_mb, alone=len(models) == 1) for m in models], "host": host(threads)}
+
+
+def pack_array(array: np.ndarray) -> str:
+    """An array as text for the JSON answer (.npy bytes in base64: exact floats, a third of decimal's size)."""
+    buffer = io.BytesIO()
+    np.save(buffer, np.ascontiguousarray(array), allow_pickle=False)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def unpack_array(text: str) -> np.ndarray:
+    return np.load(io.BytesIO(base64.b64decode(text)), allow_pickle=False)
+
+
+def open_model(path: str, spec: dict) -> OnnxModel:
+    return OnnxModel(path, threads=int(spec.get("threads") or 0), providers=spec.get("providers"))
+
+
+def outputs(spec: dict) -> dict:
+    """Per model: the logits (or hidden states) of one forward over `inputs`, and greedy tokens after the prompt."""
+    inputs = np.asarray(spec["inputs"], dtype=np.int64)
+    results = []
+    for path in spec["models"]:
+        model = open_model(path, spec)
+        result = {"model": path, "outputs": pack_array(model.forward(inputs))}
+        if model.is_decoder and spec.get("prompt_ids"):
+            eos = set(spec.get("eos_ids", []))
+            result["tokens"] = greedy_generate(model, spec["prompt_ids"], int(spec["max_new_tokens"]), eos)
+        results.append(result)
+    return {"results": results, "host": host(int(spec.get("threads") or 0))}
+
+
+def divergence(spec: dict) -> dict:
+    """Each candidate (models[1:]) against the reference (models[0]) on `windows`, all run on this device;
+    the reference runs once per batch, whatever the number of candidates."""
+    reference, *candidates = (open_model(path, spec) for path in spec["models"])
+    windows = np.asarray(spec["windows"], dtype=np.int64)
+    size = int(spec.get("batch_size", 1))
+    per_window: list[dict[str, list[float]]] = [{} for _ in candidates]
+    for i in range(0, len(windows), size):
+        batch = windows[i : i + size]
+        expected = reference.forward(batch)
+        for model, found in zip(candidates, per_window, strict=True):
+            for key, values in window_stats(expected, model.forward(batch), batch, reference.is_decoder).items():
+                found.setdefault(key, []).extend(float(v) for v in values)
+    results = [{"model": path, "windows": found} for path, found in zip(spec["models"][1:], per_window, strict=True)]
+    return {"results": results, "host": host(int(spec.get("threads") or 0))}
+
+
+TASKS = {"profile": measure, "outputs": outputs, "divergence": divergence}
 
 
 def main() -> None:
     """Errors a user can fix come back as {"error": ...}; anything else is a traceback on stderr."""
     try:
-        output = measure(json.loads(sys.stdin.read()))
+        spec = json.loads(sys.stdin.read())
+        output = TASKS[spec.get("task", "profile")](spec)
     except EdgepruneError as err:
         output = {"error": str(err)}
     print(json.dumps(output))

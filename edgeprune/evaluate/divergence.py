@@ -21,10 +21,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from edgeprune.evaluate.perplexity import window_starts
 from edgeprune.runtime import OnnxModel
+from edgeprune.window_stats import window_stats
 
 
 @dataclass(frozen=True)
@@ -52,35 +52,32 @@ def windows_of(tokens: torch.Tensor, seq_len: int) -> torch.Tensor:
     return torch.stack([tokens[s : s + seq_len] for s in starts])
 
 
-def dense_output(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+def dense_output(model: nn.Module, batch: torch.Tensor) -> np.ndarray:
     """Logits of a causal LM, else the last hidden state (what the exported graph's first output is)."""
     with torch.no_grad():
         out = model(input_ids=batch, attention_mask=torch.ones_like(batch))
     found = getattr(out, "logits", None)
-    return (found if found is not None else out.last_hidden_state).float()
+    return (found if found is not None else out.last_hidden_state).float().numpy()
 
 
-def candidate_output(onnx: OnnxModel, batch: torch.Tensor) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(onnx.forward(batch.numpy()))).float()
-
-
-def decoder_window_stats(dense: torch.Tensor, cand: torch.Tensor, batch: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Per window: mean KL over predicted positions, the candidate's and dense's NLL sums, top-1 matches."""
-    log_p = F.log_softmax(dense[:, :-1], dim=-1)
-    log_q = F.log_softmax(cand[:, :-1], dim=-1)
-    kl = (log_p.exp() * (log_p - log_q)).sum(-1)  # [windows, positions]
-    targets = batch[:, 1:]
-    return {
-        "divergence": kl.mean(1),
-        "nll": -log_q.gather(-1, targets[..., None]).squeeze(-1).sum(1),
-        "dense_nll": -log_p.gather(-1, targets[..., None]).squeeze(-1).sum(1),
-        "agree": (log_p.argmax(-1) == log_q.argmax(-1)).float().mean(1),
-    }
-
-
-def encoder_window_stats(dense: torch.Tensor, cand: torch.Tensor) -> dict[str, torch.Tensor]:
-    distance = 1 - F.cosine_similarity(dense, cand, dim=-1)  # [windows, positions]
-    return {"divergence": distance.mean(1)}
+def summarize(per_window: dict[str, np.ndarray], seq_len: int) -> Divergence:
+    """The per-window statistics (edgeprune.window_stats, here or from a board) as one Divergence."""
+    merged = {key: np.asarray(values, dtype=np.float64) for key, values in per_window.items()}
+    values = merged["divergence"]
+    n = len(values)
+    stderr = float(values.std(ddof=1) / math.sqrt(n)) if n > 1 else float("nan")
+    predicted = n * (seq_len - 1)
+    is_decoder = "nll" in merged
+    return Divergence(
+        mean=float(values.mean()),
+        stderr=stderr,
+        measure="kl" if is_decoder else "1-cosine",
+        perplexity=math.exp(float(merged["nll"].sum()) / predicted) if is_decoder else None,
+        dense_perplexity=math.exp(float(merged["dense_nll"].sum()) / predicted) if is_decoder else None,
+        top1_agreement=float(merged["agree"].mean()) if is_decoder else None,
+        windows=n,
+        tokens=n * seq_len,
+    )
 
 
 def heldout_divergence(
@@ -94,29 +91,11 @@ def heldout_divergence(
     """Divergence of the ONNX file at `onnx_path` from `dense` on `tokens` cut into `seq_len` windows."""
     onnx = OnnxModel(onnx_path, threads)
     windows = windows_of(tokens, seq_len)
-    per_window: dict[str, list[torch.Tensor]] = {}
+    per_window: dict[str, list[np.ndarray]] = {}
     for i in range(0, len(windows), batch_size):
         batch = windows[i : i + batch_size]
-        reference, cand = dense_output(dense, batch), candidate_output(onnx, batch)
-        if onnx.is_decoder:
-            stats = decoder_window_stats(reference, cand, batch)
-        else:
-            stats = encoder_window_stats(reference, cand)
+        ids = batch.numpy()
+        stats = window_stats(dense_output(dense, batch), onnx.forward(ids), ids, onnx.is_decoder)
         for key, value in stats.items():
             per_window.setdefault(key, []).append(value)
-    merged = {key: torch.cat(values).double() for key, values in per_window.items()}
-    values = merged["divergence"]
-    n = len(values)
-    stderr = float(values.std(unbiased=True) / math.sqrt(n)) if n > 1 else float("nan")
-    predicted = n * (seq_len - 1)
-    is_decoder = "nll" in merged
-    return Divergence(
-        mean=float(values.mean()),
-        stderr=stderr,
-        measure="kl" if is_decoder else "1-cosine",
-        perplexity=math.exp(float(merged["nll"].sum()) / predicted) if is_decoder else None,
-        dense_perplexity=math.exp(float(merged["dense_nll"].sum()) / predicted) if is_decoder else None,
-        top1_agreement=float(merged["agree"].mean()) if is_decoder else None,
-        windows=n,
-        tokens=n * seq_len,
-    )
+    return summarize({key: np.concatenate(values) for key, values in per_window.items()}, seq_len)

@@ -29,6 +29,8 @@ class TrainState:
 
     step: int = 0
     seconds: float = 0.0
+    cpu_seconds: float = 0.0  # CPU time of the (main) training process
+    tokens: int = 0  # training tokens over all processes
     best_step: int = 0
     best_loss: float = math.inf
     val_losses: list[list[float]] = field(default_factory=list)

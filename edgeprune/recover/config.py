@@ -15,8 +15,10 @@ DEFAULT_STEPS = 100  # when neither steps, epochs nor minutes are given
 class RecoveryConfig:
     """Training settings; defaults are LLM-Pruner's LoRA (r=8, alpha=16, lr 1e-4) sized for a CPU.
 
-    Budget: `steps` or `epochs` fix the number of optimizer steps, `minutes` caps wall time;
-    training stops at whichever is reached first (DEFAULT_STEPS when none is given).
+    Budget: `steps` or `epochs` fix the number of optimizer steps, `minutes` caps wall time,
+    `cpu_minutes` the CPU time of the training process (all its threads; on a shared machine
+    it is nearly independent of the load); training stops at whichever is reached first
+    (DEFAULT_STEPS when none is given).
     `method`: `lora` trains adapters that are merged afterwards, `full` every parameter.
     With a teacher the loss is the KL divergence between the teacher's and the student's
     next-token distributions at `temperature` (over the full vocabulary, or the teacher's
@@ -34,6 +36,7 @@ class RecoveryConfig:
     steps: int | None = None
     epochs: float | None = None
     minutes: float | None = None
+    cpu_minutes: float | None = None
     eval_every: int = 25
     save_every: int = 25
     val_size: int = 32
@@ -49,7 +52,8 @@ class RecoveryConfig:
         positive = {"rank": self.rank, "seq-len": self.seq_len, "batch-size": self.batch_size}
         positive |= {"grad-accum": self.grad_accum, "eval-every": self.eval_every, "save-every": self.save_every}
         positive |= {"val-size": self.val_size, "steps": self.steps or 1, "epochs": self.epochs or 1}
-        positive |= {"minutes": self.minutes or 1, "lr": self.lr, "temperature": self.temperature}
+        positive |= {"minutes": self.minutes or 1, "cpu-minutes": self.cpu_minutes or 1, "lr": self.lr}
+        positive |= {"temperature": self.temperature}
         positive |= {"top-k": self.top_k or 1}
         if self.lm_weight < 0:
             raise EdgepruneError("--lm-weight must be zero or positive")
@@ -63,9 +67,9 @@ class RecoveryConfig:
         return self.batch_size * self.grad_accum * num_processes
 
     def total_steps(self, n_train: int, num_processes: int) -> int | None:
-        """Optimizer steps to run; None when only the minutes cap ends training."""
+        """Optimizer steps to run; None when only a time cap ends training."""
         if self.epochs is not None:
             return max(1, math.ceil(self.epochs * n_train / self.examples_per_step(num_processes)))
-        if self.steps is None and self.minutes is not None:
+        if self.steps is None and (self.minutes is not None or self.cpu_minutes is not None):
             return None
         return self.steps or DEFAULT_STEPS

@@ -65,6 +65,8 @@ class RecoveryRecord:
     best_step: int
     val_losses: list[tuple[int, float]]
     seconds: float
+    cpu_seconds: float  # CPU time of the (main) training process, all its threads
+    tokens: int  # training tokens seen, over all processes
     resumed_from_step: int
     tokens_per_s_per_process: list[float]
     teacher_share: float | None  # fraction of training time spent in the teacher's forward passes
@@ -110,6 +112,12 @@ def step_indices(n: int, step: int, micro: int, rank: int, config: RecoveryConfi
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(config.seed * 100003 + epoch))
         out.append(int(perm[offset]))
     return out
+
+
+def out_of_budget(config: RecoveryConfig, state: TrainState) -> bool:
+    """Whether the wall-time or CPU-time cap is reached (checked after each optimizer step)."""
+    wall = config.minutes is not None and state.seconds >= 60 * config.minutes
+    return wall or (config.cpu_minutes is not None and state.cpu_seconds >= 60 * config.cpu_minutes)
 
 
 def count_targets(labels: torch.Tensor, causal: bool) -> int:
@@ -176,16 +184,16 @@ def recover(
     if not state.val_losses:
         state.best_loss = evaluate_loss(wrapped, val_batches, accelerator, causal, objective)
         state.val_losses.append([0, state.best_loss])
-    started = time.monotonic() - state.seconds
+    started, cpu_started = time.monotonic() - state.seconds, time.process_time() - state.cpu_seconds
     session_start, session_tokens, teacher_before = time.monotonic(), 0, objective.teacher_seconds
     while total is None or state.step < total:
-        losses = []
+        losses, step_tokens = [], 0
         for micro in range(config.grad_accum):
             index = step_indices(
                 len(data.train), state.step, micro, accelerator.process_index, config, accelerator.num_processes
             )
             batch = {k: v.to(accelerator.device) for k, v in collate([data.train[i] for i in index]).items()}
-            session_tokens += (
+            step_tokens += (
                 int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
             )
             with accelerator.accumulate(wrapped):
@@ -195,11 +203,13 @@ def recover(
                 optimizer.zero_grad()
             losses.append(loss.detach())
         state.step += 1
+        session_tokens += step_tokens
+        state.tokens += int(accelerator.reduce(torch.tensor(step_tokens, device=accelerator.device), "sum"))
         train_loss = float(accelerator.reduce(torch.stack(losses).mean(), "mean"))
         state.train_losses.append([state.step, train_loss])
-        state.seconds = time.monotonic() - started
+        state.seconds, state.cpu_seconds = time.monotonic() - started, time.process_time() - cpu_started
         tokens_per_s = session_tokens / max(time.monotonic() - session_start, 1e-9)
-        if config.minutes is not None and state.seconds >= 60 * config.minutes and accelerator.is_main_process:
+        if out_of_budget(config, state) and accelerator.is_main_process:
             accelerator.set_trigger()
         out_of_time = accelerator.check_trigger()
         last = out_of_time or state.step == total
@@ -231,6 +241,8 @@ def recover(
         best_step=state.best_step,
         val_losses=[(int(s), v) for s, v in state.val_losses],
         seconds=round(state.seconds, 1),
+        cpu_seconds=round(state.cpu_seconds, 1),
+        tokens=state.tokens,
         resumed_from_step=resumed_from,
         tokens_per_s_per_process=[round(float(r), 1) for r in rates],
         teacher_share=round((objective.teacher_seconds - teacher_before) / session_seconds, 3) if teacher else None,
