@@ -60,12 +60,12 @@ def test_run_writes_every_artifact_and_meets_params_budget(saved_llama, calibrat
     # quantization alone cannot meet a parameter budget; each precision is then cut at the same analytic
     # sparsity, and at equal cut fp32 is the closest to dense
     quantized = AUTO_PRECISIONS[1:]
-    assert [p["extra"]["method"] for p in record["probes"]] == [
-        "dense export",
-        *(f"dense export + {precision}" for precision in quantized),
-        "sliced from dense",
-        *(f"sliced from dense + {precision}" for precision in quantized),
-    ]
+    methods = [p["extra"]["method"] for p in record["probes"]]
+    assert methods[: len(AUTO_PRECISIONS)] == ["dense export", *(f"dense export + {q}" for q in quantized)]
+    # pruning goes fastest precision first: on this tiny model timing noise decides that order
+    assert sorted(methods[len(AUTO_PRECISIONS) :]) == sorted(
+        ["sliced from dense", *(f"sliced from dense + {q}" for q in quantized)]
+    )
     assert record["final"]["precision"] == "fp32"
     assert "| parameters |" in (out / "report.md").read_text()
     # rerunning the same command reuses every probe
