@@ -101,7 +101,11 @@ def test_budget_only_pruning_and_quantization_meet_is_met_with_both(saved_llama,
     out = tmp_path / "run"
     unpruned = run(saved_llama, calibration_file, tmp_path / "q", [Budget("speedup", 1.01)], precision="int8")
     beyond_int8 = unpruned.final["speedup_alternating"] * 1.06
-    result = run(saved_llama, calibration_file, out, [Budget("speedup", beyond_int8)], precision="int8")
+    # no re-fit: on this random tiny model the checked re-fit's coefficients leave int8 blocks at 0% top-1
+    # (the re-fit is tested in test_compensate; the rule here is the search's choice)
+    result = run(
+        saved_llama, calibration_file, out, [Budget("speedup", beyond_int8)], precision="int8", compensate=False
+    )
     assert result.final["sparsity"] > 0 and result.final["precision"] == "int8"
     assert result.met and result.final["speedup_alternating"] >= beyond_int8
     assert "MatMulNBits" in shipped_ops(out) and (out / "pruned").is_dir()
