@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 import torch
-from bench_common import append_result, data_dir, read_results
+from bench_common import append_result, criterion_and_options, data_dir, read_results
 
 from edgeprune.calibration import calibration_batch, tokenize_text
 from edgeprune.compensate import CompensateOptions, allocate_by_errors, cut_and_compensate, cut_by_obs
@@ -45,7 +45,6 @@ CUTS = {  # name: (targets, protect_first, protect_last, fraction of all paramet
     "default35": (("ffn",), 1, 1, 0.35),
 }
 SCORE_SAMPLES = {"taylor": 10}
-CRITERION_OPTIONS = {"mi-conditional": ("mi", {"selection": "conditional"})}  # name: (criterion, options)
 
 
 def cut_spec(name: str, model, adapter, scores) -> PruneSpec:
@@ -115,7 +114,7 @@ def main() -> None:
                 elif scores is None:
                     samples = SCORE_SAMPLES.get(criterion, 32)
                     calib = calibration_batch(tokenizer, valid, samples, 128, seed=0)
-                    name, criterion_options = CRITERION_OPTIONS.get(criterion, (criterion, {}))
+                    name, criterion_options = criterion_and_options(criterion)
                     inputs = ScoringInputs(calibration=calib, seed=0, options=criterion_options)
                     start, cpu_start = time.perf_counter(), time.process_time()
                     scores = score_groups(name, model, adapter, inputs)
