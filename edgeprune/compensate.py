@@ -48,7 +48,7 @@ class CompensateOptions:
     `damping` is the inverse Gram of OBS selection and of the error allocation (rankings, not weights).
     """
 
-    dampings: tuple[float, ...] = (1e-2, 1e-1, 1.0)
+    dampings: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
     check_fraction: float = 0.25
     damping: float = 1e-4
     add_bias: bool = False  # give bias-free projections a bias (Llama: sets mlp_bias/attention_bias)
