@@ -33,3 +33,11 @@ def append_result(path: Path, entry: dict) -> dict:
     tmp.write_text(json.dumps([*read_results(path), entry], indent=2) + "\n")
     tmp.replace(path)
     return entry
+
+
+CRITERION_ALIASES = {"mi-conditional": ("mi", {"selection": "conditional"})}  # benchmark name: (criterion, options)
+
+
+def criterion_and_options(name: str) -> tuple[str, dict]:
+    """A registered criterion and its options, from a benchmark's name for it (`mi-conditional`, or the name)."""
+    return CRITERION_ALIASES.get(name, (name, {}))

@@ -1,9 +1,10 @@
 """Cut without breaking: no compensation vs least-squares re-fit vs OBS selection, criteria side by side.
 
 SmolLM2-135M-Instruct, no training. Calibration: windows of 128 tokens from WikiText-2 *validation*
-(`wiki.valid.raw`, seed 0): 32 for scoring (10 for taylor, LLM-Pruner's size), `--calib-samples` for
-the re-fit. Quality: WikiText-2 *test* PPL@128 on the first `--ppl-tokens` tokens (raw file tokenized
-once without BOS, non-overlapping windows). Cuts:
+(`wiki.valid.raw`, seed 0): 32 random ones for scoring (10 for taylor, LLM-Pruner's size); for the
+re-fit `--calib-samples` non-overlapping ones spread over the whole file (`calibration.refit_batch`,
+as `prune`). Quality: WikiText-2 *test* PPL@128 on the first `--ppl-tokens` tokens (raw file
+tokenized once without BOS, non-overlapping windows). Cuts:
 - `llmpruner20`: LLM-Pruner's protocol, FFN neurons and query heads of layers 4..27, uniform, the
   sparsity that removes 20% of *all* parameters;
 - `default35`: the default `run` job's kind of cut, FFN neurons of layers 1..28, the sparsity that
@@ -28,9 +29,9 @@ import time
 from pathlib import Path
 
 import torch
-from bench_common import append_result, data_dir, read_results
+from bench_common import append_result, criterion_and_options, data_dir, read_results
 
-from edgeprune.calibration import calibration_batch, tokenize_text
+from edgeprune.calibration import calibration_batch, refit_batch, tokenize_text
 from edgeprune.compensate import CompensateOptions, allocate_by_errors, cut_and_compensate, cut_by_obs
 from edgeprune.criteria import ScoringInputs, score_groups
 from edgeprune.evaluate import perplexity
@@ -45,7 +46,6 @@ CUTS = {  # name: (targets, protect_first, protect_last, fraction of all paramet
     "default35": (("ffn",), 1, 1, 0.35),
 }
 SCORE_SAMPLES = {"taylor": 10}
-CRITERION_OPTIONS = {"mi-conditional": ("mi", {"selection": "conditional"})}  # name: (criterion, options)
 
 
 def cut_spec(name: str, model, adapter, scores) -> PruneSpec:
@@ -83,7 +83,7 @@ def main() -> None:
     valid = data_dir() / "wikitext-2-raw" / "wiki.valid.raw"
     test_text = (data_dir() / "wikitext-2-raw" / "wiki.test.raw").read_text(encoding="utf-8")
     test = tokenize_text(tokenizer, test_text)[: args.ppl_tokens]
-    refit_calib = calibration_batch(tokenizer, valid, args.calib_samples, 128, seed=0)
+    refit_calib = refit_batch(tokenizer, valid, 128, args.calib_samples)
     base = {"ppl_tokens": len(test), "calib_samples": args.calib_samples, "damping": args.damping}
     options = CompensateOptions() if args.damping is None else CompensateOptions((args.damping,), check_fraction=0.0)
 
@@ -115,7 +115,7 @@ def main() -> None:
                 elif scores is None:
                     samples = SCORE_SAMPLES.get(criterion, 32)
                     calib = calibration_batch(tokenizer, valid, samples, 128, seed=0)
-                    name, criterion_options = CRITERION_OPTIONS.get(criterion, (criterion, {}))
+                    name, criterion_options = criterion_and_options(criterion)
                     inputs = ScoringInputs(calibration=calib, seed=0, options=criterion_options)
                     start, cpu_start = time.perf_counter(), time.process_time()
                     scores = score_groups(name, model, adapter, inputs)

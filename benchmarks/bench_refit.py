@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from bench_common import append_result, data_dir, read_results
+from bench_common import append_result, criterion_and_options, data_dir, read_results
 
 from edgeprune.calibration import (
     calibration_batch,
@@ -49,13 +49,13 @@ from edgeprune.structure import cut_model, plan_uniform_widths, select_keep
 OUT = Path(__file__).parent / "out" / "bench_refit.json"
 
 
-def options_for(method: str) -> CompensateOptions | None:
+def options_for(method: str, obs_damping: float) -> CompensateOptions | None:
     """None: the plain cut."""
     if method == "none":
         return None
     if method == "checked":
-        return CompensateOptions()
-    return CompensateOptions(dampings=(float(method.split(":")[1]),), check_fraction=0.0)
+        return CompensateOptions(damping=obs_damping)
+    return CompensateOptions(dampings=(float(method.split(":")[1]),), check_fraction=0.0, damping=obs_damping)
 
 
 class HeldOut:
@@ -96,7 +96,8 @@ class HeldOut:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sparsities", default="0.061,0.2,0.35")
-    parser.add_argument("--criteria", default="fluctuation")
+    parser.add_argument("--criteria", default="fluctuation", help="registered names, mi-conditional, obs")
+    parser.add_argument("--obs-damping", type=float, default=CompensateOptions().damping, help="OBS selection's")
     parser.add_argument("--methods", default="none,fixed:0.0001,checked")
     parser.add_argument("--windows", default="pkg-random-32,pkg-disjoint")
     parser.add_argument("--wiki-tokens", type=int, default=8192)
@@ -115,8 +116,11 @@ def main() -> None:
     wiki = data_dir() / "wikitext-2-raw"
     test = tokenize_text(tokenizer, (wiki / "wiki.test.raw").read_text(encoding="utf-8"))[: args.wiki_tokens]
     texts = [HeldOut("pkg", tail[: cfg.eval_tokens], model, args.cache), HeldOut("wiki", test, model, args.cache)]
-    scoring = ScoringInputs(sample_windows(head, 32, 128, 0), seed=0)
-    scores = {c: score_groups(c, model, adapter, scoring) for c in args.criteria.split(",") if c != "obs"}
+    scoring_windows = sample_windows(head, 32, 128, 0)
+    scores = {}
+    for name in [c for c in args.criteria.split(",") if c != "obs"]:
+        criterion, options = criterion_and_options(name)
+        scores[name] = score_groups(criterion, model, adapter, ScoringInputs(scoring_windows, seed=0, options=options))
 
     def refit_calibration(spec: str) -> torch.Tensor:
         source, kind, *n = spec.split("-")
@@ -138,13 +142,15 @@ def main() -> None:
             for method in args.methods.split(","):
                 key = {"sparsity": sparsity, "criterion": criterion, "method": method}
                 key["windows"] = "-" if method == "none" else windows
+                if criterion == "obs":
+                    key["obs_damping"] = args.obs_damping
                 if (criterion, method) == ("obs", "none") or any(
                     all(e.get(k) == v for k, v in key.items()) and e["wiki_tokens"] == len(test) for e in done
                 ):
                     continue
                 pruned = copy.deepcopy(model)
                 start, cpu = time.perf_counter(), time.process_time()
-                options, choices = options_for(method), []
+                options, choices = options_for(method, args.obs_damping), []
                 if options is None:
                     cut_model(pruned, adapter, keep)
                 elif criterion == "obs":

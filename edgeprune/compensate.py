@@ -48,12 +48,13 @@ class CompensateOptions:
     `damping` is the inverse Gram of OBS selection and of the error allocation (rankings, not weights).
     """
 
-    dampings: tuple[float, ...] = (1e-2, 1e-1, 1.0)
+    dampings: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
     check_fraction: float = 0.25
     damping: float = 1e-4
     add_bias: bool = False  # give bias-free projections a bias (Llama: sets mlp_bias/attention_bias)
     batch_size: int = 8
     obs_batch: int = 32  # FFN columns removed per OBS step (heads: one at a time)
+    allocation_batch: int = 128  # per step of each layer's error curve in `allocate_by_errors` (only its shape counts)
 
     def __post_init__(self) -> None:
         if not self.dampings or min(self.dampings) < 0:
@@ -497,7 +498,7 @@ def allocate_by_errors(
         energy = float((weight @ grams[i].xtx * weight).sum())
         removable = width - max(1, math.ceil(min_keep * width))
         _, errors = obs_removal(
-            grams[i].xtx, weight, torch.arange(width)[:, None], removable, options.obs_batch, options.damping
+            grams[i].xtx, weight, torch.arange(width)[:, None], removable, options.allocation_batch, options.damping
         )
         cumulative = torch.cummax(errors, 0).values / max(energy, 1e-300)  # removal order costs only rise
         candidates += [(float(c), i) for c in cumulative]

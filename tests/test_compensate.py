@@ -273,7 +273,7 @@ def test_error_allocation_takes_more_from_the_layer_that_rebuilds_itself(llama):
         type(w)(ffn=w.ffn - 24 if i in (1, 2) else w.ffn, heads=w.heads, kv_heads=w.kv_heads)
         for i, w in enumerate(plan)
     ]
-    allocated = allocate_by_errors(llama, adapter, calibration(), plan, options=CompensateOptions(obs_batch=4))
+    allocated = allocate_by_errors(llama, adapter, calibration(), plan, options=CompensateOptions(allocation_batch=4))
     assert sum(w.ffn for w in allocated) == sum(w.ffn for w in plan)
     assert allocated[2].ffn <= 96 - 40 and allocated[1].ffn > plan[1].ffn
     assert allocated[0].ffn == allocated[3].ffn == 96
