@@ -161,10 +161,10 @@ def main() -> None:
     assert {a.machine for a in arm_out.values()} == {"aarch64"}
     candidates = [files[p] for p in QUANTIZED]
     (here_q, seconds["heldout_here"]) = timed(
-        lambda: LocalProfiler(here).divergence(candidates, files["fp32"], windows)
+        args.work, "heldout_here", lambda: LocalProfiler(here).divergence(candidates, files["fp32"], windows)
     )
     (arm_q, seconds["heldout_aarch64"]) = timed(
-        lambda: LocalProfiler(arm).divergence(candidates, files["fp32"], windows)
+        args.work, "heldout_aarch64", lambda: LocalProfiler(arm).divergence(candidates, files["fp32"], windows)
     )
     entry = {
         "logits": logit_rows(here_out, arm_out, tokenizer),

@@ -814,6 +814,10 @@ def profile(
         Path(json_file).write_text(json.dumps(record, indent=2) + "\n")
 
 
+def reach_cell(device) -> str:
+    return (device.ssh or "local") + (" (emulated)" if device.emulated else "")
+
+
 @main.command()
 @click.option("--device-file", type=click.Path(path_type=Path), multiple=True, help="extra device profile YAML")
 @click.option("--json", "as_json", is_flag=True, help="print JSON instead of a table")
@@ -831,7 +835,7 @@ def devices(device_file, as_json: bool) -> None:
     for column in ("name", "arch", "cores", "threads", "memory MB", "reach"):
         table.add_column(column)
     for d in found.values():
-        table.add_row(d.name, d.arch, str(d.cores), str(d.threads), str(d.memory_mb), d.ssh or "local")
+        table.add_row(d.name, d.arch, str(d.cores), str(d.threads), str(d.memory_mb), reach_cell(d))
     out.print(table)
     out.print("providers, notes and file locations: `edgeprune devices --json`")
 

@@ -23,7 +23,6 @@ from edgeprune.devices.profiler import LocalProfiler, Profiler, RunnerProfiler
 from edgeprune.devices.profiles import DeviceProfile, get_device
 from edgeprune.evaluate.divergence import Divergence, summarize, windows_of
 
-QUANTIZED = ("int8", "int4", "dynamic-int8")
 # Windows measured on an emulated board: under qemu a 128-token window of SmolLM2-135M through the fp32
 # reference and a quantized file takes about a minute (floating point is emulated in software), a real
 # board well under a second.
@@ -32,8 +31,8 @@ WORSE_SIGMAS = 3.0  # the board's KL exceeds this machine's by more than this ma
 
 
 def checked_on(device: DeviceProfile, precision: str) -> bool:
-    """A quantized file going to an ARM CPU that is not this process's own."""
-    return device.is_arm and device.runs_elsewhere and precision in QUANTIZED
+    """A quantized file (every precision but fp32 has integer kernels) going to an ARM CPU not this process's own."""
+    return device.is_arm and device.runs_elsewhere and precision != "fp32"
 
 
 def paired_difference(target: list[float], here: list[float]) -> tuple[float, float]:
