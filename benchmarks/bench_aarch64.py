@@ -29,7 +29,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import onnx
 from bench_common import append_result, data_dir
 from transformers import AutoTokenizer
 
@@ -39,7 +38,7 @@ from edgeprune.devices.profiles import get_device, load_profile
 from edgeprune.evaluate.divergence import summarize, windows_of
 from edgeprune.evaluate.perplexity import WIKITEXT2_TEST, wikitext2_text
 from edgeprune.export.exporter import FP32_ATOL
-from edgeprune.export.files import save_onnx
+from edgeprune.export.quantize import float_activations
 from edgeprune.runtime import MODEL_FILE, eos_token_ids
 
 OUT = Path(__file__).parent / "out" / "bench_aarch64.json"
@@ -48,17 +47,9 @@ PROMPT = "The Raspberry Pi is a series of small single-board computers"
 QUANTIZED = ("int8", "int4")
 
 
-def float_activations(source: Path, target: Path) -> Path:
-    """The MatMulNBits file at accuracy level 0: weights dequantized to float, activations never rounded."""
-    if target.is_file():
-        return target
-    model = onnx.load(str(source))
-    for node in model.graph.node:
-        for attribute in node.attribute:
-            if node.op_type == "MatMulNBits" and attribute.name == "accuracy_level":
-                attribute.i = 0
-    save_onnx(model, target)
-    return target
+def float_activations_once(source: Path, target: Path) -> Path:
+    """`quantize.float_activations`, kept from an earlier (interrupted) run."""
+    return target if target.is_file() else float_activations(source, target)
 
 
 def timed(work: Path, name: str, call):
@@ -141,7 +132,7 @@ def main() -> None:
     arm = dataclasses.replace(get_device("rpi5-emulated"), python=str(args.target / "bin" / "python3"))
     files = {name: args.exports / name / MODEL_FILE for name in ("fp32", *QUANTIZED)}
     for precision in QUANTIZED:
-        files[f"{precision} float-activations"] = float_activations(
+        files[f"{precision} float-activations"] = float_activations_once(
             files[precision], args.exports / precision / "model.float-activations.onnx"
         )
     tokenizer = AutoTokenizer.from_pretrained(args.exports / "fp32")

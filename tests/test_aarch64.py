@@ -20,7 +20,6 @@ import os
 from pathlib import Path
 
 import numpy as np
-import onnx
 import pytest
 import torch
 from click.testing import CliRunner
@@ -35,8 +34,7 @@ from edgeprune.devices.target import EMULATED_WINDOWS, measure_on_target
 from edgeprune.errors import EdgepruneError
 from edgeprune.export import export_model
 from edgeprune.export.exporter import FP32_ATOL
-from edgeprune.export.files import save_onnx
-from edgeprune.export.quantize import quantize_model
+from edgeprune.export.quantize import float_activations, quantize_model
 from edgeprune.runtime import OnnxModel
 
 TARGET = Path(os.environ.get("EDGEPRUNE_AARCH64", Path.home() / ".cache" / "edgeprune" / "aarch64")).expanduser()
@@ -62,17 +60,6 @@ def emulated_device():
 
 def this_machine():
     return dataclasses.replace(get_device("local"), threads=1)
-
-
-def float_activations(source: Path, target: Path) -> Path:
-    """The same MatMulNBits file computing with float activations (accuracy level 0): no int8 rounding of inputs."""
-    model = onnx.load(str(source))
-    for node in model.graph.node:
-        for attribute in node.attribute:
-            if node.op_type == "MatMulNBits" and attribute.name == "accuracy_level":
-                attribute.i = 0
-    save_onnx(model, target)
-    return target
 
 
 @pytest.fixture(scope="module")

@@ -306,6 +306,19 @@ def block_quantize(table: np.ndarray, bits: int, block_size: int) -> tuple[np.nd
     return packed, scales
 
 
+def float_activations(source: Path, target: Path) -> Path:
+    """The same MatMulNBits file computing with float activations (accuracy level 0): no int8 rounding of inputs.
+
+    What separates a platform's int8 activation kernels from its float ones when outputs differ by machine.
+    """
+    model = onnx.load(str(source))
+    for node in model.graph.node:
+        for attribute in node.attribute:
+            if node.op_type == "MatMulNBits" and attribute.name == "accuracy_level":
+                attribute.i = 0
+    return save_onnx(model, Path(target))
+
+
 def quantize_model(source: Path, target: Path, precision: str, block_size: int = BLOCK_SIZE) -> Path:
     """Write `source` at `precision` to `target` (fp32: a copy is not made, `source` is returned).
 
