@@ -60,6 +60,7 @@ class Probe:
     peak_mb: float | None = None
     divergence: float | None = None  # from the dense model on held-out text (KL nats/token): lower is better
     extra: dict = field(default_factory=dict)
+    refused: str = ""  # why this candidate cannot ship (its quantized file failed verification), else empty
 
     @property
     def key(self) -> tuple[str, float]:
@@ -145,7 +146,8 @@ class UnreachableBudget(EdgepruneError):
 
 
 def all_met(budgets: list[Budget], probe: Probe, dense: Probe) -> bool:
-    return all(b.met(probe, dense) for b in budgets)
+    """A refused candidate meets nothing: the final export would refuse it too."""
+    return not probe.refused and all(b.met(probe, dense) for b in budgets)
 
 
 def latency_target(budgets: list[Budget], dense: Probe) -> float | None:
@@ -291,6 +293,8 @@ def search_candidates(
     dense = search("fp32", 0.0)
     unpruned = [dense] + [search(p, 0.0) for p in precisions if p != "fp32"]
     unpruned = [p for p in unpruned if p.precision in precisions]
+    misses = [f"{p.precision}: {p.refused}" for p in unpruned if p.refused]
+    unpruned = [p for p in unpruned if not p.refused]  # a precision the model does not tolerate is not searched
     meeting = [p for p in unpruned if all_met(budgets, p, dense)]
     best_unpruned = min(meeting, key=quality_rank) if meeting else None
     # pruning is searched on the precisions that could still beat the best unpruned answer: all of them
@@ -299,7 +303,7 @@ def search_candidates(
     # it is further from dense than the best answer in hand
     candidates = fastest_first(unpruned, dense)
     to_prune = [p.precision for p in candidates if best_unpruned is None or better(p, best_unpruned)]
-    winners, misses = list(meeting), []
+    winners = list(meeting)
     for precision in to_prune:
         try:
             winners.append(
@@ -427,7 +431,7 @@ def least_sparsity(
         guess = next_guess(failing, passing, dense, target, search.max_sparsity)
     if not passing:
         worst = max(tried, key=lambda p: p.sparsity)
-        missed = "; ".join(b.describe(worst, dense) for b in budgets if not b.met(worst, dense))
+        missed = worst.refused or "; ".join(b.describe(worst, dense) for b in budgets if not b.met(worst, dense))
         raise UnreachableBudget(
             f"no sparsity up to {worst.sparsity} meets the budget ({missed}): relax the budget, "
             "raise --max-sparsity, or choose a faster target",

@@ -138,7 +138,7 @@ def summary_markdown(record: dict) -> str:
             f"| {probe.get('precision', 'fp32')} | {probe['sparsity']:.3f} | {probe['params']:,} | "
             f"{format_value(probe.get('onnx_mb'), '{:.1f}')} | {format_value(probe.get('speedup'), '{:.3f}')} | "
             f"{divergence_cell(probe)} | {format_value(extra.get('perplexity'), '{:.2f}')} | "
-            f"{extra.get('method', '')} |"
+            f"{extra.get('method', '')}{' (refused: ' + probe['refused'] + ')' if probe.get('refused') else ''} |"
         )
     lines += ["", f"Versions: {json.dumps(record.get('versions', {}))}", ""]
     return "\n".join(lines)

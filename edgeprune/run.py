@@ -48,7 +48,7 @@ from edgeprune.devices.profiles import get_device
 from edgeprune.devices.target import quality_on_target
 from edgeprune.errors import EdgepruneError
 from edgeprune.evaluate.divergence import Divergence, heldout_divergence
-from edgeprune.export.exporter import FP32_ATOL, check_fp32, export_model
+from edgeprune.export.exporter import FP32_ATOL, TOLERANCES, check_fp32, check_quantized, export_model
 from edgeprune.export.fused import check_fusable, write_fused_probe
 from edgeprune.export.quantize import BLOCK_SIZE, quantize_model
 from edgeprune.export.sliced import ffn_bias_names, ffn_initializer_names, slice_ffn, write_ffn
@@ -329,11 +329,12 @@ class ProbeRunner:
         model, keep = pruned_copy(self.loaded.model, self.adapter, self.scores, spec, self.refit_windows())
         folder = self.work / f"{precision}-s{sparsity:.3f}"
         fp32, method = self.fp32_probe(model, keep, folder)
-        file = fp32
+        file, refused = fp32, ""
         if precision != "fp32":
             folder.mkdir(parents=True, exist_ok=True)
             file = quantize_model(fp32, folder / f"model.{precision}.onnx", precision, self.cfg.block_size)
             method += f" + {precision}"
+            refused = quantization_refusal(model, self.loaded.tokenizer, file, precision)
         try:
             quality = measure_quality(file, self.loaded.model, self.calib, self.cfg)
             if (precision, sparsity) == ("fp32", 0.0):
@@ -341,9 +342,19 @@ class ProbeRunner:
                 return probe_from(precision, 0.0, model, file, measured, quality, method)
             # alternate with the dense model so machine drift cancels out of the ratio
             comparison = self.profiler.compare(file, self.dense_onnx(), self.cfg.workload)
-            return probe_from(precision, sparsity, model, file, comparison.model, quality, method, comparison.speedup)
+            probe = probe_from(precision, sparsity, model, file, comparison.model, quality, method, comparison.speedup)
+            return replace(probe, refused=refused)
         finally:
             shutil.rmtree(folder, ignore_errors=True)
+
+
+def quantization_refusal(model: nn.Module, tokenizer, file: Path, precision: str) -> str:
+    """Why the final export would refuse this quantized probe (checked as it will be), or "" when it passes."""
+    try:
+        check_quantized(verify_onnx(model, tokenizer, file), precision, TOLERANCES[precision])
+    except EdgepruneError as err:
+        return str(err).split(":")[0]
+    return ""
 
 
 def uses_fused_graph(model: nn.Module, graph: str) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -234,6 +235,35 @@ def test_a_light_cut_on_a_faithful_precision_beats_a_coarse_one(tmp_path):
     assert result.best.precision == "int8" and result.best.sparsity > 0
     assert ("int4", 0.0) in {c.key for c in result.candidates}  # it was a candidate, and lost on quality
     assert "pruned" in result.reason
+
+
+class RefusingCandidates(FakeCandidates):
+    """int8 fails its verification against PyTorch (a model that does not tolerate it) for sparsity in [lo, hi)."""
+
+    def __init__(self, lo: float = 0.0, hi: float = 2.0):
+        super().__init__()
+        self.lo, self.hi = lo, hi
+
+    def __call__(self, precision: str, s: float) -> Probe:
+        probe = super().__call__(precision, s)
+        refused = precision == "int8" and self.lo <= s < self.hi
+        return replace(probe, refused="int8 agrees on top-1 for 80%") if refused else probe
+
+
+def test_a_precision_the_model_does_not_tolerate_is_never_shipped(tmp_path):
+    """int8 alone would win at 1.3x (closest to dense) but its file fails verification: int4 ships, int8 is named."""
+    result, fake = search_all(tmp_path, [Budget("speedup", 1.3)], fake=RefusingCandidates())
+    assert result.best.key == ("int4", 0.0)
+    assert {p for p, s in fake.calls if s > 0} <= {"fp32"}  # a refused precision is not searched with cuts
+    with pytest.raises(UnreachableBudget, match=r"int8: int8 agrees on top-1 for 80%"):
+        search_all(tmp_path / "only", [Budget("speedup", 1.3)], fake=RefusingCandidates(), precisions=("int8",))
+
+
+def test_a_refused_cut_counts_as_a_miss(tmp_path):
+    """Pruned int8 probes refused below 30%: the least sparsity that ships is at least that."""
+    fake = RefusingCandidates(0.01, 0.3)
+    result, _ = search_all(tmp_path, [Budget("speedup", 1.6)], fake=fake, precisions=("int8",))
+    assert result.best.precision == "int8" and result.best.sparsity >= 0.3 and not result.best.refused
 
 
 def test_candidate_search_resumes_without_remeasuring(tmp_path):
