@@ -57,7 +57,7 @@ from edgeprune.loading import load_model
 from edgeprune.models import adapter_for
 from edgeprune.recover import RecoveryConfig, SelfTextConfig, StepReport, load_recovery_data, recover
 from edgeprune.recover.selftext import SELF_TEXT_FILE, default_data, packaged_head_text
-from edgeprune.run import RunConfig, load_or_score, pruned_copy, run_recovery, split_calibration
+from edgeprune.run import RunConfig, load_or_score, pruned_copy, run_calibration, run_recovery
 from edgeprune.structure import count_parameters
 
 OUT = Path(__file__).parent / "out"
@@ -90,7 +90,7 @@ def make_run_cut(cut: str, dense, tokenizer, work: Path) -> dict:
     """`run`'s kind of cut at NN% of the FFN neurons of layers 1..28, saved plain and re-fit."""
     cfg = RunConfig()
     adapter = adapter_for(dense.config)
-    calib = split_calibration(tokenizer, cfg)
+    calib = run_calibration(tokenizer, cfg)
     scores = load_or_score(work / "run_scores.safetensors", dense, adapter, cfg, calib, "bench")
     spec = cfg.spec(int(cut.removeprefix("run")) / 100)
     return save_cuts(dense, tokenizer, adapter, scores, spec, calib.windows, cut_folders(cut, work))
@@ -251,7 +251,7 @@ def main() -> None:
     loaded = load_model(None)
     dense, tokenizer = loaded.model, loaded.tokenizer
     wiki = wiki_tokens(tokenizer, args.ppl_tokens)
-    heldout = None if args.cut == "llmpruner20" else split_calibration(tokenizer, RunConfig()).heldout
+    heldout = None if args.cut == "llmpruner20" else run_calibration(tokenizer, RunConfig()).heldout
     reference(args, dense, tokenizer, wiki, heldout)
     if args.thread_scaling:
         return thread_scaling(args.thread_scaling, args, dense, tokenizer)

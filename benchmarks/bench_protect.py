@@ -6,7 +6,7 @@ spread over the layers left after keeping the first A and last B whole (sparsity
 (30 - A - B)), and over all layers with global allocation; held-out perplexity is measured as
 `run` measures it (the calibration text's last 20%, 8,192 tokens, windows of 128).
 
-    /work/venv/bin/python benchmarks/bench_protect.py
+    .venv/bin/python benchmarks/bench_protect.py
 """
 
 from __future__ import annotations
@@ -21,10 +21,11 @@ from pathlib import Path
 
 import torch
 
-from edgeprune.criteria import ScoringInputs, score_groups
+from edgeprune.criteria import score_groups, scoring_inputs
+from edgeprune.evaluate import perplexity
 from edgeprune.loading import load_model
 from edgeprune.models import adapter_for
-from edgeprune.run import RunConfig, held_out_perplexity, split_calibration
+from edgeprune.run import RunConfig, run_calibration
 from edgeprune.structure import PruneSpec, prune_model
 
 PROTECTIONS = ((0, 0), (1, 1), (2, 1), (1, 2), (2, 2), (3, 3), (4, 2))
@@ -40,11 +41,16 @@ def main() -> None:
     loaded = load_model(None)
     model, adapter = loaded.model, adapter_for(loaded.model.config)
     cfg = RunConfig(budgets=[])
-    calib = split_calibration(loaded.tokenizer, cfg)
-    scores = score_groups(cfg.criterion, model, adapter, ScoringInputs(calibration=calib.windows, seed=cfg.seed))
+    calib = run_calibration(loaded.tokenizer, cfg)
+    inputs = scoring_inputs(cfg.criterion, loaded, cfg.calibration_settings, cfg.criterion_options, calib)
+    scores = score_groups(cfg.criterion, model, adapter, inputs)
+
+    def held_out_perplexity(model: torch.nn.Module) -> float:
+        return perplexity(model, calib.heldout, seq_len=cfg.eval_seq_len)
+
     n_layers = len(adapter.layers(model))
     rows = [{"cut": "dense", "params": sum(p.numel() for p in model.parameters()), "ppl": None}]
-    rows[0]["ppl"] = held_out_perplexity(model, calib, cfg)
+    rows[0]["ppl"] = held_out_perplexity(model)
     specs = [
         (f"keep first {a}, last {b}", PruneSpec(args.sparsity * n_layers / (n_layers - a - b), ("ffn",), a, b))
         for a, b in PROTECTIONS
@@ -53,7 +59,7 @@ def main() -> None:
     for name, spec in specs:
         pruned = copy.deepcopy(model)
         summary = prune_model(pruned, adapter, scores, spec)
-        rows.append({"cut": name, "params": summary.params_after, "ppl": held_out_perplexity(pruned, calib, cfg)})
+        rows.append({"cut": name, "params": summary.params_after, "ppl": held_out_perplexity(pruned)})
         print(f"| {name} | {summary.params_after:,} | {rows[-1]['ppl']:.2f} |", flush=True)
     record = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),

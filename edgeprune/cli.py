@@ -64,9 +64,17 @@ def parse_targets(value: str) -> tuple[str, ...]:
     return tuple(t.strip() for t in value.split(",") if t.strip())
 
 
-ALLOCATIONS = ("uniform", "global", "errors")
-SELECTIONS = ("scores", "obs")
-LAYER_MEASURES = ("block-influence", "block-information")
+class OwnedChoice(click.Choice):
+    """A choice list read, when first needed, from the module that owns it (which imports torch, and the CLI
+    must start without it): one definition of each list."""
+
+    def __init__(self, owner: str):
+        self.owner, self.case_sensitive = owner, True
+
+    @property
+    def choices(self) -> tuple[str, ...]:
+        module, name = self.owner.split(":")
+        return getattr(import_module(module), name)
 
 
 class LazyHelp(click.Option):
@@ -326,13 +334,13 @@ def prune_whole_layers(
 )
 @click.option(
     "--layer-measure",
-    type=click.Choice(LAYER_MEASURES),
+    type=OwnedChoice("edgeprune.layers:LAYER_MEASURES"),
     default="block-influence",
     show_default=True,
     help="--targets layers: how a layer's importance is measured",
 )
-@click.option("--protect-first", default=1, show_default=True, help="leave the first K layers whole")
-@click.option("--protect-last", default=1, show_default=True, help="leave the last K layers whole")
+@click.option("--protect-first", type=int, cls=ConfigDefault, config=RUN, help="leave the first K layers whole")
+@click.option("--protect-last", type=int, cls=ConfigDefault, config=RUN, help="leave the last K layers whole")
 @click.option(
     "--round-to", type=int, cls=ConfigDefault, config=SPEC, help="round each layer's FFN width to a multiple of M"
 )
@@ -342,7 +350,7 @@ def prune_whole_layers(
 @calibration_options
 @click.option(
     "--allocation",
-    type=click.Choice(ALLOCATIONS),
+    type=OwnedChoice("edgeprune.compensate:CUT_ALLOCATIONS"),
     cls=ConfigDefault,
     config=SPEC,
     help="uniform: same sparsity per layer; global: rank groups across layers on normalized scores; "
@@ -359,7 +367,7 @@ def prune_whole_layers(
 )
 @click.option(
     "--selection",
-    type=click.Choice(SELECTIONS),
+    type=OwnedChoice("edgeprune.compensate:SELECTIONS"),
     default="scores",
     show_default=True,
     help="scores: keep the criterion's best groups; obs: remove the groups the re-fit rebuilds best",
@@ -377,8 +385,8 @@ def prune(
     criterion: str,
     sparsity: float,
     targets: str,
-    protect_first: int,
-    protect_last: int,
+    protect_first: int | None,
+    protect_last: int | None,
     round_to: int | None,
     prune_kv_heads: bool,
     scores_path: Path | None,
@@ -402,20 +410,24 @@ def prune(
     """Score MODEL's groups, remove the lowest-scoring ones physically, and save the result."""
     from edgeprune.calibration import CalibrationSettings
     from edgeprune.checkpoint import save_pruned
+    from edgeprune.compensate import ERRORS_ALLOCATION
     from edgeprune.criteria import GroupScores
     from edgeprune.criteria.base import criterion_spec
     from edgeprune.loading import load_model
     from edgeprune.models import adapter_for
     from edgeprune.outputs import check_output, local_inputs
+    from edgeprune.run import RunConfig
     from edgeprune.structure import PruneSpec, prune_model
 
     calib = CalibrationSettings(calibration, calib_samples, seed=seed, **given({"seq_len": calib_seq_len}))
+    protect_first = RunConfig.protect_first if protect_first is None else protect_first  # as safe as `run`
+    protect_last = RunConfig.protect_last if protect_last is None else protect_last
     if parse_targets(targets) == ("layers",):
         layer_settings = (sparsity, protect_first, protect_last, layer_measure)
         return prune_whole_layers(model, layer_settings, calib, output, overwrite, tokenizer)
-    if allocation == "errors" and not compensate:
+    if allocation == ERRORS_ALLOCATION and not compensate:
         raise EdgepruneError("--allocation errors ranks removals by their error after the re-fit: drop --no-compensate")
-    planned = "uniform" if allocation == "errors" else allocation  # the errors move the uniform plan's neurons
+    planned = "uniform" if allocation == ERRORS_ALLOCATION else allocation  # the errors move the uniform plan's neurons
     spec = PruneSpec(
         sparsity,
         parse_targets(targets),
@@ -428,7 +440,8 @@ def prune(
         loaded = load_model(model, tokenizer)
     adapter = adapter_for(loaded.model.config, prune_kv_heads=prune_kv_heads)
     text_free = scores_path is not None or not criterion_spec(criterion).needs_calibration
-    if compensate and loaded.tokenizer is None and text_free and selection == "scores" and allocation != "errors":
+    needs_text = selection != "scores" or allocation == ERRORS_ALLOCATION
+    if compensate and loaded.tokenizer is None and text_free and not needs_text:
         compensate = False  # compensation runs whenever calibration text is available; without a tokenizer it is not
         console.print("note: the model has no tokenizer, so the cut is not re-fit (pass --tokenizer to re-fit it)")
     positions = getattr(loaded.model.config, "max_position_embeddings", calib.seq_len)
@@ -465,7 +478,7 @@ def prune(
         options = CompensateOptions(add_bias=bias_compensation)
 
         def cut(model, adapter, keep, plan):
-            if allocation == "errors":
+            if allocation == ERRORS_ALLOCATION:
                 with console.status("allocating the cut across layers by re-fit error"):
                     plan = allocate_by_errors(model, adapter, batch, plan, spec.min_keep, options)
                 keep = select_keep(model, adapter, scores, plan)

@@ -31,9 +31,11 @@ from torch import nn
 from edgeprune.errors import EdgepruneError
 from edgeprune.models import CAUSAL_LM, FamilyAdapter, LayerWidths, model_kind
 from edgeprune.models.base import head_rows
-from edgeprune.structure import LayerKeep, record_widths
+from edgeprune.structure import ALLOCATIONS, LayerKeep, record_widths
 
 SELECTIONS = ("scores", "obs")
+ERRORS_ALLOCATION = "errors"  # FFN widths where the re-fit error is smallest (allocate_by_errors)
+CUT_ALLOCATIONS = (*ALLOCATIONS, ERRORS_ALLOCATION)  # what `prune --allocation` accepts
 
 
 @dataclass(frozen=True)

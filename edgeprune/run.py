@@ -168,7 +168,8 @@ class Calibration(CalibrationText):
     refit: torch.Tensor
 
 
-def split_calibration(tokenizer, cfg: RunConfig) -> Calibration:
+def run_calibration(tokenizer, cfg: RunConfig) -> Calibration:
+    """The run's text: scoring windows and re-fit windows from the head, quality measured on the held-out tail."""
     text = read_calibration(tokenizer, cfg.calibration)
     windows = text.sample(cfg.calibration_settings)
     refit = disjoint_windows(text.head, cfg.calib_seq_len, cfg.refit_samples)
@@ -432,7 +433,7 @@ def run_job(
     model, tokenizer = loaded.model, require_tokenizer(loaded.tokenizer, loaded.source, "the run's calibration")
     adapter = adapter_for(model.config)
     profiler = profiler or profiler_for(device, runs=cfg.runs, warmup=cfg.warmup, timeout=cfg.timeout)
-    calib = split_calibration(tokenizer, cfg)
+    calib = run_calibration(tokenizer, cfg)
     claim_run_output(out, overwrite, (*inputs, loaded.folder))
     work = out / "work"
     work.mkdir(exist_ok=True)

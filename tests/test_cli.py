@@ -65,6 +65,37 @@ def test_prune_with_protection_and_random_is_seeded(saved_llama, tmp_path):
         assert torch.equal(pa, pb), name
 
 
+def test_prune_defaults_keep_the_layers_run_keeps_whole(saved_llama, tmp_path):
+    """`prune` and `run` share one default for the protected layers (RunConfig's), not two."""
+    from edgeprune.run import RunConfig
+
+    out = tmp_path / "pruned"
+    args = ["--sparsity", "0.3", "--criterion", "magnitude", "--targets", "ffn", "--no-compensate"]
+    assert run("prune", saved_llama, *args, "-o", out).exit_code == 0
+    widths = load_pruned(out)[0].config.pruned_layer_widths["intermediate_size"]
+    first, last = RunConfig.protect_first, RunConfig.protect_last
+    assert first >= 1 and last >= 1
+    assert widths[:first] == [96] * first and widths[len(widths) - last :] == [96] * last
+    assert all(w < 96 for w in widths[first : len(widths) - last])
+
+
+@pytest.mark.parametrize(
+    ("option", "owner"),
+    [
+        ("--allocation", "edgeprune.compensate:CUT_ALLOCATIONS"),
+        ("--selection", "edgeprune.compensate:SELECTIONS"),
+        ("--layer-measure", "edgeprune.layers:LAYER_MEASURES"),
+    ],
+)
+def test_prune_choices_are_the_owning_modules_lists(option, owner, saved_llama, tmp_path):
+    from importlib import import_module
+
+    module, name = owner.split(":")
+    choices = getattr(import_module(module), name)
+    result = run("prune", saved_llama, "--sparsity", "0.2", option, "nonsense", "-o", tmp_path / "o")
+    assert result.exit_code == 2 and all(choice in result.output for choice in choices), result.output
+
+
 def test_unknown_architecture_is_refused(tmp_path):
     folder = tmp_path / "gpt2"
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50)).save_pretrained(folder)

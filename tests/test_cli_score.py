@@ -154,7 +154,7 @@ def test_score_and_run_score_alike(criterion, family, tokenizer, tmp_path):
     calibration (windows from the text's head, the criterion's own window count, the mask token)."""
     from edgeprune.loading import load_model
     from edgeprune.models import adapter_for
-    from edgeprune.run import RunConfig, load_or_score, split_calibration
+    from edgeprune.run import RunConfig, load_or_score, run_calibration
 
     source, text = save_tiny(family, tmp_path / family, tokenizer), word_file(tmp_path)
     target = tmp_path / "scores.safetensors"
@@ -163,7 +163,7 @@ def test_score_and_run_score_alike(criterion, family, tokenizer, tmp_path):
     loaded = load_model(str(source))
     cfg = RunConfig(criterion=criterion, calibration=str(text), calib_seq_len=16)
     adapter = adapter_for(loaded.model.config)
-    by_run = load_or_score(tmp_path / "run.safetensors", loaded, adapter, cfg, split_calibration(loaded.tokenizer, cfg))
+    by_run = load_or_score(tmp_path / "run.safetensors", loaded, adapter, cfg, run_calibration(loaded.tokenizer, cfg))
     by_score = GroupScores.load(target)
     assert all(torch.equal(a, b) for a, b in zip(by_score.ffn + by_score.heads, by_run.ffn + by_run.heads, strict=True))
 

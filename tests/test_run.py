@@ -109,7 +109,7 @@ def test_scores_are_reused_only_for_the_same_criterion_settings(llama, tokenizer
     from edgeprune.criteria import GroupScores
     from edgeprune.loading import LoadedModel
     from edgeprune.models import adapter_for
-    from edgeprune.run import RunConfig, load_or_score, split_calibration
+    from edgeprune.run import RunConfig, load_or_score, run_calibration
 
     adapter = adapter_for(llama.config)
     path = tmp_path / "scores.safetensors"
@@ -117,7 +117,7 @@ def test_scores_are_reused_only_for_the_same_criterion_settings(llama, tokenizer
     def scores_for(**settings):
         cfg = RunConfig(budgets=[], criterion="mi", calibration=str(calibration_file), calib_samples=4, **settings)
         loaded = LoadedModel(llama, tokenizer, "tiny", "hash")
-        return load_or_score(path, loaded, adapter, cfg, split_calibration(tokenizer, cfg))
+        return load_or_score(path, loaded, adapter, cfg, run_calibration(tokenizer, cfg))
 
     first = scores_for(calib_seq_len=16)
     marked = GroupScores([torch.ones_like(f) for f in first.ffn], first.heads, first.criterion, first.settings)
@@ -133,10 +133,10 @@ def test_scores_are_reused_only_for_the_same_criterion_settings(llama, tokenizer
 def test_default_recovery_text_leaves_out_the_held_out_tail(tokenizer, calibration_file, tmp_path):
     from edgeprune.calibration import tokenize_text
     from edgeprune.recover.selftext import default_data
-    from edgeprune.run import RunConfig, split_calibration
+    from edgeprune.run import RunConfig, run_calibration
 
     cfg = RunConfig(budgets=[], calibration=str(calibration_file), calib_samples=4)
-    calib = split_calibration(tokenizer, cfg)
+    calib = run_calibration(tokenizer, cfg)
     written = tokenize_text(
         tokenizer, default_data(tokenizer, tokenizer.decode(calib.head.tolist()), tmp_path).read_text()
     )

@@ -557,7 +557,7 @@ def ffn_grams(model: nn.Module, adapter: FamilyAdapter, calibration: torch.Tenso
     return [gram.xtx for gram in dense_ffn_grams(model, adapter, calibration)]
 
 
-def split_calibration(calibration: torch.Tensor, opts: MIOptions) -> tuple[torch.Tensor, torch.Tensor | None]:
+def hold_out_for_kl(calibration: torch.Tensor, opts: MIOptions) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Statistics batch and (for `paper`) held-out sequences for the KL choice."""
     if opts.selection != "paper" or opts.seeds == 1:
         return calibration, None
@@ -570,7 +570,7 @@ def split_calibration(calibration: torch.Tensor, opts: MIOptions) -> tuple[torch
 @register("mi", MIOptions, needs_calibration=True)
 def score_mi(model: nn.Module, adapter: FamilyAdapter, inputs: ScoringInputs) -> GroupScores:
     opts: MIOptions = inputs.options
-    calibration, holdout = split_calibration(inputs.calibration, opts)
+    calibration, holdout = hold_out_for_kl(inputs.calibration, opts)
     gen = torch.Generator().manual_seed(inputs.seed)
     layers = adapter.layers(model)
 
