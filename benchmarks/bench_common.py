@@ -16,6 +16,14 @@ def data_dir() -> Path:
     return Path(os.environ.get("EDGEPRUNE_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 
+def wikitext_test_tokens(tokenizer, n: int | None = None) -> torch.Tensor:
+    """The first `n` tokens of WikiText-2 test (raw file tokenized once, no BOS): the benchmarks' unseen text."""
+    from edgeprune.calibration import tokenize_text
+
+    text = (data_dir() / "wikitext-2-raw" / "wiki.test.raw").read_text(encoding="utf-8")
+    return tokenize_text(tokenizer, text)[:n]
+
+
 def read_results(path: Path) -> list[dict]:
     return json.loads(path.read_text()) if path.is_file() else []
 

@@ -2,7 +2,7 @@
 
 SmolLM2-135M-Instruct, no training. Calibration: windows of 128 tokens from WikiText-2 *validation*
 (`wiki.valid.raw`, seed 0): 32 random ones for scoring (10 for taylor, LLM-Pruner's size); for the
-re-fit `--calib-samples` non-overlapping ones spread over the whole file (`calibration.refit_batch`,
+re-fit `--calib-samples` non-overlapping ones spread over the whole file (`calibration.disjoint_windows`,
 as `prune`). Quality: WikiText-2 *test* PPL@128 on the first `--ppl-tokens` tokens (raw file
 tokenized once without BOS, non-overlapping windows). Cuts:
 - `llmpruner20`: LLM-Pruner's protocol, FFN neurons and query heads of layers 4..27, uniform, the
@@ -29,9 +29,9 @@ import time
 from pathlib import Path
 
 import torch
-from bench_common import append_result, criterion_and_options, data_dir, read_results
+from bench_common import append_result, criterion_and_options, data_dir, read_results, wikitext_test_tokens
 
-from edgeprune.calibration import calibration_batch, refit_batch, tokenize_text
+from edgeprune.calibration import calibration_batch, disjoint_windows, load_text, tokenize_text
 from edgeprune.compensate import CompensateOptions, allocate_by_errors, cut_and_compensate, cut_by_obs
 from edgeprune.criteria import ScoringInputs, score_groups
 from edgeprune.evaluate import perplexity
@@ -81,9 +81,8 @@ def main() -> None:
     model, tokenizer = loaded.model, loaded.tokenizer
     adapter = adapter_for(model.config)
     valid = data_dir() / "wikitext-2-raw" / "wiki.valid.raw"
-    test_text = (data_dir() / "wikitext-2-raw" / "wiki.test.raw").read_text(encoding="utf-8")
-    test = tokenize_text(tokenizer, test_text)[: args.ppl_tokens]
-    refit_calib = refit_batch(tokenizer, valid, 128, args.calib_samples)
+    test = wikitext_test_tokens(tokenizer, args.ppl_tokens)
+    refit_calib = disjoint_windows(tokenize_text(tokenizer, load_text(valid)), 128, args.calib_samples)
     base = {"ppl_tokens": len(test), "calib_samples": args.calib_samples, "damping": args.damping}
     options = CompensateOptions() if args.damping is None else CompensateOptions((args.damping,), check_fraction=0.0)
 

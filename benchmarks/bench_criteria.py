@@ -27,9 +27,9 @@ from pathlib import Path
 
 import psutil
 import torch
-from bench_common import data_dir
+from bench_common import data_dir, wikitext_test_tokens
 
-from edgeprune.calibration import calibration_batch, tokenize_text
+from edgeprune.calibration import calibration_batch
 from edgeprune.compensate import compensate_bias, output_means
 from edgeprune.criteria import CRITERIA, GroupScores, ScoringInputs, score_groups
 from edgeprune.evaluate import perplexity
@@ -95,7 +95,7 @@ def main() -> None:
     model, tokenizer = loaded.model, loaded.tokenizer
     adapter = adapter_for(model.config)
     wiki = data_dir() / "wikitext-2-raw"
-    eval_tokens = tokenize_text(tokenizer, (wiki / "wiki.test.raw").read_text(encoding="utf-8"))[: args.max_tokens]
+    eval_tokens = wikitext_test_tokens(tokenizer, args.max_tokens)
     valid = wiki / "wiki.valid.raw"
 
     def ppl(m) -> float:

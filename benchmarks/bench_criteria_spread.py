@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 import torch
-from bench_common import append_result, data_dir, read_results
+from bench_common import append_result, data_dir, read_results, wikitext_test_tokens
 
 from edgeprune.calibration import calibration_batch, labelled_batch, load_text, sample_windows, tokenize_text
 from edgeprune.checkpoint import is_pruned_folder, load_pruned, save_pruned
@@ -123,8 +123,7 @@ def run_model(kind: str, args: argparse.Namespace) -> None:
     model.eval()
     eval_tokens = None
     if kind == "decoder":
-        text = (data_dir() / "wikitext-2-raw" / "wiki.test.raw").read_text(encoding="utf-8")
-        eval_tokens = tokenize_text(tokenizer, text)[: args.ppl_tokens]
+        eval_tokens = wikitext_test_tokens(tokenizer, args.ppl_tokens)
     adapter = adapter_for(model.config)
     params = count_parameters(model)
     if (kind, "dense", 0, 0.0) not in have:

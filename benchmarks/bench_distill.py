@@ -45,7 +45,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from bench_common import append_result, data_dir, read_results
+from bench_common import append_result, data_dir, read_results, wikitext_test_tokens
 from bench_llmpruner import CALIBRATION, sparsity_for_total
 from bench_llmpruner import spec as llmpruner_spec
 
@@ -63,11 +63,6 @@ from edgeprune.structure import count_parameters
 OUT = Path(__file__).parent / "out"
 ALPACA = ("instruct", "alpaca_data_cleaned.first5000.json")
 REFIT_SAMPLES = 32  # windows of 128 tokens of wiki.valid for llmpruner20's re-fit (bench_compensate.py)
-
-
-def wiki_tokens(tokenizer, n: int) -> torch.Tensor:
-    text = (data_dir() / "wikitext-2-raw" / "wiki.test.raw").read_text(encoding="utf-8")
-    return tokenize_text(tokenizer, text)[:n]
 
 
 def cut_folders(cut: str, work: Path) -> tuple[Path, Path]:
@@ -250,7 +245,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     loaded = load_model(None)
     dense, tokenizer = loaded.model, loaded.tokenizer
-    wiki = wiki_tokens(tokenizer, args.ppl_tokens)
+    wiki = wikitext_test_tokens(tokenizer, args.ppl_tokens)
     heldout = None if args.cut == "llmpruner20" else run_calibration(tokenizer, RunConfig()).heldout
     reference(args, dense, tokenizer, wiki, heldout)
     if args.thread_scaling:

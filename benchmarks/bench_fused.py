@@ -28,16 +28,11 @@ from edgeprune.devices.profiles import get_device
 from edgeprune.evaluate import evaluate_task, load_for_eval
 from edgeprune.export import export_model, quantize_model, verify_onnx
 from edgeprune.loading import DEFAULT_DECODER, cache_dir, load_model
-from edgeprune.runtime import MODEL_FILE
+from edgeprune.runtime import MODEL_FILE, onnx_bytes
 
 OUT = Path(__file__).parent / "out" / "fused"
 WORKLOAD = Workload(batch=1, sequence=128, prefill=128, decode=32)
 THREADS = 2
-
-
-def folder_mb(folder: Path) -> float:
-    """The graph and any external-data file beside it."""
-    return sum(p.stat().st_size for p in folder.glob("model.onnx*")) / 1e6
 
 
 def quantized_copy(source: Path, target: Path, precision: str) -> float:
@@ -89,7 +84,7 @@ def build_variants(reuse: bool) -> dict[str, dict]:
         made[name] = {
             "folder": str(folder),
             "seconds": float((folder / "bench_seconds.txt").read_text()),
-            "file_mb": folder_mb(folder),
+            "file_mb": onnx_bytes(folder / MODEL_FILE) / 1e6,
             "top1_agreement": check.top1_agreement,
             "max_abs_diff": check.max_abs_diff,
         }

@@ -30,9 +30,9 @@ import time
 from pathlib import Path
 
 import torch
-from bench_common import append_result, data_dir, read_results
+from bench_common import append_result, data_dir, read_results, wikitext_test_tokens
 
-from edgeprune.calibration import calibration_batch, tokenize_text
+from edgeprune.calibration import calibration_batch
 from edgeprune.checkpoint import is_pruned_folder, load_pruned, save_pruned
 from edgeprune.criteria import ScoringInputs, score_groups
 from edgeprune.evaluate import perplexity
@@ -152,8 +152,7 @@ def evaluate(name: str, args: argparse.Namespace) -> None:
     model.eval()
     params = count_parameters(model)
     if not done(args.out, name, "wikitext2"):
-        text = (data_dir() / "wikitext-2-raw" / "wiki.test.raw").read_text(encoding="utf-8")
-        tokens = tokenize_text(tokenizer, text)[: args.ppl_tokens]
+        tokens = wikitext_test_tokens(tokenizer, args.ppl_tokens)
         start = time.perf_counter()
         ppl = perplexity(model, tokens, seq_len=128)
         entry = {"model": name, "task": "wikitext2", "params": params, "metrics": {"ppl128": ppl}, "n": len(tokens)}

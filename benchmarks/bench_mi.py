@@ -20,9 +20,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from bench_common import data_dir
+from bench_common import data_dir, wikitext_test_tokens
 
-from edgeprune.calibration import calibration_batch, tokenize_text
+from edgeprune.calibration import calibration_batch
 from edgeprune.criteria import ScoringInputs, score_groups
 from edgeprune.criteria.mi import (
     MIOptions,
@@ -144,7 +144,7 @@ def main() -> None:
     loaded = load_model(None)
     adapter = adapter_for(loaded.model.config)
     wiki = data_dir() / "wikitext-2-raw"
-    test_tokens = tokenize_text(loaded.tokenizer, (wiki / "wiki.test.raw").read_text(encoding="utf-8"))
+    test_tokens = wikitext_test_tokens(loaded.tokenizer)
     calib = calibration_batch(loaded.tokenizer, wiki / "wiki.valid.raw", args.calib_samples, 128, args.seed)
     cuts = args.cuts.split(",")
     result = {

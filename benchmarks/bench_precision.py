@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
-from bench_common import data_dir
+from bench_common import wikitext_test_tokens
 from bench_fused import memory_bandwidth_gbs
 
 from edgeprune.calibration import heldout_start, load_text, tokenize_text
@@ -102,9 +102,7 @@ def quality(files: dict[str, Path], model, tokenizer, wiki_windows: int) -> dict
     packaged = tokenize_text(tokenizer, load_text(None))
     texts = {
         "packaged held-out": packaged[heldout_start(len(packaged)) :][:8192],
-        "wikitext-2 test": tokenize_text(tokenizer, (data_dir() / "wikitext-2-raw" / "wiki.test.raw").read_text())[
-            : wiki_windows * 128
-        ],
+        "wikitext-2 test": wikitext_test_tokens(tokenizer, wiki_windows * 128),
     }
     rows = {}
     for name, file in files.items():

@@ -17,9 +17,9 @@ import time
 from pathlib import Path
 
 import torch
-from bench_common import append_result, data_dir, read_results
+from bench_common import append_result, data_dir, read_results, wikitext_test_tokens
 
-from edgeprune.calibration import calibration_batch, tokenize_text
+from edgeprune.calibration import calibration_batch
 from edgeprune.compensate import cut_and_compensate
 from edgeprune.criteria import GroupScores, ScoringInputs, score_groups
 from edgeprune.evaluate import perplexity
@@ -49,8 +49,7 @@ def main() -> None:
     model, tokenizer = loaded.model, loaded.tokenizer
     adapter = adapter_for(model.config)
     calib = calibration_batch(tokenizer, data_dir() / "wikitext-2-raw" / "wiki.valid.raw", 32, 128, seed=0)
-    test_text = (data_dir() / "wikitext-2-raw" / "wiki.test.raw").read_text(encoding="utf-8")
-    test = tokenize_text(tokenizer, test_text)[: args.ppl_tokens]
+    test = wikitext_test_tokens(tokenizer, args.ppl_tokens)
     done = {e["label"] for e in read_results(args.out) if e.get("ppl_tokens") == len(test)}
     if "dense" not in done:
         append_result(args.out, {"label": "dense", "ppl_tokens": len(test), "ppl128": perplexity(model, test)})

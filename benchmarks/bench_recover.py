@@ -20,9 +20,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from bench_common import data_dir
+from bench_common import data_dir, wikitext_test_tokens
 
-from edgeprune.calibration import calibration_batch, tokenize_text
+from edgeprune.calibration import calibration_batch
 from edgeprune.criteria import ScoringInputs, score_groups
 from edgeprune.evaluate import perplexity
 from edgeprune.loading import load_model
@@ -52,7 +52,7 @@ def main() -> None:
     model, tokenizer = loaded.model, loaded.tokenizer
     adapter = adapter_for(model.config)
     wiki = data_dir() / "wikitext-2-raw"
-    eval_tokens = tokenize_text(tokenizer, (wiki / "wiki.test.raw").read_text(encoding="utf-8"))[: args.max_tokens]
+    eval_tokens = wikitext_test_tokens(tokenizer, args.max_tokens)
     record = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch threads {args.threads}",

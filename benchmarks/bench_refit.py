@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from bench_common import append_result, criterion_and_options, data_dir, read_results
+from bench_common import append_result, criterion_and_options, data_dir, read_results, wikitext_test_tokens
 
 from edgeprune.calibration import (
     calibration_batch,
@@ -40,11 +40,12 @@ from edgeprune.calibration import (
 )
 from edgeprune.compensate import CompensateOptions, cut_and_compensate, cut_by_obs
 from edgeprune.criteria import ScoringInputs, score_groups
-from edgeprune.evaluate.divergence import decoder_window_stats, dense_output, windows_of
+from edgeprune.evaluate.divergence import dense_output, windows_of
 from edgeprune.loading import load_model
 from edgeprune.models import adapter_for
 from edgeprune.run import RunConfig
 from edgeprune.structure import cut_model, plan_uniform_widths, select_keep
+from edgeprune.window_stats import decoder_window_stats
 
 OUT = Path(__file__).parent / "out" / "bench_refit.json"
 
@@ -77,17 +78,17 @@ class HeldOut:
 
     def measure(self, model) -> dict:
         """KL(dense || model) nats/token (mean, stderr over windows), and both perplexities."""
-        stats: dict[str, list[torch.Tensor]] = {}
+        stats: dict[str, list[np.ndarray]] = {}
         for i in range(0, len(self.windows), 8):
             batch = self.windows[i : i + 8]
-            dense = torch.from_numpy(np.array(self.dense[i : i + 8]))
-            for key, value in decoder_window_stats(dense, dense_output(model, batch), batch).items():
+            dense = np.array(self.dense[i : i + 8])
+            for key, value in decoder_window_stats(dense, dense_output(model, batch), batch.numpy()).items():
                 stats.setdefault(key, []).append(value)
-        kl, nll, dense_nll = (torch.cat(stats[k]).double() for k in ("divergence", "nll", "dense_nll"))
+        kl, nll, dense_nll = (np.concatenate(stats[k]) for k in ("divergence", "nll", "dense_nll"))
         predicted = len(kl) * 127
         return {
             "kl": float(kl.mean()),
-            "kl_stderr": float(kl.std() / math.sqrt(len(kl))),
+            "kl_stderr": float(kl.std(ddof=1) / math.sqrt(len(kl))),
             "ppl": math.exp(float(nll.sum()) / predicted),
             "dense_ppl": math.exp(float(dense_nll.sum()) / predicted),
         }
@@ -114,7 +115,7 @@ def main() -> None:
     packaged = tokenize_text(tokenizer, load_text(None))
     head, tail = packaged[: heldout_start(len(packaged))], packaged[heldout_start(len(packaged)) :]
     wiki = data_dir() / "wikitext-2-raw"
-    test = tokenize_text(tokenizer, (wiki / "wiki.test.raw").read_text(encoding="utf-8"))[: args.wiki_tokens]
+    test = wikitext_test_tokens(tokenizer, args.wiki_tokens)
     texts = [HeldOut("pkg", tail[: cfg.eval_tokens], model, args.cache), HeldOut("wiki", test, model, args.cache)]
     scoring_windows = sample_windows(head, 32, 128, 0)
     scores = {}
