@@ -1,10 +1,10 @@
 """`edgeprune run` on the default decoder under several budgets, each shipped model beside its baselines.
 
 Usage: python benchmarks/bench_run.py [--budgets speedup=1.3,speedup=1.5,speedup=2.0,memory_mb=120]
-Each budget is one complete run folder (benchmarks/out/run_<budget>/); one scoring serves every run, as
-inside one run. The table gives, per budget, what a user could have had without the tool (dense, and
-each quantization-only candidate the run measured, with its paired speedup and divergence) beside
-what the run shipped and how long the whole job took. Writes benchmarks/out/bench_run.json.
+Each budget is one complete job in its own run folder (benchmarks/out/run_<budget>/, replaced on a rerun).
+The table gives, per budget, what a user could have had without the tool (dense, and each
+quantization-only candidate the run measured, with its paired speedup and divergence) beside what
+the run shipped and how long the whole job took. Writes benchmarks/out/bench_run.json.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import time
 from pathlib import Path
 
@@ -64,23 +63,17 @@ def main() -> None:
     parser.add_argument("--no-recover", action="store_true", help="skip distillation (faster; quality before recovery)")
     args = parser.parse_args()
     console = Console()
-    rows, scores = [], None
+    rows = []
     for budget in parse_budgets(args.budgets):
         label = f"{budget.kind} {budget.limit:g}"
         out = OUT / f"run_{budget.kind}_{budget.limit:g}"
-        shutil.rmtree(out, ignore_errors=True)
-        out.mkdir(parents=True)
-        if scores is not None:
-            shutil.copy(scores, out / "scores.safetensors")
         cfg = RunConfig(budgets=[budget], runs=args.runs, recover=not args.no_recover)
         start = time.perf_counter()
-        try:
-            result = run_job(cfg, out, say=console.log)
+        try:  # each budget is a whole job, scoring included (seconds), in a fresh run folder
+            result = run_job(cfg, out, say=console.log, overwrite=True)
         except UnreachableBudget as err:  # a result too: the search says how close it got
             rows.append({"budget": label, "model": f"unreachable: {err}"})
             continue
-        finally:
-            scores = out / "scores.safetensors"
         wall = time.perf_counter() - start
         rows.extend({**row, "load_avg_1m": round(os.getloadavg()[0], 1)} for row in budget_rows(label, result, wall))
     table = Table(title="edgeprune run on SmolLM2-135M, --device local (speedups paired against dense fused fp32)")
