@@ -408,11 +408,12 @@ def least_sparsity(
     first = len(search.order)  # probes counted against `max_probes` are the ones after this
     s_low = analytic_lower_bound(budgets, params_at, start, search.max_sparsity)
     target = latency_target(budgets, dense)
+    size = size_target(budgets)
     passing = [start] if all_met(budgets, start, dense) and s_low == 0 else []
     failing = [] if passing else [start]
     guess = max(s_low, first_latency_guess(target, latency_of(start, dense), ideal_latency_slope))
     tried = [start]
-    while not passing or not close_enough(passing, failing, dense, s_low, target, tol, latency_rtol):
+    while not passing or not close_enough(passing, failing, dense, s_low, (target, size), tol, latency_rtol):
         if len(search.order) - first >= max_probes:
             break
         lo = max(p.sparsity for p in failing)
@@ -428,7 +429,7 @@ def least_sparsity(
             )
         if not passing and p.sparsity >= search.max_sparsity:
             break
-        guess = next_guess(failing, passing, dense, target, search.max_sparsity)
+        guess = next_guess(failing, passing, dense, (target, size), search.max_sparsity)
     if not passing:
         worst = max(tried, key=lambda p: p.sparsity)
         missed = worst.refused or "; ".join(b.describe(worst, dense) for b in budgets if not b.met(worst, dense))
@@ -475,23 +476,38 @@ def first_latency_guess(target: float | None, unpruned_ms: float, slope: float) 
     return (1 - target / unpruned_ms) / max(slope, 1e-3)
 
 
+def size_target(budgets: list[Budget]) -> float | None:
+    """The strictest file-size budget, in MB."""
+    return min((b.limit for b in budgets if b.kind == "memory_mb"), default=None)
+
+
+SIZE_RTOL = 0.01  # a passing probe this close under the size budget is final: file size is not noisy
+
+
 def close_enough(
     passing: list[Probe],
     failing: list[Probe],
     dense: Probe,
     s_low: float,
-    target: float | None,
+    targets: tuple[float | None, float | None],
     tol: float,
     rtol: float,
 ) -> bool:
-    """Whether the least-pruned passing probe cannot be improved by more than the tolerances."""
+    """Whether the least-pruned passing probe cannot be improved by more than the tolerances.
+
+    `targets` is (latency ms, file MB): a passing probe within `rtol` of the latency target, or
+    within SIZE_RTOL of the size budget, leaves nothing worth another probe.
+    """
     best = min(passing, key=lambda p: p.sparsity)
     if best.sparsity <= s_low:
         return True
     lo = max(p.sparsity for p in failing)
     if best.sparsity - lo <= tol:
         return True
-    return target is not None and latency_of(best, dense) >= target * (1 - rtol)
+    latency, size = targets
+    if size is not None and best.onnx_mb is not None and best.onnx_mb >= size * (1 - SIZE_RTOL):
+        return True
+    return latency is not None and latency_of(best, dense) >= latency * (1 - rtol)
 
 
 def clip_guess(guess: float, lo: float, hi: float | None, max_sparsity: float, tol: float) -> float:
@@ -503,14 +519,24 @@ def clip_guess(guess: float, lo: float, hi: float | None, max_sparsity: float, t
 
 
 def next_guess(
-    failing: list[Probe], passing: list[Probe], dense: Probe, target: float | None, max_sparsity: float
+    failing: list[Probe],
+    passing: list[Probe],
+    dense: Probe,
+    targets: tuple[float | None, float | None],
+    max_sparsity: float,
 ) -> float:
-    """Secant on latency through the two probes nearest the bracket; bisection or doubling otherwise."""
+    """Secant through the two probes nearest the bracket, on the file size when the deepest failing probe
+    misses the size budget (`targets` = (latency ms, file MB)), else on latency; bisection or doubling otherwise."""
     fail = max(failing, key=lambda p: p.sparsity)
     ok = min(passing, key=lambda p: p.sparsity, default=None)
     other = ok if ok is not None else second_highest(failing)
+    latency, size = targets
+    if size is not None and fail.onnx_mb is not None and fail.onnx_mb > size:
+        measure, target = (lambda p: p.onnx_mb), size
+    else:
+        measure, target = (lambda p: latency_of(p, dense)), latency
     if target is not None and other is not None and other.sparsity != fail.sparsity:
-        t_fail, t_other = latency_of(fail, dense), latency_of(other, dense)
+        t_fail, t_other = measure(fail), measure(other)
         slope = (t_other - t_fail) / (other.sparsity - fail.sparsity)
         if slope < 0:
             return fail.sparsity + (target - t_fail) / slope

@@ -529,6 +529,7 @@ def finish(inputs: FinishInputs, search: SearchResult, say: Callable[[str], None
             data=cfg.recover_data,
             teacher=loaded.model,
             teacher_id=loaded.source,
+            teacher_hash=loaded.source_hash,
             heldout=inputs.calib.heldout,
             eval_seq_len=cfg.eval_seq_len,
         ).record.as_dict()

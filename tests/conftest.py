@@ -133,6 +133,15 @@ def ort_test_threads():
         yield
 
 
+@pytest.fixture(scope="session", autouse=True)
+def self_text_cache(tmp_path_factory):
+    """Text the tiny teachers write is shared within the test session, never in the user's cache."""
+    folder = tmp_path_factory.mktemp("edgeprune-cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("edgeprune.recover.selftext.cache_dir", lambda: folder)
+        yield folder
+
+
 @pytest.fixture
 def tokenizer() -> PreTrainedTokenizerFast:
     return make_tokenizer()

@@ -113,6 +113,25 @@ def test_memory_budget_solved_from_dense_size_then_verified(tmp_path):
     assert len(profiler.calls) == 2
 
 
+class QuantizedSizeProfiler(FakeProfiler):
+    """A quantized file: a part that no cut shrinks (the vocabulary matrix) plus blocks that shrink unevenly."""
+
+    def __call__(self, s: float) -> Probe:
+        probe = super().__call__(s)
+        return replace(probe, onnx_mb=1.0 + 2.0 * (1 - 0.6 * s) ** 1.2)
+
+
+def test_size_budget_on_a_quantized_file_converges_by_secant_on_the_size(tmp_path):
+    """The parameter-scaled bound undershoots such a file; the secant on MB then lands within 1% in few probes."""
+    from edgeprune.budget import SIZE_RTOL
+
+    result, profiler = search(tmp_path, [Budget("memory_mb", 2.5)], profiler=QuantizedSizeProfiler())
+    exact = (1 - (1.5 / 2.0) ** (1 / 1.2)) / 0.6  # where the size reaches 2.5 MB
+    assert 2.5 * (1 - SIZE_RTOL) <= result.best.onnx_mb <= 2.5
+    assert exact <= result.best.sparsity <= exact + 0.02
+    assert len(profiler.calls) <= 4  # the unpruned probe and at most three cuts
+
+
 class DriftingProfiler(FakeProfiler):
     """The machine slows down 2x on every other probe; the paired speedup (vs dense) stays exact."""
 

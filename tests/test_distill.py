@@ -119,9 +119,9 @@ def test_self_text_is_reproducible_for_a_seed_and_never_includes_the_held_out_ta
 ):
     head, tail_ids = split_text
     config = SelfTextConfig(samples=24, prompt_tokens=8, new_tokens=12, batch_size=5, seed=3)
-    first = write_self_text(llama, tokenizer, head, tmp_path / "a", config, "tiny")
-    again = write_self_text(llama, tokenizer, head, tmp_path / "b", config, "tiny")
-    other = write_self_text(llama, tokenizer, head, tmp_path / "c", SelfTextConfig(**{**vars(config), "seed": 4}), "t")
+    first = write_self_text(llama, tokenizer, head, tmp_path / "a", config, "")  # no hash: generated each time
+    again = write_self_text(llama, tokenizer, head, tmp_path / "b", config, "")
+    other = write_self_text(llama, tokenizer, head, tmp_path / "c", SelfTextConfig(**{**vars(config), "seed": 4}), "")
     assert first.read_text() == again.read_text() != other.read_text()
     rows = [json.loads(line) for line in first.read_text().splitlines()]
     assert len(rows) == 24 and all(
@@ -140,7 +140,32 @@ def test_self_text_is_reproducible_for_a_seed_and_never_includes_the_held_out_ta
         raise AssertionError("reused text must not be generated again")
 
     monkeypatch.setattr("edgeprune.recover.selftext.sample_continuations", no_generation)
-    assert write_self_text(llama, tokenizer, head, tmp_path / "a", config, "tiny").read_text() == first.read_text()
+    assert write_self_text(llama, tokenizer, head, tmp_path / "a", config, "").read_text() == first.read_text()
+
+
+def test_self_text_written_for_a_teacher_hash_is_reused_by_any_later_folder(llama, tokenizer, split_text, tmp_path):
+    """The shared cache: a second run (another budget, another -o) of the same teacher skips the writing."""
+    from edgeprune.recover import selftext
+
+    head, _ = split_text
+    config = SelfTextConfig(samples=6, prompt_tokens=8, new_tokens=6, batch_size=3, seed=1)
+    first = write_self_text(llama, tokenizer, head, tmp_path / "run1", config, "sha-of-teacher")
+    generate = selftext.sample_continuations
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return generate(*args, **kwargs)
+
+    selftext.sample_continuations = counted
+    try:
+        reused = write_self_text(llama, tokenizer, head, tmp_path / "run2", config, "sha-of-teacher")
+        assert reused.read_text() == first.read_text() and calls == []
+        write_self_text(llama, tokenizer, head, tmp_path / "run3", config, "sha-of-another-teacher")
+        write_self_text(llama, tokenizer, head + " w9", tmp_path / "run4", config, "sha-of-teacher")
+        assert len(calls) == 2  # another teacher, another prompt text: written anew
+    finally:
+        selftext.sample_continuations = generate
 
 
 @pytest.fixture

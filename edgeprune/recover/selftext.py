@@ -6,11 +6,13 @@ seeded per batch, batched with the KV cache) of prompts drawn from the calibrati
 its held-out tail and of packaged short instructions (`data/instructions.txt`, through the
 tokenizer's chat template when it has one); without one, the calibration text minus its tail.
 Either is written once into a work folder as JSONL rows (`prompt`, `text`) or text and reused
-when the same settings and teacher ask for it again.
+when the same settings and teacher ask for it again; self-written text is also kept in the shared
+cache ($EDGEPRUNE_CACHE/self_text), keyed by the teacher's hash, the settings and the prompt text.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import time
@@ -22,6 +24,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from edgeprune.calibration import PACKAGED_TEXT, heldout_start, tokenize_text
 from edgeprune.errors import EdgepruneError
+from edgeprune.loading import cache_dir
 from edgeprune.outputs import write_atomic
 from edgeprune.recover.data import alpaca_prompt
 
@@ -122,18 +125,49 @@ def sample_continuations(
     return continuations
 
 
+def written_for(folder: Path, meta: dict) -> bool:
+    """Whether `folder` holds self-written text made with exactly these settings."""
+    meta_path = folder / SELF_TEXT_META
+    return (
+        (folder / SELF_TEXT_FILE).is_file()
+        and meta_path.is_file()
+        and json.loads(meta_path.read_text()).get("settings") == meta
+    )
+
+
+def shared_folder(meta: dict) -> Path:
+    """Where text written for these settings is kept for every later run on this machine (EDGEPRUNE_CACHE)."""
+    key = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:16]
+    return cache_dir() / "self_text" / key
+
+
+def copy_text(source: Path, target: Path) -> None:
+    target.mkdir(parents=True, exist_ok=True)
+    for name in (SELF_TEXT_FILE, SELF_TEXT_META):
+        write_atomic(target / name, (source / name).read_text(encoding="utf-8"))
+
+
 def write_self_text(
     teacher: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     prompt_text: str,
     work: Path,
     config: SelfTextConfig,
-    teacher_id: str,
+    teacher_hash: str,
 ) -> Path:
-    """`work/self_text.jsonl`, generated unless the same teacher and settings already wrote it there."""
-    path, meta_path = work / SELF_TEXT_FILE, work / SELF_TEXT_META
-    meta = {"teacher": teacher_id, **asdict(config), "prompt_text_chars": len(prompt_text)}
-    if path.is_file() and meta_path.is_file() and json.loads(meta_path.read_text()).get("settings") == meta:
+    """`work/self_text.jsonl`, generated unless the same teacher and settings already wrote it.
+
+    With the teacher's content hash, text written is also kept in the shared cache, so the next run
+    on this machine (another budget, another output folder) skips writing it.
+    """
+    path = work / SELF_TEXT_FILE
+    text_sha = hashlib.sha256(prompt_text.encode()).hexdigest()
+    meta = {"teacher": teacher_hash, **asdict(config), "prompt_text_sha256": text_sha}
+    if written_for(work, meta):
+        return path
+    shared = shared_folder(meta) if teacher_hash else None
+    if shared is not None and written_for(shared, meta):
+        copy_text(shared, work)
         return path
     prompts = draw_prompts(prompt_text, tokenizer, config)
     started = time.monotonic()
@@ -142,7 +176,9 @@ def write_self_text(
     rows = [{"prompt": p, "text": p + c} for p, c in zip(prompts, continuations, strict=True)]
     work.mkdir(parents=True, exist_ok=True)
     write_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
-    write_atomic(meta_path, json.dumps({"settings": meta, "seconds": round(seconds, 1)}, indent=1) + "\n")
+    write_atomic(work / SELF_TEXT_META, json.dumps({"settings": meta, "seconds": round(seconds, 1)}, indent=1) + "\n")
+    if shared is not None:
+        copy_text(work, shared)
     return path
 
 
@@ -157,12 +193,12 @@ def default_data(
     prompt_text: str,
     work: Path,
     teacher: PreTrainedModel | None = None,
-    teacher_id: str = "",
+    teacher_hash: str = "",
     config: SelfTextConfig | None = None,
 ) -> Path:
     """What recovery trains on when the user gives no data (see the module docstring)."""
     if teacher is not None:
-        return write_self_text(teacher, tokenizer, prompt_text, work, config or SelfTextConfig(), teacher_id)
+        return write_self_text(teacher, tokenizer, prompt_text, work, config or SelfTextConfig(), teacher_hash)
     work.mkdir(parents=True, exist_ok=True)
     path = work / HEAD_TEXT_FILE
     write_atomic(path, prompt_text)

@@ -270,6 +270,7 @@ def recover_model(
     heldout: torch.Tensor | None = None,
     eval_seq_len: int = 128,
     self_text: SelfTextConfig | None = None,
+    teacher_hash: str = "",
 ) -> RecoveryResult:
     """One call for `edgeprune run`: recover `model` in place, with held-out perplexity before and after.
 
@@ -278,7 +279,7 @@ def recover_model(
     """
     started = time.monotonic()
     if data is None:
-        data = default_data(tokenizer, prompt_text, work, teacher, teacher_id, self_text)
+        data = default_data(tokenizer, prompt_text, work, teacher, teacher_hash, self_text)
     data_seconds = time.monotonic() - started
     before = heldout_perplexity(model, heldout, eval_seq_len)
     result = recover(
