@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from edgeprune.errors import EdgepruneError
+from edgeprune.precisions import AUTO_PRECISIONS, PRECISIONS
 
 BUDGET_KINDS = {
     "latency_ms": "latency p50 (ms)",
@@ -32,12 +33,6 @@ BUDGET_KINDS = {
 }
 TIMED_KINDS = ("latency_ms", "speedup")  # what only a real device's clock can tell
 SPARSITY_DECIMALS = 3
-# Weight-only precisions the search tries, most to least faithful (export/quantize.py says how each is made);
-# int8 in 64/128 blocks and int4 with its sensitive MatMuls at 8 bits sit between int8 and int4, and which of
-# them is fast depends on the CPU's kernels, so the search measures them all. "dynamic-int8" (activations
-# quantized per call) is available on request but not tried by `auto` (slower than fp32 in decode here).
-PRECISIONS = ("fp32", "int8", "int8-b64", "int8-b128", "int4-mixed", "int4", "dynamic-int8")
-AUTO_PRECISIONS = PRECISIONS[:-1]
 BUDGET_RULES = {
     "latency_ms": "a latency budget must be > 0 ms",
     "speedup": "a speedup must be >= 1 (1 = as fast as dense)",

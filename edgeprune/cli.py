@@ -19,6 +19,7 @@ from rich.table import Table
 
 from edgeprune.errors import EdgepruneError
 from edgeprune.logs import notices_logged_in
+from edgeprune.precisions import PRECISIONS
 
 console = Console(stderr=True)
 out = Console()
@@ -367,7 +368,7 @@ def prune_whole_layers(
 )
 @click.option(
     "--selection",
-    type=OwnedChoice("edgeprune.compensate:SELECTIONS"),
+    type=OwnedChoice("edgeprune.compensate:CUT_SELECTIONS"),
     default="scores",
     show_default=True,
     help="scores: keep the criterion's best groups; obs: remove the groups the re-fit rebuilds best",
@@ -689,7 +690,7 @@ def recover(
 @click.option("--task", default="auto", show_default=True, help="auto, text-generation-with-past, fill-mask, ...")
 @click.option(
     "--quantize",
-    type=click.Choice(["int8", "int8-b64", "int8-b128", "int4-mixed", "int4", "dynamic-int8"]),
+    type=click.Choice(PRECISIONS[1:]),
     help="ship model.onnx at this precision (int8*/int4*: weight-only MatMulNBits), verified against PyTorch",
 )
 @click.option("--optimize", is_flag=True, help="save ONNX Runtime's graph fusions into model.onnx")
@@ -1049,7 +1050,7 @@ def budgets_from_options(latency_ms, speedup, memory_mb, peak_mb, params) -> lis
 )
 @click.option(
     "--precision",
-    type=click.Choice(["auto", "fp32", "int8", "int8-b64", "int8-b128", "int4-mixed", "int4", "dynamic-int8"]),
+    type=click.Choice(["auto", *PRECISIONS]),
     cls=ConfigDefault,
     config=RUN,
     help="precisions the search may ship (auto: fp32 and every weight-only int8/int4 one, the closest to dense wins)",

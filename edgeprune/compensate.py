@@ -33,7 +33,7 @@ from edgeprune.models import CAUSAL_LM, FamilyAdapter, LayerWidths, model_kind
 from edgeprune.models.base import head_rows
 from edgeprune.structure import ALLOCATIONS, LayerKeep, record_widths
 
-SELECTIONS = ("scores", "obs")
+CUT_SELECTIONS = ("scores", "obs")
 ERRORS_ALLOCATION = "errors"  # FFN widths where the re-fit error is smallest (allocate_by_errors)
 CUT_ALLOCATIONS = (*ALLOCATIONS, ERRORS_ALLOCATION)  # what `prune --allocation` accepts
 
@@ -604,8 +604,8 @@ def compensated_cut(
     options: CompensateOptions = CompensateOptions(),
 ) -> Compensation:
     """The cut `prune` makes with compensation on: the scores' `keep`, or OBS's choice at the same `plan`."""
-    if selection not in SELECTIONS:
-        raise EdgepruneError(f"unknown selection '{selection}': choose from {', '.join(SELECTIONS)}")
+    if selection not in CUT_SELECTIONS:
+        raise EdgepruneError(f"unknown selection '{selection}': choose from {', '.join(CUT_SELECTIONS)}")
     if selection == "obs":
         return cut_by_obs(model, adapter, plan, calibration, options)
     return cut_and_compensate(model, adapter, keep, calibration, options)

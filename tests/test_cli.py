@@ -83,7 +83,7 @@ def test_prune_defaults_keep_the_layers_run_keeps_whole(saved_llama, tmp_path):
     ("option", "owner"),
     [
         ("--allocation", "edgeprune.compensate:CUT_ALLOCATIONS"),
-        ("--selection", "edgeprune.compensate:SELECTIONS"),
+        ("--selection", "edgeprune.compensate:CUT_SELECTIONS"),
         ("--layer-measure", "edgeprune.layers:LAYER_MEASURES"),
     ],
 )

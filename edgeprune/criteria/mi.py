@@ -59,7 +59,7 @@ from edgeprune.criteria.base import GroupScores, ScoringInputs, register
 from edgeprune.errors import EdgepruneError
 from edgeprune.models import FamilyAdapter
 
-SELECTIONS = ("mrmr", "entropy", "output-info", "conditional", "redundancy", "paper")
+MI_SELECTIONS = ("mrmr", "entropy", "output-info", "conditional", "redundancy", "paper")
 WIDTH_RULES = ("silverman", "median", "fixed")
 WIDTH_SCOPES = ("layer", "neuron")
 SCALES = ("contribution", "none")
@@ -89,7 +89,7 @@ class MIOptions:
 
     def __post_init__(self) -> None:
         for name, allowed in (
-            ("selection", SELECTIONS),
+            ("selection", MI_SELECTIONS),
             ("width_rule", WIDTH_RULES),
             ("width_scope", WIDTH_SCOPES),
             ("scale", SCALES),

@@ -232,14 +232,14 @@ def divergence(spec: dict) -> dict:
     return {"results": results, "host": host(int(spec.get("threads") or 0))}
 
 
-TASKS = {"profile": measure, "outputs": outputs, "divergence": divergence}
+RUNNER_TASKS = {"profile": measure, "outputs": outputs, "divergence": divergence}
 
 
 def main() -> None:
     """Errors a user can fix come back as {"error": ...}; anything else is a traceback on stderr."""
     try:
         spec = json.loads(sys.stdin.read())
-        output = TASKS[spec.get("task", "profile")](spec)
+        output = RUNNER_TASKS[spec.get("task", "profile")](spec)
     except EdgepruneError as err:
         output = {"error": str(err)}
     print(json.dumps(output))

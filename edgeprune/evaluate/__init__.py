@@ -1,6 +1,6 @@
 """Quality measurements of (pruned, exported) models: perplexity, zero-shot multiple choice, GLUE.
 
-Tasks (`TASKS`; files are read from the data folder, see `data.resolve_data_dir`):
+Tasks (`EVAL_TASKS`; files are read from the data folder, see `data.resolve_data_dir`):
 - perplexity: `wikitext2` (wikitext-2-raw/wiki.test.raw, LLM-Pruner's text), any plain text file
   (scored as it is), or a `datasets` name `name:config:split` (needs the `datasets` package and the hub).
 - zero-shot multiple choice (acc, acc_norm): `boolq`, `piqa`, `winogrande`, `arc_easy`, `arc_challenge`,
@@ -45,7 +45,7 @@ from edgeprune.evaluate.perplexity import WIKITEXT2_TEST, perplexity, wikitext2_
 from edgeprune.models import CAUSAL_LM, model_kind
 from edgeprune.runtime import model_file
 
-TASKS = ("wikitext2", *MC_FILES, *GLUE_TASKS)
+EVAL_TASKS = ("wikitext2", *MC_FILES, *GLUE_TASKS)
 MC_MAX_LENGTH = 2048  # lm-eval's default context for log-likelihood tasks
 PPL_BATCH_TOKENS = 2048  # tokens per perplexity batch: bounds the [batch, seq, vocab] logits
 
@@ -66,7 +66,7 @@ def task_kind(task: str) -> str:
     if task.count(":") == 2:
         return "perplexity"
     raise EdgepruneError(
-        f"unknown task '{task}': choose one of {', '.join(TASKS)}, a text file (perplexity), "
+        f"unknown task '{task}': choose one of {', '.join(EVAL_TASKS)}, a text file (perplexity), "
         "a .jsonl file of question/choices/gold, or a datasets name name:config:split"
     )
 
@@ -165,7 +165,7 @@ def evaluate_task(
 
 
 __all__ = [
-    "TASKS",
+    "EVAL_TASKS",
     "MCItem",
     "OnnxCausalLM",
     "build_classifier",

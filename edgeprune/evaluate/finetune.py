@@ -20,7 +20,7 @@ from edgeprune.errors import EdgepruneError
 from edgeprune.evaluate.glue import GlueExample, encode, glue_spec, glue_split
 from edgeprune.models import CAUSAL_LM, model_kind
 
-DEFAULT_STEPS = 300
+HEAD_STEPS = 300
 
 
 def build_classifier(model: PreTrainedModel, task: str, seed: int = 0) -> PreTrainedModel:
@@ -45,12 +45,12 @@ def build_classifier(model: PreTrainedModel, task: str, seed: int = 0) -> PreTra
 
 
 def training_steps(n_examples: int, batch_size: int, steps: int | None, epochs: float | None) -> int:
-    """`steps`, else `epochs` passes over the data, else DEFAULT_STEPS."""
+    """`steps`, else `epochs` passes over the data, else HEAD_STEPS."""
     if steps is not None and epochs is not None:
         raise EdgepruneError("give --steps or --epochs, not both")
     if epochs is not None:
         return max(1, math.ceil(epochs * n_examples / batch_size))
-    return steps if steps is not None else DEFAULT_STEPS
+    return steps if steps is not None else HEAD_STEPS
 
 
 def batches(n_examples: int, batch_size: int, steps: int, seed: int) -> list[list[int]]:

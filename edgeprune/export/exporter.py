@@ -35,7 +35,7 @@ AUTO_TASKS = {
     CLASSIFIER: "text-classification",
     MASKED_LM: "fill-mask",
 }
-TASKS = ("auto", *AUTO_TASKS.values())
+EXPORT_TASKS = ("auto", *AUTO_TASKS.values())
 FP32_ATOL = 1e-4  # relative to the largest |logit|: fp32 reorderings grow with the logit scale
 
 
@@ -86,8 +86,8 @@ class ExportResult:
 
 def resolve_task(model: PreTrainedModel, task: str) -> str:
     """Decoders get the KV-cache graph; encoders the task their head implies."""
-    if task not in TASKS:
-        raise EdgepruneError(f"unknown task '{task}': choose from {', '.join(TASKS)}")
+    if task not in EXPORT_TASKS:
+        raise EdgepruneError(f"unknown task '{task}': choose from {', '.join(EXPORT_TASKS)}")
     if task != "auto":
         return task
     return AUTO_TASKS[model_kind(model)]

@@ -29,6 +29,7 @@ from onnxruntime.quantization import QuantType, quantize_dynamic
 
 from edgeprune.errors import EdgepruneError
 from edgeprune.export.files import save_onnx
+from edgeprune.precisions import PRECISIONS, WEIGHT_ONLY_PRECISIONS
 
 MIN_BLOCK, MAX_BLOCK = 16, 256  # the block lengths ONNX Runtime's MatMulNBits CPU kernels (MLAS) take
 BLOCK_SIZE = 32  # quality of 4-bit falls off with larger blocks; 32 is what onnxruntime-genai uses for CPU
@@ -58,7 +59,7 @@ WEIGHT_ONLY = {
     "int4-mixed": WeightOnly(4, mixed=True),
     "int4": WeightOnly(4),
 }
-PRECISIONS = ("fp32", *WEIGHT_ONLY, "dynamic-int8")  # most to least faithful, dynamic int8 last (on request)
+assert tuple(WEIGHT_ONLY) == WEIGHT_ONLY_PRECISIONS, "a recipe for every weight-only precision, in its order"
 
 # MatMuls left in fp32 by dynamic int8: SmolLM2's down_proj inputs (SwiGLU products) have outliers that uint8
 # activations flatten; keeping them fp32 lifted dense top-1 agreement from 62% to 85% (137 -> 217 MB).
