@@ -332,6 +332,8 @@ def test_resume_continues_from_saved_step(pruned_dir, pattern_text, tmp_path):
         recover_folder(str(pruned_dir), str(pattern_text), out, config)
     with pytest.raises(EdgepruneError, match="different lr"):
         recover_folder(str(pruned_dir), str(pattern_text), out, replace(config, lr=0.5), resume=True)
+    work = work_dir_for(out)  # a kill between save_checkpoint's two renames leaves only the previous checkpoint
+    (work / "checkpoint").replace(work / "checkpoint.previous")
     steps_seen = []
     resumed = recover_folder(
         str(pruned_dir), str(pattern_text), out, config, resume=True, on_step=lambda r: steps_seen.append(r.step)

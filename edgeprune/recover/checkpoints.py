@@ -22,6 +22,8 @@ from safetensors.torch import load_file, save_file
 from edgeprune.errors import EdgepruneError
 from edgeprune.recover.trainable import FullWeights, LoraWeights
 
+CHECKPOINT, PREVIOUS = "checkpoint", "checkpoint.previous"
+
 
 @dataclass
 class TrainState:
@@ -49,7 +51,7 @@ def save_checkpoint(
     work: Path, weights: LoraWeights | FullWeights, optimizer, state: TrainState, best: dict, accelerator: Accelerator
 ) -> None:
     """Trained weights, the best step's, optimizer, per-process RNG and counters; replaced in one rename."""
-    ckpt, tmp = work / "checkpoint", work / "checkpoint.tmp"
+    ckpt, tmp, previous = work / CHECKPOINT, work / "checkpoint.tmp", work / PREVIOUS
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -61,17 +63,26 @@ def save_checkpoint(
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         (tmp / "state.json").write_text(json.dumps(asdict(state), indent=1) + "\n")
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        shutil.rmtree(ckpt, ignore_errors=True)
+    if accelerator.is_main_process:  # a kill between the renames leaves the last checkpoint at `previous`
+        shutil.rmtree(previous, ignore_errors=True)
+        if ckpt.exists():
+            ckpt.replace(previous)
         tmp.replace(ckpt)
+        shutil.rmtree(previous, ignore_errors=True)
     accelerator.wait_for_everyone()
+
+
+def checkpoint_dir(work: Path) -> Path:
+    """The newest complete checkpoint in `work` (it may exist or not)."""
+    ckpt = work / CHECKPOINT
+    return work / PREVIOUS if not ckpt.exists() and (work / PREVIOUS).exists() else ckpt
 
 
 def load_checkpoint(
     work: Path, weights: LoraWeights | FullWeights, optimizer, accelerator: Accelerator
 ) -> tuple[TrainState, dict]:
     """Restore what `save_checkpoint` wrote; returns the counters and the best step's weights."""
-    ckpt = work / "checkpoint"
+    ckpt = checkpoint_dir(work)
     rng = ckpt / f"rng-{accelerator.process_index}.safetensors"
     if not rng.is_file():
         raise EdgepruneError(f"{ckpt} was written by a different number of processes: resume with the same launch")

@@ -15,6 +15,7 @@ from pathlib import Path
 from accelerate import Accelerator
 
 from edgeprune.errors import EdgepruneError
+from edgeprune.recover.checkpoints import checkpoint_dir
 from edgeprune.recover.config import RecoveryConfig
 from edgeprune.recover.data import load_recovery_data
 from edgeprune.recover.processes import make_accelerator
@@ -52,7 +53,7 @@ def prepare_work_dir(work: Path, signature: dict, resume: bool, overwrite: bool,
                 "use the interrupted run's settings, or drop --resume and pass --overwrite"
             )
         return
-    if (work / "checkpoint").exists() and not overwrite:
+    if checkpoint_dir(work).exists() and not overwrite:
         raise EdgepruneError(
             f"an interrupted recovery is in {work}: pass --resume to continue or --overwrite to restart"
         )
@@ -119,7 +120,7 @@ def recover_folder(
             teacher_id=teacher.source if teacher else None,
         )
     except BaseException:
-        if accelerator.is_main_process and not (work / "checkpoint").exists():
+        if accelerator.is_main_process and not checkpoint_dir(work).exists():
             shutil.rmtree(work, ignore_errors=True)  # nothing to resume: leave no trace
         raise
     if accelerator.is_main_process:

@@ -23,7 +23,7 @@ from transformers import (
 from edgeprune.errors import EdgepruneError
 from edgeprune.evaluate import perplexity
 from edgeprune.models import CAUSAL_LM, model_kind
-from edgeprune.recover.checkpoints import TrainState, load_checkpoint, save_checkpoint
+from edgeprune.recover.checkpoints import TrainState, checkpoint_dir, load_checkpoint, save_checkpoint
 from edgeprune.recover.config import RecoveryConfig
 from edgeprune.recover.data import IGNORE, RecoveryData, fixed_val_batches, load_recovery_data, make_collate
 from edgeprune.recover.processes import make_accelerator
@@ -173,7 +173,7 @@ def recover(
     wrapped, optimizer = accelerator.prepare(weights.module, optimizer)
     state, best = TrainState(), weights.state()
     if resume:  # after `prepare`, so optimizer state lands on the parameters' device
-        if work_dir is None or not (work_dir / "checkpoint" / "state.json").is_file():
+        if work_dir is None or not (checkpoint_dir(work_dir) / "state.json").is_file():
             raise EdgepruneError(f"nothing to resume in {work_dir}: run without --resume")
         state, best = load_checkpoint(work_dir, weights, optimizer, accelerator)
     resumed_from = state.step
