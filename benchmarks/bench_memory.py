@@ -3,8 +3,9 @@ graph (memory-mapped, "external") against the same graph with its weights inside
 edgeprune wrote before), under `edgeprune.runtime.session_options` ("default") and with ONNX Runtime's weight
 pre-packing off ("no-prepack": what the pre-packed copies of the MatMul weights cost, and save), and
 "prepacked-external": the graph ONNX Runtime optimizes and saves with its pre-packed weights in the weights
-file (`session.save_external_prepacked_constant_initializers`), made once per file in --work, so a session
-on it memory-maps the packed layout instead of packing a second copy on the heap.
+file (`session.save_external_prepacked_constant_initializers`; what EDGEPRUNE_PREPACKED=1 opens, made by
+`runtime.write_prepacked` once per file in --work), so a session on it memory-maps the packed layout
+instead of packing a second copy on the heap.
 
     edgeprune export smollm2-135m --fused -o /tmp/mem/fp32
     edgeprune export smollm2-135m --fused --quantize int8 -o /tmp/mem/int8      # and int4
@@ -37,7 +38,8 @@ import onnx
 import onnxruntime as ort
 
 from edgeprune.devices.runner import rss_mb
-from edgeprune.runtime import OnnxModel, onnx_bytes, session_options
+from edgeprune.outputs import PROVENANCE
+from edgeprune.runtime import MODEL_FILE, OnnxModel, onnx_bytes, session_options, write_prepacked
 
 OUT = Path(__file__).parent / "out"
 PREFILL, DECODE = 128, 32
@@ -123,27 +125,15 @@ def inline(shipped: Path, target: Path) -> Path:
     return target
 
 
-def prepacked(shipped: Path, target: Path, threads: int) -> Path:
-    """The shipped graph as ONNX Runtime optimizes it, saved with its pre-packed weights in the weights file."""
-    if not target.is_file():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        options = session_options(threads)
-        options.optimized_model_filepath = str(target)
-        options.add_session_config_entry(
-            "session.optimized_model_external_initializers_file_name", target.name + "_data"
-        )
-        options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
-        options.add_session_config_entry("session.save_external_prepacked_constant_initializers", "1")
-        ort.InferenceSession(str(shipped), options, providers=["CPUExecutionProvider"])
-    return target
-
-
 def layout_file(shipped: Path, layout: str, work: Path, threads: int) -> Path:
     """The file of one layout of a shipped model; the copies are made once in `work`, beside the measurement."""
     if layout == "external":
         return shipped
-    target = work / layout / "model.onnx"
-    return inline(shipped, target) if layout == "single" else prepacked(shipped, target, threads)
+    if layout == "single":
+        return inline(shipped, work / layout / MODEL_FILE)
+    if not (work / layout / PROVENANCE).is_file():  # what EDGEPRUNE_PREPACKED=1 makes, here beside the others
+        write_prepacked(shipped, work / layout, threads)
+    return work / layout / MODEL_FILE
 
 
 def kv_cache_mb(path: Path) -> float:
