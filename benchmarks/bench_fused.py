@@ -27,7 +27,8 @@ from edgeprune.devices.profiler import LocalProfiler, Workload, paired_speedup
 from edgeprune.devices.profiles import get_device
 from edgeprune.evaluate import evaluate_task, load_for_eval
 from edgeprune.export import export_model, quantize_model, verify_onnx
-from edgeprune.loading import DEFAULT_DECODER, cache_dir, load_model
+from edgeprune.loading import DEFAULT_DECODER, load_model
+from edgeprune.outputs import cache_dir
 from edgeprune.runtime import MODEL_FILE, onnx_bytes
 
 OUT = Path(__file__).parent / "out" / "fused"

@@ -1,17 +1,25 @@
 """Session memory of ONNX Runtime on what `edgeprune export` ships: the weights in model.onnx_data beside the
 graph (memory-mapped, "external") against the same graph with its weights inside model.onnx ("single", what
 edgeprune wrote before), under `edgeprune.runtime.session_options` ("default") and with ONNX Runtime's weight
-pre-packing off ("no-prepack": what the pre-packed copies of the MatMul weights cost, and save).
+pre-packing off ("no-prepack": what the pre-packed copies of the MatMul weights cost, and save), and
+"prepacked-external": the graph ONNX Runtime optimizes and saves with its pre-packed weights in the weights
+file (`session.save_external_prepacked_constant_initializers`; what EDGEPRUNE_PREPACKED=1 opens, made by
+`runtime.write_prepacked` once per file in --work), so a session on it memory-maps the packed layout
+instead of packing a second copy on the heap.
 
     edgeprune export smollm2-135m --fused -o /tmp/mem/fp32
     edgeprune export smollm2-135m --fused --quantize int8 -o /tmp/mem/int8      # and int4
-    python benchmarks/bench_memory.py /tmp/mem/fp32 /tmp/mem/int8 /tmp/mem/int4 [--rounds 3] [--threads 2]
+    python benchmarks/bench_memory.py /tmp/mem/fp32 /tmp/mem/int8 /tmp/mem/int4 [--rounds 3] [--threads 2] \
+        [--variants external/default prepacked-external/default]
 
 Each (file, settings) is measured in a fresh process: its RSS before the session, after loading (and the
 peak while loading), and after one workload (prefill 128 + decode 32); "session MB" is the peak over the
-process before the session, what the profiler reports as session_rss_mb. The KV cache of the workload is
-printed beside it. Latency: the sessions of one model alternate in one process, the order reversed every
-other round; ratios are medians of per-round ratios, so machine drift cancels.
+process before the session, what the profiler reports as session_rss_mb. After the run, the resident memory
+over the process before is split into anonymous pages (RssAnon: heap, what the kernel cannot drop) and
+file pages (RssFile: clean mapped weights, dropped under memory pressure and read again when touched).
+The KV cache of the workload is printed beside it. Latency: the sessions of one model alternate in one
+process, the order reversed every other round; each is a median of per-round ratios to the shipped layout
+("external/default"), so machine drift cancels.
 Writes benchmarks/out/bench_memory.json and prints Markdown tables.
 """
 
@@ -30,10 +38,13 @@ import onnx
 import onnxruntime as ort
 
 from edgeprune.devices.runner import rss_mb
-from edgeprune.runtime import OnnxModel, onnx_bytes, session_options
+from edgeprune.outputs import PROVENANCE
+from edgeprune.runtime import MODEL_FILE, OnnxModel, onnx_bytes, session_options, write_prepacked
 
 OUT = Path(__file__).parent / "out"
 PREFILL, DECODE = 128, 32
+# layout/settings measured; the first is what ships, and every latency is a ratio to it
+VARIANTS = ("external/default", "single/default", "external/no-prepack", "prepacked-external/default")
 
 
 def options_for(settings: str, threads: int) -> ort.SessionOptions:
@@ -53,18 +64,27 @@ def run_workload(model: OnnxModel, ids: np.ndarray) -> float:
     return (time.perf_counter() - start) * 1e3
 
 
+def resident() -> dict[str, float]:
+    """This process's resident MB: in total, anonymous and file-backed (Linux /proc)."""
+    return {field: rss_mb(field) for field in ("VmRSS", "RssAnon", "RssFile")}
+
+
 def measure_memory(path: Path, settings: str, threads: int) -> dict:
-    """In this (fresh) process: RSS before, after loading, at the loading peak and after one workload."""
-    base = rss_mb("VmRSS")
+    """In this (fresh) process: RSS before, after loading, at the loading peak and after one workload, and
+    what of the RSS after the workload is anonymous or file pages."""
+    base = resident()
     model = OnnxModel(path, options=options_for(settings, threads))
     loaded, load_peak = rss_mb("VmRSS"), rss_mb("VmHWM")
     run_workload(model, np.random.default_rng(0).integers(0, 1000, (1, PREFILL)))
+    after = resident()
     return {
-        "base_mb": base,
-        "loaded_mb": loaded - base,
-        "load_peak_mb": load_peak - base,
-        "after_run_mb": rss_mb("VmRSS") - base,
-        "session_mb": rss_mb("VmHWM") - base,
+        "base_mb": base["VmRSS"],
+        "loaded_mb": loaded - base["VmRSS"],
+        "load_peak_mb": load_peak - base["VmRSS"],
+        "after_run_mb": after["VmRSS"] - base["VmRSS"],
+        "anon_mb": after["RssAnon"] - base["RssAnon"],
+        "file_pages_mb": after["RssFile"] - base["RssFile"],
+        "session_mb": rss_mb("VmHWM") - base["VmRSS"],
     }
 
 
@@ -105,10 +125,15 @@ def inline(shipped: Path, target: Path) -> Path:
     return target
 
 
-def variants(folders: list[Path], work: Path) -> dict[str, dict[str, Path]]:
-    """Per export folder (named by its precision): the shipped file and its single-file copy."""
-    files = {json.loads((f / "edgeprune.json").read_text())["precision"]: f / "model.onnx" for f in folders}
-    return {name: {"single": inline(f, work / name / "model.onnx"), "external": f} for name, f in files.items()}
+def layout_file(shipped: Path, layout: str, work: Path, threads: int) -> Path:
+    """The file of one layout of a shipped model; the copies are made once in `work`, beside the measurement."""
+    if layout == "external":
+        return shipped
+    if layout == "single":
+        return inline(shipped, work / layout / MODEL_FILE)
+    if not (work / layout / PROVENANCE).is_file():  # what EDGEPRUNE_PREPACKED=1 makes, here beside the others
+        write_prepacked(shipped, work / layout, threads)
+    return work / layout / MODEL_FILE
 
 
 def kv_cache_mb(path: Path) -> float:
@@ -118,13 +143,17 @@ def kv_cache_mb(path: Path) -> float:
 
 
 def table(rows: list[dict]) -> str:
-    header = "| model | layout | settings | file MB | loaded | load peak | after run | session MB | session/file |"
-    lines = [header, "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    """MB over the process before the session; anon and file pages are the RSS after the run split by kind."""
+    header = (
+        "| model | layout | settings | file MB | loaded | load peak | after run | anon | file pages | session MB "
+        "| session/shipped file |"
+    )
+    lines = [header, "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(
             f"| {r['model']} | {r['layout']} | {r['settings']} | {r['file_mb']:.0f} | {r['loaded_mb']:.0f} | "
-            f"{r['load_peak_mb']:.0f} | {r['after_run_mb']:.0f} | {r['session_mb']:.0f} | "
-            f"{r['session_mb'] / r['file_mb']:.2f} |"
+            f"{r['load_peak_mb']:.0f} | {r['after_run_mb']:.0f} | {r['anon_mb']:.0f} | {r['file_pages_mb']:.0f} | "
+            f"{r['session_mb']:.0f} | {r['session_mb'] / r['shipped_mb']:.2f} |"
         )
     return "\n".join(lines)
 
@@ -135,24 +164,26 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/bench_memory"))
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS), help="layout/settings")
     parser.add_argument("--child", nargs=2, metavar=("FILE", "SETTINGS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(measure_memory(Path(args.child[0]), args.child[1], args.threads)))
         return
     rows, latency = [], {}
-    for name, layouts in variants(args.folders, args.work).items():
-        print(name, f"KV cache of the workload: {kv_cache_mb(layouts['external']):.1f} MB", flush=True)
-        for layout, path in layouts.items():
-            for settings in ("default", "no-prepack"):
-                row = {"model": name, "layout": layout, "settings": settings, "file_mb": onnx_bytes(path) / 1e6}
-                rows.append(row | measure_in_child(path, settings, args.threads))
-                print(table(rows[-1:]).splitlines()[-1], flush=True)
-        sessions = {
-            "single, default": (layouts["single"], "default"),
-            "external, default": (layouts["external"], "default"),
-            "external, no-prepack": (layouts["external"], "no-prepack"),
-        }
+    for folder in args.folders:
+        name = json.loads((folder / "edgeprune.json").read_text())["precision"]
+        shipped = folder / "model.onnx"
+        print(name, f"KV cache of the workload: {kv_cache_mb(shipped):.1f} MB", flush=True)
+        sessions = {}
+        for variant in args.variants:
+            layout, settings = variant.split("/")
+            path = layout_file(shipped, layout, args.work / name, args.threads)
+            sessions[variant] = (path, settings)
+            row = {"model": name, "layout": layout, "settings": settings, "file_mb": onnx_bytes(path) / 1e6}
+            row["shipped_mb"] = onnx_bytes(shipped) / 1e6
+            rows.append(row | measure_in_child(path, settings, args.threads))
+            print(table(rows[-1:]).splitlines()[-1], flush=True)
         latency[name] = alternating_latency(sessions, args.threads, args.rounds)
         print(name, "latency", latency[name], flush=True)
     OUT.mkdir(exist_ok=True)

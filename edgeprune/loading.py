@@ -23,7 +23,7 @@ from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel, 
 
 from edgeprune.errors import EdgepruneError
 from edgeprune.models import adapter_for
-from edgeprune.outputs import atomic_output_dir
+from edgeprune.outputs import atomic_output_dir, cache_dir
 
 DEFAULT_DECODER = "smollm2-135m"
 DEFAULT_ENCODER = "minilm-l6"
@@ -64,11 +64,6 @@ class LoadedModel:
         """The local folder it came from (None for a hub id): outputs must never be written there."""
         path = Path(self.source)
         return path if path.exists() else None
-
-
-def cache_dir() -> Path:
-    """Where converted default models live ($EDGEPRUNE_CACHE, else ~/.cache/edgeprune)."""
-    return Path(os.environ.get("EDGEPRUNE_CACHE", Path.home() / ".cache" / "edgeprune"))
 
 
 def package_folder(package: str, alias: str) -> Path:

@@ -30,6 +30,12 @@ DISK_FULL_ERRNOS = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))  # EDQ
 DISK_FULL_TEXT = ("No space left on device", "os error 28", "Disk quota exceeded")  # Rust/C++ writers' wording
 
 
+def cache_dir() -> Path:
+    """Where edgeprune keeps what it makes once per machine: converted default models, self-written text,
+    pre-packed sessions ($EDGEPRUNE_CACHE, else ~/.cache/edgeprune)."""
+    return Path(os.environ.get("EDGEPRUNE_CACHE", Path.home() / ".cache" / "edgeprune"))
+
+
 def local_inputs(*specs: str | Path | None) -> tuple[Path, ...]:
     """The specs that name existing local files or folders (hub ids and dataset names are not inputs on disk)."""
     paths = (Path(spec).expanduser() for spec in specs if spec is not None and str(spec))

@@ -3,11 +3,23 @@
 This is what goes on a board, so it imports only onnxruntime, numpy, the standard library
 and (for text) tokenizers; never torch. Each layer's cache shape is read from the graph's
 `past_key_values.*` inputs, so layers with different KV-head counts work too.
+
+With EDGEPRUNE_PREPACKED=1, sessions on the CPU open a copy of the model that ONNX Runtime optimized and
+saved with its pre-packed weights in the weights file, made on first load in $EDGEPRUNE_CACHE/prepacked/:
+the packed weights are then memory-mapped (clean file pages the kernel can drop) instead of packed again on
+the heap: the int4 default decoder's session peaks at 1.65x its file instead of 1.95x, of which 24 MB
+instead of 160 MB anonymous, at no latency cost; the copy takes 2.4x the file on disk
+(benchmarks/bench_memory.py, RESULTS.md). Off by default: a search's probes are each opened once or twice.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import platform
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,10 +27,15 @@ import numpy as np
 import onnxruntime as ort
 
 from edgeprune.errors import EdgepruneError
+from edgeprune.outputs import PROVENANCE, atomic_output_dir, cache_dir
 
 MODEL_FILE = "model.onnx"
 PAST_PREFIX, PRESENT_PREFIX = "past_key_values.", "present."
 LOGITS_TO_KEEP = "logits_to_keep"  # optional input added at export: 0 = every position, 1 = the last
+CPU = "CPUExecutionProvider"
+PREPACKED_ENV = "EDGEPRUNE_PREPACKED"  # "1": CPU sessions map ORT's pre-packed weights from a per-machine cache
+PROBE_TOKENS = 8  # a pre-packed copy is checked against its model on this many tokens when made
+EXTERNAL_MIN_BYTES = "1024"  # initializers this large go to the weights file, as export/files.save_onnx does
 ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64}
 
 
@@ -69,23 +86,120 @@ def session_options(threads: int | None = None) -> ort.SessionOptions:
     return options
 
 
+def prepacked_wanted(providers: list[str] | None, options: ort.SessionOptions | None) -> bool:
+    """Pre-packed copies serve CPU sessions with edgeprune's own settings, when EDGEPRUNE_PREPACKED=1."""
+    return os.environ.get(PREPACKED_ENV) == "1" and options is None and (providers or [CPU]) == [CPU]
+
+
+def cpu_identity() -> str:
+    """What MLAS picks its weight packing by: the architecture and the CPU's feature flags (AVX2, AVX-512,
+    NEON dot product...). A pre-packed copy is made for, and only used on, a CPU with the same ones."""
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text(errors="replace").splitlines() if cpuinfo.is_file() else []
+    flags = (
+        line.partition(":")[2].strip() for line in lines if line.partition(":")[0].strip() in ("flags", "Features")
+    )
+    return f"{platform.machine()} {next(flags, platform.processor())}"
+
+
+def prepacked_entry(onnx_path: Path) -> Path:
+    """The cache folder of a model's pre-packed copy: keyed by the model's bytes (graph and weights), the ONNX
+    Runtime version and the CPU, so a changed model, another ORT or another CPU never reads a copy made before."""
+    digest = hashlib.sha256(f"{ort.__version__}\n{cpu_identity()}\n".encode())
+    for file in onnx_files(onnx_path):
+        with file.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                digest.update(block)
+    return cache_dir() / "prepacked" / digest.hexdigest()[:32]
+
+
+def write_prepacked(onnx_path: Path, entry: Path, threads: int | None) -> None:
+    """ONNX Runtime optimizes the model as a session would and saves it with its pre-packed weights beside
+    the others in the weights file (`session.save_external_prepacked_constant_initializers`); atomic."""
+    with atomic_output_dir(entry, overwrite=True) as tmp:
+        options = session_options(threads)
+        options.optimized_model_filepath = str(tmp / MODEL_FILE)
+        options.add_session_config_entry(
+            "session.optimized_model_external_initializers_file_name", weights_file(tmp / MODEL_FILE).name
+        )
+        options.add_session_config_entry(
+            "session.optimized_model_external_initializers_min_size_in_bytes", EXTERNAL_MIN_BYTES
+        )
+        options.add_session_config_entry("session.save_external_prepacked_constant_initializers", "1")
+        ort.InferenceSession(str(onnx_path), options, providers=[CPU])
+        provenance = {"prepacked_from": str(onnx_path), "ort_version": ort.__version__, "cpu": cpu_identity()}
+        provenance["agrees"] = copy_agrees(onnx_path, tmp / MODEL_FILE, threads)
+        if not provenance["agrees"]:  # kept as a note, so the next load opens the model without trying again
+            for file in onnx_files(tmp / MODEL_FILE):
+                file.unlink()
+        (tmp / PROVENANCE).write_text(json.dumps(provenance, indent=1) + "\n")
+
+
+def copy_agrees(onnx_path: Path, copy: Path, threads: int | None) -> bool:
+    """Whether the copy computes what the model does on a few tokens. ONNX Runtime 1.31 writes blobs under
+    its alignment threshold at any offset, and MLAS reads a packed int4 blob mapped off its 64-byte
+    alignment wrongly (NaN on the tiny test Llama); every SmolLM2 blob lands aligned."""
+    ids = np.arange(1, PROBE_TOKENS + 1, dtype=np.int64).reshape(1, -1)  # ids below 32 exist in every vocabulary
+    expected = OnnxModel(onnx_path, options=session_options(threads)).forward(ids)
+    got = OnnxModel(copy, options=session_options(threads)).forward(ids)
+    return bool(np.allclose(got, expected, rtol=0, atol=1e-5 * float(np.abs(expected).max())))
+
+
+@contextmanager
+def loading(onnx_path: Path) -> Iterator[None]:
+    """ORT's errors on a broken file (truncated, not ONNX) as one line naming it; they raise deep in ORT."""
+    try:
+        yield
+    except EdgepruneError:
+        raise
+    except Exception as err:  # ORT raises its own pybind exception types (InvalidProtobuf, Fail, InvalidGraph...)
+        reason = str(err).strip().splitlines()[0][:200]
+        raise EdgepruneError(
+            f"{onnx_path} is not a loadable ONNX model ({type(err).__name__}: {reason}): re-export it"
+        ) from None
+
+
+def prepacked_file(onnx_path: Path, threads: int | None = None) -> Path:
+    """The pre-packed copy of a model for this machine, made on first use; the model itself where the copy
+    does not compute what it does."""
+    entry = prepacked_entry(onnx_path)
+    if not (entry / PROVENANCE).is_file():  # written last: an entry with it is complete
+        with loading(onnx_path):
+            write_prepacked(onnx_path, entry, threads)
+    return entry / MODEL_FILE if json.loads((entry / PROVENANCE).read_text())["agrees"] else onnx_path
+
+
+def prepacked_session(onnx_path: Path, threads: int | None) -> ort.InferenceSession:
+    """A session on the model's pre-packed copy; a damaged copy (a weights file cut short) is made again.
+
+    ONNX Runtime still packs each weight at load and uses the mapped blob only where the keys (a hash of
+    the packed bytes) agree, so a copy whose packing does not match this CPU costs memory, never results."""
+    path = prepacked_file(onnx_path, threads)
+    with loading(onnx_path):
+        try:
+            return ort.InferenceSession(str(path), session_options(threads), providers=[CPU])
+        except Exception:  # ORT's pybind error types: a damaged copy is made again from the model
+            if path == onnx_path:
+                raise
+            write_prepacked(onnx_path, path.parent, threads)
+            path = prepacked_file(onnx_path, threads)
+            return ort.InferenceSession(str(path), session_options(threads), providers=[CPU])
+
+
 def open_session(
     path: str | Path,
     threads: int | None = None,
     providers: list[str] | None = None,
     options: ort.SessionOptions | None = None,
 ) -> ort.InferenceSession:
-    """An InferenceSession, or one line naming the broken file (a truncated or non-ONNX file raises deep in ORT)."""
+    """An InferenceSession, or one line naming the broken file (a truncated or non-ONNX file raises deep in ORT).
+
+    With EDGEPRUNE_PREPACKED=1 (and edgeprune's options on the CPU) the session opens the pre-packed copy."""
     onnx_path = model_file(path)
-    try:
-        return ort.InferenceSession(
-            str(onnx_path), options or session_options(threads), providers=providers or ["CPUExecutionProvider"]
-        )
-    except Exception as err:  # ORT raises its own pybind exception types (InvalidProtobuf, Fail, InvalidGraph...)
-        reason = str(err).strip().splitlines()[0][:200]
-        raise EdgepruneError(
-            f"{onnx_path} is not a loadable ONNX model ({type(err).__name__}: {reason}): re-export it"
-        ) from None
+    if prepacked_wanted(providers, options):
+        return prepacked_session(onnx_path, threads)
+    with loading(onnx_path):
+        return ort.InferenceSession(str(onnx_path), options or session_options(threads), providers=providers or [CPU])
 
 
 @dataclass(frozen=True)

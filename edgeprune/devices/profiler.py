@@ -37,6 +37,7 @@ PACKAGE_ROOT = Path(edgeprune.__file__).parent
 RUNNER_MODULES = (
     "__init__.py",
     "errors.py",
+    "outputs.py",
     "runtime.py",
     "window_stats.py",
     "devices/__init__.py",

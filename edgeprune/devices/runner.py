@@ -30,7 +30,7 @@ import numpy as np
 import onnxruntime as ort
 
 from edgeprune.errors import EdgepruneError
-from edgeprune.runtime import OnnxModel, greedy_generate, model_file, onnx_bytes
+from edgeprune.runtime import OnnxModel, greedy_generate, model_file, onnx_bytes, prepacked_file, prepacked_wanted
 from edgeprune.window_stats import window_stats
 
 PROC_STATUS = Path("/proc/self/status")
@@ -170,6 +170,10 @@ def host(threads: int) -> dict:
 
 def measure(spec: dict) -> dict:
     threads = int(spec.get("threads") or 0)
+    if prepacked_wanted(spec.get("providers"), None):  # made before any baseline: the peaks are the sessions'
+        for path in spec["models"]:
+            prepacked_file(model_file(path), threads)
+        reset_peak()
     process_mb = rss_mb("VmRSS")
     models = []
     for i, path in enumerate(spec["models"]):

@@ -24,8 +24,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from edgeprune.calibration import PACKAGED_TEXT, heldout_start, tokenize_text
 from edgeprune.errors import EdgepruneError
-from edgeprune.loading import cache_dir
-from edgeprune.outputs import write_atomic
+from edgeprune.outputs import cache_dir, write_atomic
 from edgeprune.recover.data import alpaca_prompt
 
 INSTRUCTIONS = Path(__file__).resolve().parents[1] / "data" / "instructions.txt"

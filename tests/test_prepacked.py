@@ -1,0 +1,132 @@
+"""EDGEPRUNE_PREPACKED=1: sessions open a per-machine copy holding ONNX Runtime's pre-packed weights (memory-mapped
+instead of packed on the heap), made once on first load; the results are those of the model itself."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from conftest import make_tokenizer, tiny_llama
+
+from edgeprune.devices.profiler import LocalProfiler, Workload
+from edgeprune.devices.profiles import get_device
+from edgeprune.export import export_model
+from edgeprune.export.quantize import quantize_weight_only
+from edgeprune.outputs import PROVENANCE
+from edgeprune.runtime import PREPACKED_ENV, OnnxModel, greedy_generate, prepacked_entry
+
+TEXT = " ".join(f"w{(i * 37) % 89}" for i in range(40))
+IDS = np.array([[3, 17, 42, 95, 0, 64, 7, 11]], dtype=np.int64)
+
+
+@pytest.fixture(scope="module")
+def dense(tmp_path_factory) -> Path:
+    """The tiny Llama exported in fp32: ONNX Runtime pre-packs its MatMul weights (page-aligned blobs)."""
+    root = tmp_path_factory.mktemp("prepacked")
+    export_model(tiny_llama(), make_tokenizer(), root / "dense", text=TEXT)
+    return root / "dense" / "model.onnx"
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setenv("EDGEPRUNE_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache" / "prepacked"
+
+
+def outputs(path: Path) -> tuple[np.ndarray, list[int]]:
+    model = OnnxModel(path)
+    return model.forward(IDS), greedy_generate(model, IDS[0].tolist(), 6, set())
+
+
+def prepacked_blobs(graph_file: Path) -> int:
+    """Weights whose pre-packed layout ONNX Runtime saved beside them in the weights file."""
+    graph = onnx.load(str(graph_file), load_external_data=False).graph
+    return sum(any(e.key.startswith("prepacked") for e in init.external_data) for init in graph.initializer)
+
+
+def test_outputs_identical_and_the_copy_made_once(dense, cache, monkeypatch):
+    expected_logits, expected_tokens = outputs(dense)
+    assert not cache.exists()  # off unless asked for
+    monkeypatch.setenv(PREPACKED_ENV, "1")
+    logits, tokens = outputs(dense)
+    np.testing.assert_array_equal(logits, expected_logits)
+    assert tokens == expected_tokens
+    entry = prepacked_entry(dense)
+    assert [p.name for p in cache.iterdir()] == [entry.name]
+    assert prepacked_blobs(entry / "model.onnx") > 0
+    written = {p.name: p.stat().st_mtime_ns for p in entry.iterdir()}
+    np.testing.assert_array_equal(outputs(dense)[0], expected_logits)
+    assert {p.name: p.stat().st_mtime_ns for p in entry.iterdir()} == written  # reused, not made again
+
+
+def test_changed_model_gets_its_own_copy(dense, cache, monkeypatch, tmp_path):
+    """The copy is keyed by the model's bytes: other weights at the same path never open the old copy."""
+    path = tmp_path / "model" / "model.onnx"
+    path.parent.mkdir()
+    for name in ("model.onnx", "model.onnx_data"):
+        (path.parent / name).write_bytes((dense.parent / name).read_bytes())
+    monkeypatch.setenv(PREPACKED_ENV, "1")
+    OnnxModel(path)
+    before = prepacked_entry(path)
+    assert before == prepacked_entry(dense)  # the same bytes elsewhere share it
+    int8 = quantize_weight_only(dense, tmp_path / "other" / "model.onnx", 8)
+    for name in ("model.onnx", "model.onnx_data"):
+        (int8.parent / name).replace(path.parent / name)
+    monkeypatch.delenv(PREPACKED_ENV)
+    expected = OnnxModel(path).forward(IDS)
+    monkeypatch.setenv(PREPACKED_ENV, "1")
+    np.testing.assert_array_equal(OnnxModel(path).forward(IDS), expected)
+    assert prepacked_entry(path) != before
+    assert sorted(p.name for p in cache.iterdir()) == sorted([before.name, prepacked_entry(path).name])
+
+
+def test_damaged_copy_is_made_again(dense, cache, monkeypatch):
+    expected = OnnxModel(dense).forward(IDS)
+    monkeypatch.setenv(PREPACKED_ENV, "1")
+    OnnxModel(dense)
+    data = prepacked_entry(dense) / "model.onnx_data"
+    size = data.stat().st_size
+    data.write_bytes(data.read_bytes()[: size // 3])
+    np.testing.assert_array_equal(OnnxModel(dense).forward(IDS), expected)
+    assert data.stat().st_size == size
+
+
+def test_packing_of_another_cpu_is_repacked_not_trusted(dense, cache, monkeypatch):
+    """A copy whose blobs do not match this CPU's packing (their keys hash the packed bytes): ONNX Runtime packs
+    again on the heap, so the results stay right; what the cache key (CPU flags) is for is the memory."""
+    expected = OnnxModel(dense).forward(IDS)
+    monkeypatch.setenv(PREPACKED_ENV, "1")
+    OnnxModel(dense)
+    graph_file = prepacked_entry(dense) / "model.onnx"
+    model = onnx.load(str(graph_file), load_external_data=False)
+    for init in model.graph.initializer:
+        for entry in init.external_data:
+            if entry.key.startswith("prepacked"):
+                key, blobs = entry.value.split("|", 1)
+                entry.value = f"{key}0|{blobs}"
+    onnx.save(model, str(graph_file))
+    np.testing.assert_array_equal(OnnxModel(dense).forward(IDS), expected)
+
+
+def test_profiler_makes_the_copy_before_measuring(dense, cache, monkeypatch):
+    monkeypatch.setenv(PREPACKED_ENV, "1")
+    profiler = LocalProfiler(get_device("local"), runs=2, warmup=1)
+    result = profiler.profile(dense, Workload(prefill=8, decode=2))
+    assert (prepacked_entry(dense) / PROVENANCE).is_file()
+    assert result.session_rss_mb > 0 and result.decode_tokens_per_s > 0
+
+
+def test_copy_that_computes_otherwise_is_not_used(dense, cache, monkeypatch, tmp_path):
+    """ORT 1.31 writes the tiny model's int4 blobs off their alignment and MLAS then reads NaN: the copy is
+    checked against the model when made, and the model itself opens instead (without a second try)."""
+    int4 = quantize_weight_only(dense, tmp_path / "int4" / "model.onnx", 4)
+    expected = OnnxModel(int4).forward(IDS)
+    monkeypatch.setenv(PREPACKED_ENV, "1")
+    np.testing.assert_array_equal(OnnxModel(int4).forward(IDS), expected)
+    entry = prepacked_entry(int4)
+    assert json.loads((entry / PROVENANCE).read_text())["agrees"] is False
+    assert sorted(p.name for p in entry.iterdir()) == [PROVENANCE]
+    np.testing.assert_array_equal(OnnxModel(int4).forward(IDS), expected)
