@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from edgeprune.budget import Budget, UnreachableBudget
+from edgeprune.outputs import write_atomic
 from edgeprune.run import RunConfig, RunResult, run_job
 
 OUT = Path(__file__).parent / "out"
@@ -76,6 +77,7 @@ def main() -> None:
             continue
         wall = time.perf_counter() - start
         rows.extend({**row, "load_avg_1m": round(os.getloadavg()[0], 1)} for row in budget_rows(label, result, wall))
+        write_atomic(OUT / "bench_run.json", json.dumps(rows, indent=2) + "\n")  # each finished budget kept
     table = Table(title="edgeprune run on SmolLM2-135M, --device local (speedups paired against dense fused fp32)")
     columns = list(dict.fromkeys(key for row in rows for key in row))
     for key in columns:
@@ -83,8 +85,6 @@ def main() -> None:
     for row in rows:
         table.add_row(*("" if row.get(key) is None else str(row.get(key)) for key in columns))
     console.print(table)
-    OUT.mkdir(exist_ok=True)
-    (OUT / "bench_run.json").write_text(json.dumps(rows, indent=2) + "\n")
 
 
 if __name__ == "__main__":
