@@ -530,13 +530,14 @@ def next_guess(
         measure, target = (lambda p: p.onnx_mb), size
     else:
         measure, target = (lambda p: latency_of(p, dense)), latency
+    doubling = min(max_sparsity, max(2 * fail.sparsity, fail.sparsity + 0.1))
     if target is not None and other is not None and other.sparsity != fail.sparsity:
         t_fail, t_other = measure(fail), measure(other)
         slope = (t_other - t_fail) / (other.sparsity - fail.sparsity)
-        if slope < 0:
-            return fail.sparsity + (target - t_fail) / slope
+        if slope < 0:  # never further than doubling: a slope from two noisy timings can point far past the target
+            return min(fail.sparsity + (target - t_fail) / slope, doubling)
     if ok is None:
-        return min(max_sparsity, max(2 * fail.sparsity, fail.sparsity + 0.1))
+        return doubling
     return (fail.sparsity + ok.sparsity) / 2
 
 

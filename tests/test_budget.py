@@ -132,6 +132,17 @@ def test_size_budget_on_a_quantized_file_converges_by_secant_on_the_size(tmp_pat
     assert len(profiler.calls) <= 4  # the unpruned probe and at most three cuts
 
 
+def test_a_flat_noisy_slope_never_sends_the_next_probe_past_doubling():
+    """Two timings 1% apart at 10% and 25% (noise) extrapolate to a 2.5x target near s=1: the guess doubles instead."""
+    from edgeprune.budget import next_guess
+
+    dense = Probe(sparsity=0.0, params=DENSE_PARAMS, latency_ms=100.0)
+    timed = ((0.1, 60.0), (0.25, 59.0))
+    at = [Probe(sparsity=s, params=params_at(s), latency_ms=ms, speedup=100.0 / ms) for s, ms in timed]
+    guess = next_guess(at, [], dense, (40.0, None), max_sparsity=0.8)
+    assert guess == pytest.approx(0.5)
+
+
 class DriftingProfiler(FakeProfiler):
     """The machine slows down 2x on every other probe; the paired speedup (vs dense) stays exact."""
 
