@@ -53,7 +53,7 @@ from edgeprune.calibration import calibration_batch, tokenize_text
 from edgeprune.checkpoint import load_pruned, save_pruned
 from edgeprune.criteria import ScoringInputs, score_groups
 from edgeprune.evaluate import perplexity
-from edgeprune.loading import load_model
+from edgeprune.loading import hash_weights, load_model
 from edgeprune.models import adapter_for
 from edgeprune.recover import RecoveryConfig, SelfTextConfig, StepReport, load_recovery_data, recover
 from edgeprune.recover.selftext import SELF_TEXT_FILE, default_data, packaged_head_text
@@ -149,9 +149,11 @@ def quality(model, wiki: torch.Tensor, heldout: torch.Tensor | None) -> dict:
 
 def run_row(row: str, key: str, cpu_minutes: float, args, dense, tokenizer, wiki, heldout) -> dict:
     config, data_name, distilled = row_config(row, cpu_minutes, args)
-    student, _ = load_pruned(cut_folders(args.cut, args.work)[1])
+    cut = cut_folders(args.cut, args.work)[1]
+    student, _ = load_pruned(cut)
     data = load_recovery_data(data_path(data_name, tokenizer, dense, args), tokenizer, student, config)
-    work = args.work / "train" / key.replace(":", "_").replace("@", "_")
+    # a checkpoint resumes only onto the very cut it was trained on (a re-made cut gets a fresh folder)
+    work = args.work / "train" / f"{key.replace(':', '_').replace('@', '_')}_{hash_weights(cut)[:12]}"
     resume = (work / "checkpoint" / "state.json").is_file()
 
     def on_step(report: StepReport) -> None:
