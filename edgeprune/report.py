@@ -50,6 +50,22 @@ EMULATED_NOTE = (
 )
 
 
+def paired_spread_lines(profile: dict) -> list[str]:
+    """How far the final check's paired runs spread: a speedup budget met by less than that is met by noise."""
+    final = profile.get("final", {}).get("samples", {}).get("latency_ms") or []
+    dense = profile.get("dense", {}).get("samples", {}).get("latency_ms") or []
+    if len(final) != len(dense) or len(final) < 2:  # not a paired (alternating) measurement
+        return []
+    ratios = sorted(d / f for f, d in zip(final, dense, strict=True))
+    return [
+        "",
+        f"The final check alternated {len(ratios)} runs of each model: per-run speedups ranged "
+        f"{ratios[0]:.2f}-{ratios[-1]:.2f}x (the budget uses their median). Separate comparisons of one file on "
+        "one machine can differ by more than that (other processes, memory-bandwidth contention): a budget met "
+        "by a few percent may be missed on a second run.",
+    ]
+
+
 def target_quality_lines(found: dict | None) -> list[str]:
     """The shipped quantized file's held-out quality on the ARM device beside this machine's, same windows."""
     if not found:
@@ -125,6 +141,7 @@ def summary_markdown(record: dict) -> str:
             f"| {budget['kind']} | {budget['limit']:,.4g} | {budget['final_value']:,.4g} | "
             f"{'yes' if budget['met'] else 'NO'} |"
         )
+    lines += paired_spread_lines(record.get("profile", {}))
     lines += target_quality_lines(record.get("target_quality"))
     lines += ["", "## Every candidate measured (in search order)", ""]
     lines.append(
