@@ -235,7 +235,11 @@ def test_two_process_distillation_replicates_the_teacher_and_reports_tokens_per_
     cmd += ["--teacher", str(dense), "--method", "full", "--steps", "4", "--seq-len", "32", "--val-size", "8"]
     cmd += ["--eval-every", "2", "--lr", "3e-3", "-o", str(out)]
     done = subprocess.run(
-        cmd, capture_output=True, text=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}, timeout=300
+        cmd,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "EDGEPRUNE_CACHE": str(tmp_path / "cache")},  # not the user's
+        timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("recovered ") == 1  # only the main process reports
