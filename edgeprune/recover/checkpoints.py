@@ -64,8 +64,8 @@ def save_checkpoint(
         (tmp / "state.json").write_text(json.dumps(asdict(state), indent=1) + "\n")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:  # a kill between the renames leaves the last checkpoint at `previous`
-        shutil.rmtree(previous, ignore_errors=True)
-        if ckpt.exists():
+        if ckpt.exists():  # else `previous` is the last complete checkpoint: kept until `tmp` takes its place
+            shutil.rmtree(previous, ignore_errors=True)
             ckpt.replace(previous)
         tmp.replace(ckpt)
         shutil.rmtree(previous, ignore_errors=True)
