@@ -5,9 +5,12 @@ are fixed. Quantization-only candidates are tried first (seconds each); only whe
 the budgets is pruning searched, on top of each precision: per precision the least sparsity
 that meets every budget, then the candidates are compared on quality (divergence from the
 dense model on held-out text, lower is better). Parameter and memory budgets are solved
-analytically (bytes per group are known); latency is measured: each probe is "cut at
+analytically (bytes per group are known once a precision's unpruned file is: its first cut
+probe is aimed just under a size budget); latency is measured: each probe is "cut at
 sparsity s -> export -> quantize -> profile", and the search brackets the smallest passing s
-with secant steps on the measured latency, falling back to bisection. Every probe is
+with secant steps on the measured latency, falling back to bisection. A precision whose
+needed cut must cost more divergence than the answer in hand (cut costs grow at least
+linearly in the sparsity) is abandoned without probing it. Every probe is
 appended to a JSONL log, so rerunning the same search replays finished probes instead of
 measuring them again.
 """
@@ -245,11 +248,25 @@ class SearchResult:
     reason: str = ""  # one line: why `best` was chosen
 
 
-class Search:
-    """Probes by (precision, sparsity) through the log: each is measured once, then replayed."""
+SizeModel = Callable[[Probe, float], "float | None"]  # (unpruned probe, sparsity) -> predicted file MB, or None
 
-    def __init__(self, run_probe: Callable[[str, float], Probe], log: ProbeLog, max_sparsity: float):
+
+class Search:
+    """Probes by (precision, sparsity) through the log: each is measured once, then replayed.
+
+    `size_at`, when given, predicts a cut file's size from its precision's unpruned probe (bytes per
+    group are known once the unpruned file is), so size budgets aim their first probe instead of bracketing.
+    """
+
+    def __init__(
+        self,
+        run_probe: Callable[[str, float], Probe],
+        log: ProbeLog,
+        max_sparsity: float,
+        size_at: SizeModel | None = None,
+    ):
         self.run_probe, self.log, self.max_sparsity = run_probe, log, max_sparsity
+        self.size_at = size_at or (lambda _start, _s: None)
         self.order: list[Probe] = []
         self.measured = 0
 
@@ -275,6 +292,7 @@ def search_candidates(
     tol: float = 0.01,
     latency_rtol: float = 0.03,
     ideal_latency_slope: float = 0.5,
+    size_at: SizeModel | None = None,
 ) -> SearchResult:
     """The best-quality candidate meeting every budget, or UnreachableBudget naming what each precision reached.
 
@@ -284,7 +302,7 @@ def search_candidates(
     closer to dense that missed: a light cut on top of int8 can beat int4 alone.
     """
     check_budgets_given(budgets)
-    search = Search(run_probe, log, max_sparsity)
+    search = Search(run_probe, log, max_sparsity, size_at)
     dense = search("fp32", 0.0)
     unpruned = [dense] + [search(p, 0.0) for p in precisions if p != "fp32"]
     unpruned = [p for p in unpruned if p.precision in precisions]
@@ -294,9 +312,9 @@ def search_candidates(
     best_unpruned = min(meeting, key=quality_rank) if meeting else None
     # pruning is searched on the precisions that could still beat the best unpruned answer: all of them
     # when none meets the budgets, else only those closer to dense that missed (a light cut may then win);
-    # the fastest first (it needs the lightest cut), so each later one is abandoned as soon as a probe of
-    # it is further from dense than the best answer in hand
-    candidates = fastest_first(unpruned, dense)
+    # the one needing the lightest cut first (the fastest, or under size budgets alone the smallest file), so
+    # each later one is abandoned as soon as it is, or must be, further from dense than the best answer in hand
+    candidates = lightest_cut_first(unpruned, dense, budgets)
     to_prune = [p.precision for p in candidates if best_unpruned is None or better(p, best_unpruned)]
     winners = list(meeting)
     for precision in to_prune:
@@ -327,9 +345,12 @@ def search_candidates(
     return SearchResult(best, dense, search.order, search.measured, winners, choice_reason(best, winners, how))
 
 
-def fastest_first(unpruned: list[Probe], dense: Probe) -> list[Probe]:
-    """Unpruned candidates by measured speed over dense, fastest first (ties keep their order)."""
-    return sorted(unpruned, key=lambda p: -speedup_of(p, dense))
+def lightest_cut_first(unpruned: list[Probe], dense: Probe, budgets: list[Budget]) -> list[Probe]:
+    """Unpruned candidates in the order of the cut they need: fastest first under a timed budget, else the
+    smallest file first (ties keep their order)."""
+    if any(b.kind in TIMED_KINDS for b in budgets):
+        return sorted(unpruned, key=lambda p: -speedup_of(p, dense))
+    return sorted(unpruned, key=lambda p: p.onnx_mb if p.onnx_mb is not None else math.inf)
 
 
 def better(probe: Probe, than: Probe) -> bool:
@@ -406,14 +427,26 @@ def least_sparsity(
     size = size_target(budgets)
     passing = [start] if all_met(budgets, start, dense) and s_low == 0 else []
     failing = [] if passing else [start]
-    guess = max(s_low, first_latency_guess(target, latency_of(start, dense), ideal_latency_slope))
+    guess = max(
+        s_low,
+        first_latency_guess(target, latency_of(start, dense), ideal_latency_slope),
+        size_guess(search, start, size, start) or 0.0,
+    )
     tried = [start]
     while not passing or not close_enough(passing, failing, dense, s_low, (target, size), tol, latency_rtol):
         if len(search.order) - first >= max_probes:
             break
         lo = max(p.sparsity for p in failing)
         hi = min((p.sparsity for p in passing), default=None)
-        p = search(precision, clip_guess(guess, lo, hi, search.max_sparsity, tol))
+        s = clip_guess(guess, lo, hi, search.max_sparsity, tol)
+        floor = divergence_floor(search, start, s)
+        if beat is not None and beat.divergence is not None and floor is not None and floor >= beat.divergence:
+            raise UnreachableBudget(
+                f"{precision} needs a cut of at least {s:.1%}, which costs at least {floor:.4f} by the cuts measured, "
+                f"no closer to dense than {describe_candidate(beat)}",
+                detail=f"cannot beat {describe_candidate(beat)} (at sparsity {s:.3f} at least {floor:.4f} from dense)",
+            )
+        p = search(precision, s)
         tried.append(p)
         met = all_met(budgets, p, dense)
         (passing if met else failing).append(p)
@@ -424,7 +457,9 @@ def least_sparsity(
             )
         if not passing and p.sparsity >= search.max_sparsity:
             break
-        guess = next_guess(failing, passing, dense, (target, size), search.max_sparsity)
+        fail = max(failing, key=lambda q: q.sparsity)
+        aimed = size_guess(search, start, size, fail) if size is not None and (fail.onnx_mb or 0) > size else None
+        guess = aimed if aimed is not None else next_guess(failing, passing, dense, (target, size), search.max_sparsity)
     if not passing:
         worst = max(tried, key=lambda p: p.sparsity)
         missed = worst.refused or "; ".join(b.describe(worst, dense) for b in budgets if not b.met(worst, dense))
@@ -462,6 +497,44 @@ def analytic_lower_bound(
             detail=f"{at_max.params:,} parameters at sparsity {max_sparsity}: too many for the budget",
         )
     return round(s_low, SPARSITY_DECIMALS)
+
+
+def size_guess(search: Search, start: Probe, size: float | None, anchor: Probe) -> float | None:
+    """The least sparsity whose predicted file fits just under the size budget (None: no budget or no model).
+
+    The prediction is shifted by its error at `anchor` (a measured probe of the same precision), so a
+    second aimed probe corrects what the first one taught (block rounding, metadata).
+    """
+    if size is None or anchor.onnx_mb is None:
+        return None
+    predicted = search.size_at(start, anchor.sparsity)
+    if predicted is None:
+        return None
+    offset = anchor.onnx_mb - predicted
+    aim = size * (1 - SIZE_RTOL / 2)
+    return smallest_sparsity(lambda s: search.size_at(start, s) + offset <= aim, 0.0, search.max_sparsity)
+
+
+CUT_COST_SAFETY = 0.8  # the floor trusts only this share of the extrapolated cut cost (quantization interacts)
+
+
+def divergence_floor(search: Search, start: Probe, s: float) -> float | None:
+    """A lower bound on the divergence of `start`'s precision cut to sparsity s, from the cuts measured so far.
+
+    What a cut adds to a precision's own divergence grows at least linearly in the sparsity: the criterion
+    removes the least useful groups first, so each further group costs more (convex, zero at no cut).
+    A cut measured at s0 <= s on any precision therefore costs at least (s / s0) times as much at s. None
+    when nothing measured bounds it.
+    """
+    if start.divergence is None:
+        return None
+    costs = []
+    for probe in search.order:
+        base = search.log.probes.get((probe.precision, 0.0))
+        measured = probe.divergence is not None and base is not None and base.divergence is not None
+        if measured and 0 < probe.sparsity <= s and not probe.refused:
+            costs.append(max(probe.divergence - base.divergence, 0.0) * s / probe.sparsity)
+    return start.divergence + CUT_COST_SAFETY * max(costs) if costs else None
 
 
 def first_latency_guess(target: float | None, unpruned_ms: float, slope: float) -> float:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import shutil
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -27,6 +28,7 @@ from edgeprune.budget import (
     Probe,
     ProbeLog,
     SearchResult,
+    SizeModel,
     latency_target,
     refuse_timed_budgets_on_emulation,
     search_candidates,
@@ -49,7 +51,7 @@ from edgeprune.devices.target import quality_on_target
 from edgeprune.errors import EdgepruneError
 from edgeprune.evaluate.divergence import Divergence, heldout_divergence
 from edgeprune.export.exporter import FP32_ATOL, TOLERANCES, check_fp32, check_quantized, export_model
-from edgeprune.export.fused import check_fusable, write_fused_probe
+from edgeprune.export.fused import FfnBytes, check_fusable, cut_file_megabytes, ffn_bytes, write_fused_probe
 from edgeprune.export.quantize import BLOCK_SIZE, quantize_model
 from edgeprune.export.sliced import ffn_bias_names, ffn_initializer_names, slice_ffn, write_ffn
 from edgeprune.export.verify import verify_onnx
@@ -65,6 +67,7 @@ DEFAULT_SPEEDUP = 1.3
 
 
 GRAPHS = ("auto", "fused", "optimum")
+KEPT_CUTS = 3  # cut models the probe runner keeps in memory (540 MB each for the default decoder)
 
 
 def default_budgets() -> list[Budget]:
@@ -281,12 +284,30 @@ class ProbeRunner:
     def __init__(self, loaded: LoadedModel, adapter, scores, cfg: RunConfig, calib, profiler: Profiler, work: Path):
         self.loaded, self.adapter, self.scores, self.cfg = loaded, adapter, scores, cfg
         self.calib, self.profiler, self.work = calib, profiler, work
+        self.cuts: OrderedDict[float, tuple[nn.Module, list[LayerKeep] | None]] = OrderedDict()
         self.ffn_names: list[dict] | None = None
         self.ffn_bias_names: list[dict] | None = None
         self.fused = uses_fused_graph(loaded.model, cfg.graph)
 
     def refit_windows(self) -> torch.Tensor | None:
         return self.calib.refit if self.cfg.compensate else None
+
+    def cut(self, sparsity: float) -> tuple[nn.Module, list[LayerKeep] | None]:
+        """The cut (and re-fit) copy at `sparsity`; the last few are kept, as re-fitting costs most of a probe
+        (51 of 79 s on the default decoder) and the winner is usually among the last probes."""
+        if sparsity not in self.cuts:
+            spec = self.cfg.spec(sparsity)
+            self.cuts[sparsity] = pruned_copy(self.loaded.model, self.adapter, self.scores, spec, self.refit_windows())
+            while len(self.cuts) > KEPT_CUTS:
+                self.cuts.popitem(last=False)
+        self.cuts.move_to_end(sparsity)
+        return self.cuts[sparsity]
+
+    def take_cut(self, sparsity: float) -> nn.Module:
+        """The cut model at `sparsity` to change in place (recovery): no longer kept for probes."""
+        model, _ = self.cut(sparsity)
+        del self.cuts[sparsity]
+        return model
 
     def export(self, model: nn.Module, folder: Path) -> Path:
         export_model(model, self.loaded.tokenizer, folder, overwrite=True, fused=self.fused)
@@ -326,8 +347,7 @@ class ProbeRunner:
         return self.export(model, folder), "full export"
 
     def __call__(self, precision: str, sparsity: float) -> Probe:
-        spec = self.cfg.spec(sparsity)
-        model, keep = pruned_copy(self.loaded.model, self.adapter, self.scores, spec, self.refit_windows())
+        model, keep = self.cut(sparsity)
         folder = self.work / f"{precision}-s{sparsity:.3f}"
         fp32, method = self.fp32_probe(model, keep, folder)
         file, refused = fp32, ""
@@ -344,6 +364,9 @@ class ProbeRunner:
             # alternate with the dense model so machine drift cancels out of the ratio
             comparison = self.profiler.compare(file, self.dense_onnx(), self.cfg.workload)
             probe = probe_from(precision, sparsity, model, file, comparison.model, quality, method, comparison.speedup)
+            if sparsity == 0 and self.fused:  # what each layer's FFN takes at this precision: cut sizes follow
+                widths = [self.adapter.widths(layer).ffn for layer in self.adapter.layers(model)]
+                probe.extra["ffn_bytes"] = [asdict(layer) for layer in ffn_bytes(file, widths)]
             return replace(probe, refused=refused)
         finally:
             shutil.rmtree(folder, ignore_errors=True)
@@ -386,6 +409,24 @@ def parameters_at(model: nn.Module, adapter: FamilyAdapter, scores: GroupScores,
         return total - dense_prunable + kept
 
     return params
+
+
+def file_size_at(model: nn.Module, adapter: FamilyAdapter, scores: GroupScores, cfg: RunConfig) -> SizeModel:
+    """A cut file's MB predicted from its precision's unpruned probe and the width plan (FFN-only cuts of a
+    graph whose unpruned probe recorded its per-layer FFN bytes; None otherwise)."""
+    layers = adapter.layers(model)
+    dense = [adapter.widths(layer) for layer in layers]
+
+    def size(start: Probe, sparsity: float) -> float | None:
+        recorded = start.extra.get("ffn_bytes")
+        if not recorded or start.onnx_mb is None:
+            return None
+        plan = plan_widths(model, adapter, scores, cfg.spec(sparsity))
+        if any(w.heads != d.heads for w, d in zip(plan, dense, strict=True)):
+            return None
+        return cut_file_megabytes(start.onnx_mb, [FfnBytes(**layer) for layer in recorded], [w.ffn for w in plan])
+
+    return size
 
 
 def feasible_max_sparsity(model: nn.Module, adapter: FamilyAdapter, scores: GroupScores, cfg: RunConfig) -> float:
@@ -451,6 +492,7 @@ def run_job(
         max_sparsity=feasible_max_sparsity(model, adapter, scores, cfg),
         max_probes=cfg.max_probes,
         ideal_latency_slope=ideal_latency_slope(model, adapter, cfg),
+        size_at=file_size_at(model, adapter, scores, cfg),
     )
     say(search.reason)
     return finish(FinishInputs(cfg, out, loaded, adapter, scores, calib, runner, device.name), search, say)
@@ -513,8 +555,7 @@ class RunResult:
 def finish(inputs: FinishInputs, search: SearchResult, say: Callable[[str], None]) -> RunResult:
     """Cut at the chosen sparsity, recover, save, export at the chosen precision, compare against dense, report."""
     cfg, loaded, best = inputs.cfg, inputs.loaded, search.best
-    spec = cfg.spec(best.sparsity)
-    final, _ = pruned_copy(loaded.model, inputs.adapter, inputs.scores, spec, inputs.runner.refit_windows())
+    final = inputs.runner.take_cut(best.sparsity)
     recovery = None
     if cfg.recover and best.sparsity > 0 and model_kind(final) == CAUSAL_LM:
         from edgeprune.recover import recover_model
@@ -605,4 +646,5 @@ def check_budget(budget: Budget, final: Probe, dense: Probe) -> BudgetCheck:
 
 def flat(probe: Probe) -> dict:
     """A probe as one flat dict of numbers, for tables."""
-    return {k: v for k, v in asdict(probe).items() if k != "extra"} | probe.extra
+    extra = {k: v for k, v in probe.extra.items() if k != "ffn_bytes"}  # the size model's input, not a number
+    return {k: v for k, v in asdict(probe).items() if k != "extra"} | extra

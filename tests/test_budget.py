@@ -228,12 +228,12 @@ def test_budget_only_pruning_plus_quantization_meets_is_met_with_both(tmp_path):
     result, fake = search_all(tmp_path, [Budget("speedup", 2.0)], max_sparsity=0.8)
     assert result.best.sparsity > 0 and result.best.precision in ("int8", "int4")
     assert QUANT_SPEEDUP[result.best.precision] * latency_at(0.0) / latency_at(result.best.sparsity) >= 2.0
-    # every precision was searched, the fastest first; the winner is the closest to dense of all that met
+    # the fastest precision was searched first; int8 and fp32 need deeper cuts, which (by the cost of the cut
+    # int4 measured, extrapolated at least linearly) cannot come closer to dense: neither is probed with a cut
     pruned = [p for p, s in fake.calls if s > 0]
-    assert pruned[0] == "int4" and set(pruned) == {"fp32", "int8", "int4"}
-    assert result.best.divergence == min(c.divergence for c in result.candidates)
-    # fp32 needs the deepest cut: abandoned at its first miss, already further from dense than the answer in hand
-    assert "fp32" not in {c.precision for c in result.candidates}
+    assert set(pruned) == {"int4"} and result.best.precision == "int4"
+    int8_needs = (1 - (1.4 / 2.0) ** (1 / 1.3)) / 0.6  # where int8 reaches 2.0x: what skipping it gave up
+    assert QUANT_DIVERGENCE["int8"] + int8_needs**2 > result.best.divergence
 
 
 def test_precision_restriction_is_obeyed(tmp_path):
@@ -337,3 +337,39 @@ def test_auto_search_measures_every_precision_lever_and_ships_the_closest_meetin
     assert result.best.key == ("int8-b64", 0.0)  # int8 misses 1.3x; b64 meets it closest to dense
     assert "int8-b128 unpruned" in result.reason and "int4 unpruned" in result.reason
     assert faster.best.key == ("int8-b128", 0.0)  # faster than int4 here and far closer to dense
+
+
+def quantized_size(s: float) -> float:
+    return 1.0 + 2.0 * (1 - 0.6 * s) ** 1.2  # QuantizedSizeProfiler's file
+
+
+@pytest.mark.parametrize(("error_mb", "cut_probes"), [(0.004, 1), (0.05, 2)])
+def test_a_size_model_aims_the_cut_probes_at_the_budget(tmp_path, error_mb, cut_probes):
+    """Cut sizes predicted from the unpruned probe: one cut probe when the prediction is near, two when it is off
+    by an error growing with the cut (the second aimed by the first one's measured error)."""
+    from edgeprune.budget import SIZE_RTOL
+
+    result, profiler = search(
+        tmp_path,
+        [Budget("memory_mb", 2.5)],
+        profiler=QuantizedSizeProfiler(),
+        size_at=lambda _start, s: quantized_size(s) - error_mb * s / 0.35,
+    )
+    assert 2.5 * (1 - SIZE_RTOL) <= result.best.onnx_mb <= 2.5
+    assert len(profiler.calls) == 1 + cut_probes
+
+
+def test_the_divergence_floor_extrapolates_a_measured_cut_at_least_linearly(tmp_path):
+    from edgeprune.budget import CUT_COST_SAFETY, Search, divergence_floor
+
+    fake = FakeCandidates(prune_divergence=1.0)  # cost of a cut: s**2, convex
+    log = ProbeLog(tmp_path / "search.jsonl", {})
+    found = Search(fake, log, 0.8)
+    int8 = found("int8", 0.0)
+    assert divergence_floor(found, int8, 0.4) is None  # no cut measured yet
+    found("int4", 0.0)
+    found("int4", 0.2)  # costs 0.04 over int4 alone
+    floor = divergence_floor(found, int8, 0.4)
+    assert floor == pytest.approx(QUANT_DIVERGENCE["int8"] + CUT_COST_SAFETY * 0.04 * 2)
+    assert floor < fake("int8", 0.4).divergence  # a lower bound of what the probe would measure
+    assert divergence_floor(found, int8, 0.1) is None  # a deeper cut measured says nothing about a lighter one

@@ -6,6 +6,7 @@ import importlib.util
 import json
 
 import numpy as np
+import onnx
 import pytest
 import torch
 from conftest import VOCAB, make_tokenizer, tiny_bert, tiny_llama
@@ -14,10 +15,10 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from edgeprune.errors import EdgepruneError
 from edgeprune.export import export_model
 from edgeprune.export.exporter import Tolerance
-from edgeprune.export.fused import write_fused_probe
+from edgeprune.export.fused import cut_file_megabytes, ffn_bytes, tensor_bytes, write_fused_probe
 from edgeprune.export.quantize import quantize_model
 from edgeprune.models import adapter_for
-from edgeprune.runtime import OnnxModel, greedy_generate
+from edgeprune.runtime import OnnxModel, greedy_generate, onnx_bytes
 from edgeprune.structure import LayerKeep, cut_model
 
 pytestmark = pytest.mark.skipif(
@@ -170,3 +171,28 @@ def test_probe_from_the_dense_fused_graph_equals_the_cut_models_own_graph(export
     assert np.abs(int4.forward(IDS) - reference).max() < np.abs(reference).max()  # runs, and is near
     with pytest.raises(EdgepruneError, match="give the dense graph"):
         write_fused_probe(exports[False, "fp32", False][1].path / "model.onnx", tmp_path / "x.onnx", cut_model_)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int8", "int4", "int4-mixed"])
+def test_a_cut_files_size_is_predicted_from_the_unpruned_file(exports, tmp_path, precision):
+    """The budget search aims size budgets with this: per-layer FFN bytes of the unpruned file, then the cut."""
+    dense_model, dense = exports[False, "fp32", True]
+    cut = fusable_llama(cut=False)
+    cut_model(cut, adapter_for(cut.config), [LayerKeep(ffn=torch.arange(0, 80, i + 2)) for i in range(4)])
+    kept = [layer.mlp.gate_proj.out_features for layer in cut.model.layers]
+    probe = write_fused_probe(dense.path / "model.onnx", tmp_path / "cut" / "model.onnx", cut)
+    unpruned, cut_file = dense.path / "model.onnx", probe
+    if precision != "fp32":
+        unpruned = quantize_model(unpruned, tmp_path / "dense" / f"model.{precision}.onnx", precision)
+        cut_file = quantize_model(probe, tmp_path / "cut" / f"model.{precision}.onnx", precision)
+    layers = ffn_bytes(unpruned, [80] * 4)
+    # every tensor byte is accounted for, exactly (the files also differ by the graph's shape annotations,
+    # which the probe drops: kilobytes, which the search's aim below the budget absorbs)
+    predicted = cut_file_megabytes(tensor_megabytes(unpruned), layers, kept)
+    assert predicted == pytest.approx(tensor_megabytes(cut_file), abs=1e-9)
+    assert sum(layer.cut_mb(80) for layer in layers) == 0.0
+    assert abs(cut_file_megabytes(onnx_bytes(unpruned) / 1e6, layers, kept) - onnx_bytes(cut_file) / 1e6) < 0.01
+
+
+def tensor_megabytes(file) -> float:
+    return sum(tensor_bytes(t) for t in onnx.load(str(file), load_external_data=False).graph.initializer) / 1e6

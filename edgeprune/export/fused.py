@@ -15,7 +15,10 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import math
+import re
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -156,3 +159,61 @@ def write_fused_probe(dense_fused: Path, out_file: Path, model: PreTrainedModel)
         for info in [v for v in graph.value_info if f"layers.{index}." in v.name or f"layers.{index}/" in v.name]:
             graph.value_info.remove(info)
     return save_onnx(graph_model, out_file)
+
+
+FFN_TENSOR = re.compile(r"layers[./](\d+)[./]mlp[./]")  # the builder's FFN initializers, before and after quantizing
+
+
+def tensor_bytes(tensor: onnx.TensorProto) -> int:
+    """Bytes a tensor takes in its file, read from the graph alone (external data is not loaded)."""
+    if tensor.data_location == onnx.TensorProto.EXTERNAL:
+        return int(next(entry.value for entry in tensor.external_data if entry.key == "length"))
+    return len(tensor.raw_data) if tensor.raw_data else numpy_helper.to_array(tensor).nbytes
+
+
+@dataclass
+class FfnBytes:
+    """What one layer's FFN takes in a file: the gate/up rows (linear in the neurons kept) and the down
+    projection, stored in blocks of `block` neurons along its `width` inputs (1: float, no blocks)."""
+
+    rows_mb: float = 0.0
+    down_mb: float = 0.0
+    width: int = 0
+    block: int = 1
+
+    def cut_mb(self, kept: int) -> float:
+        """MB the layer frees when it keeps `kept` neurons (a partial block of the down projection stays whole)."""
+        blocks = math.ceil(self.width / self.block)
+        return self.rows_mb * (1 - kept / self.width) + self.down_mb * (1 - math.ceil(kept / self.block) / blocks)
+
+
+def ffn_bytes(file: Path, widths: list[int]) -> list[FfnBytes]:
+    """Each layer's FFN bytes in a fused-graph file of any precision (`widths`: its FFN widths, layer by layer).
+
+    The budget search predicts a cut file's size from it, so a size budget's first probe of a precision
+    lands at the right sparsity instead of being bracketed.
+    """
+    graph = onnx.load(str(file), load_external_data=False).graph
+    blocks = {
+        name: next((a.i for a in node.attribute if a.name == "block_size"), 1)
+        for node in graph.node
+        if node.op_type == "MatMulNBits"
+        for name in node.input[1:]
+    }
+    layers = [FfnBytes(width=width) for width in widths]
+    for tensor in graph.initializer:
+        match = FFN_TENSOR.search(tensor.name)
+        if not match or int(match[1]) >= len(layers):
+            continue
+        layer, mb = layers[int(match[1])], tensor_bytes(tensor) / 1e6
+        if "down_proj" in tensor.name:
+            layer.down_mb += mb
+            layer.block = max(layer.block, blocks.get(tensor.name, 1))
+        else:
+            layer.rows_mb += mb
+    return layers
+
+
+def cut_file_megabytes(unpruned_mb: float, layers: list[FfnBytes], kept: list[int]) -> float:
+    """A cut file's size from its precision's unpruned one and the FFN neurons each layer keeps."""
+    return unpruned_mb - sum(layer.cut_mb(k) for layer, k in zip(layers, kept, strict=True))
