@@ -285,6 +285,7 @@ class ProbeRunner:
         self.loaded, self.adapter, self.scores, self.cfg = loaded, adapter, scores, cfg
         self.calib, self.profiler, self.work = calib, profiler, work
         self.cuts: OrderedDict[float, tuple[nn.Module, list[LayerKeep] | None]] = OrderedDict()
+        self.unpruned: dict[str, Probe] = {}  # quantization-only probes measured together, not yet asked for
         self.ffn_names: list[dict] | None = None
         self.ffn_bias_names: list[dict] | None = None
         self.fused = uses_fused_graph(loaded.model, cfg.graph)
@@ -347,29 +348,57 @@ class ProbeRunner:
         return self.export(model, folder), "full export"
 
     def __call__(self, precision: str, sparsity: float) -> Probe:
+        if (precision, sparsity) == ("fp32", 0.0):
+            return self.dense_probe()
+        if sparsity == 0 and precision not in self.unpruned:
+            together = [p for p in self.cfg.precisions if p != "fp32"]
+            self.unpruned = self.measure(together if precision in together else [precision], 0.0)
+        if sparsity == 0:
+            return self.unpruned.pop(precision)
+        return self.measure([precision], sparsity)[precision]
+
+    def dense_probe(self) -> Probe:
+        """The reference: the dense fp32 file, profiled alone."""
+        model, _ = self.cut(0.0)
+        file = self.dense_onnx()
+        quality = measure_quality(file, self.loaded.model, self.calib, self.cfg)
+        measured = self.profiler.profile(file, self.cfg.workload)
+        return probe_from(
+            "fp32", 0.0, model, file, measured, quality, "dense export" + (" (fused)" if self.fused else "")
+        )
+
+    def measure(self, precisions: list[str], sparsity: float) -> dict[str, Probe]:
+        """Probes of these precisions at one sparsity, timed together: one alternating run of their files and
+        the dense one, so each round pays for dense once (the quantization-only candidates: 6 runs, not 10)."""
         model, keep = self.cut(sparsity)
-        folder = self.work / f"{precision}-s{sparsity:.3f}"
-        fp32, method = self.fp32_probe(model, keep, folder)
-        file, refused = fp32, ""
-        if precision != "fp32":
-            folder.mkdir(parents=True, exist_ok=True)
-            file = quantize_model(fp32, folder / f"model.{precision}.onnx", precision, self.cfg.block_size)
-            method += f" + {precision}"
-            refused = quantization_refusal(model, self.loaded.tokenizer, file, precision)
+        folder = self.work / f"s{sparsity:.3f}"
         try:
-            quality = measure_quality(file, self.loaded.model, self.calib, self.cfg)
-            if (precision, sparsity) == ("fp32", 0.0):
-                measured = self.profiler.profile(file, self.cfg.workload)
-                return probe_from(precision, 0.0, model, file, measured, quality, method)
-            # alternate with the dense model so machine drift cancels out of the ratio
-            comparison = self.profiler.compare(file, self.dense_onnx(), self.cfg.workload)
-            probe = probe_from(precision, sparsity, model, file, comparison.model, quality, method, comparison.speedup)
-            if sparsity == 0 and self.fused:  # what each layer's FFN takes at this precision: cut sizes follow
-                widths = [self.adapter.widths(layer).ffn for layer in self.adapter.layers(model)]
-                probe.extra["ffn_bytes"] = [asdict(layer) for layer in ffn_bytes(file, widths)]
-            return replace(probe, refused=refused)
+            fp32, method = self.fp32_probe(model, keep, folder)
+            made = {p: self.quantized(model, fp32, method, p, folder) for p in precisions}
+            # alternate with the dense model so machine drift cancels out of the ratios
+            files = [file for file, _, _ in made.values()]
+            comparisons = self.profiler.compare_all(files, self.dense_onnx(), self.cfg.workload)
+            probes = {}
+            for (precision, (file, how, refused)), comparison in zip(made.items(), comparisons, strict=True):
+                quality = measure_quality(file, self.loaded.model, self.calib, self.cfg)
+                probe = probe_from(precision, sparsity, model, file, comparison.model, quality, how, comparison.speedup)
+                if sparsity == 0 and self.fused:  # what each layer's FFN takes at this precision: cut sizes follow
+                    widths = [self.adapter.widths(layer).ffn for layer in self.adapter.layers(model)]
+                    probe.extra["ffn_bytes"] = [asdict(layer) for layer in ffn_bytes(file, widths)]
+                probes[precision] = replace(probe, refused=refused)
+            return probes
         finally:
             shutil.rmtree(folder, ignore_errors=True)
+
+    def quantized(
+        self, model: nn.Module, fp32: Path, method: str, precision: str, folder: Path
+    ) -> tuple[Path, str, str]:
+        """(file, how it was made, why the export would refuse it or "") of the fp32 probe at `precision`."""
+        if precision == "fp32":
+            return fp32, method, ""
+        folder.mkdir(parents=True, exist_ok=True)
+        file = quantize_model(fp32, folder / f"model.{precision}.onnx", precision, self.cfg.block_size)
+        return file, f"{method} + {precision}", quantization_refusal(model, self.loaded.tokenizer, file, precision)
 
 
 def quantization_refusal(model: nn.Module, tokenizer, file: Path, precision: str) -> str:

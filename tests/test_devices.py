@@ -120,6 +120,20 @@ def test_against_alternates_and_reports_speedups(onnx_dirs):
         profiler.compare(onnx_dirs / "llama", onnx_dirs / "bert", SMALL)
 
 
+def test_several_models_compared_in_one_alternating_run_share_the_baselines_rounds(onnx_dirs):
+    """Each model's speedup is the median of its per-round ratios to the same rounds' baseline runs."""
+    from edgeprune.devices.profiler import paired_speedup
+
+    profiler = LocalProfiler(get_device("local"), runs=3, warmup=1)
+    llama = onnx_dirs / "llama"
+    first, second = profiler.compare_all([llama / "model.int4.onnx", llama], llama, SMALL)
+    assert first.baseline == second.baseline and len(first.baseline.samples["latency_ms"]) == 3
+    for comparison in (first, second):
+        latency = comparison.model.samples["latency_ms"], comparison.baseline.samples["latency_ms"]
+        assert comparison.speedup == paired_speedup(*latency)
+    assert first.model.model.endswith("model.int4.onnx") and second.model.model.endswith("model.onnx")
+
+
 # -- SSH, against a real OpenSSH server on loopback ----------------------------------------------------
 
 

@@ -168,6 +168,9 @@ class FileSizeProfiler:
     def compare(self, onnx: Path, baseline: Path, workload: Workload):
         return compare_results(self.profile(onnx, workload), self.profile(baseline, workload))
 
+    def compare_all(self, onnx: list[Path], baseline: Path, workload: Workload):
+        return [self.compare(file, baseline, workload) for file in onnx]
+
 
 # Every probe path of ProbeRunner: FFN-only cuts sliced from the dense graph, head cuts exported in
 # full, and sliced probes quantized (weight-only int8, dynamic int8).

@@ -9,7 +9,7 @@ import random
 import onnx
 import pytest
 
-from edgeprune.budget import Budget
+from edgeprune.budget import AUTO_PRECISIONS, Budget
 from edgeprune.devices.profiler import Comparison, ProfileResult, Stats, Workload
 from edgeprune.report import budget_lines, probe_speedup
 from edgeprune.run import RunConfig, run_job
@@ -34,6 +34,7 @@ class BytesProfiler:
 
     def __init__(self):
         self.dense_bytes: int | None = None
+        self.timed_together: list[int] = []  # files per alternating run against dense
 
     def ms(self, file) -> float:
         return DENSE_MS * onnx_bytes(file) / self.dense_bytes
@@ -46,6 +47,10 @@ class BytesProfiler:
         model, base = fake_result(onnx_file, self.ms(onnx_file)), fake_result(baseline, self.ms(baseline))
         return Comparison(model, base, self.ms(baseline) / self.ms(onnx_file), None, None)
 
+    def compare_all(self, onnx_files, baseline, workload):
+        self.timed_together.append(len(onnx_files))
+        return [self.compare(file, baseline, workload) for file in onnx_files]
+
 
 @pytest.fixture
 def calibration_file(tmp_path):
@@ -55,7 +60,7 @@ def calibration_file(tmp_path):
     return path
 
 
-def run(saved_llama, calibration_file, out, budgets, **options):
+def run(saved_llama, calibration_file, out, budgets, profiler=None, **options):
     cfg = RunConfig(
         budgets=budgets,
         model=str(saved_llama),
@@ -68,7 +73,7 @@ def run(saved_llama, calibration_file, out, budgets, **options):
         recover=False,  # recovery has its own tests (test_run, test_distill); here only the choice matters
         **options,
     )
-    return run_job(cfg, out, profiler=BytesProfiler())
+    return run_job(cfg, out, profiler=profiler or BytesProfiler())
 
 
 def shipped_ops(out) -> set[str]:
@@ -77,8 +82,11 @@ def shipped_ops(out) -> set[str]:
 
 def test_quantization_alone_wins_when_it_meets_the_budget(saved_llama, calibration_file, tmp_path):
     out = tmp_path / "run"
-    result = run(saved_llama, calibration_file, out, [Budget("speedup", 1.5)])
+    profiler = BytesProfiler()
+    result = run(saved_llama, calibration_file, out, [Budget("speedup", 1.5)], profiler=profiler)
     assert (result.final["precision"], result.final["sparsity"]) == ("int8", 0.0)
+    # the five quantization-only candidates were timed in one alternating run against dense
+    assert profiler.timed_together[0] == len(AUTO_PRECISIONS) - 1
     # a cut was only tried on fp32, the one precision closer to dense than int8 (and it lost on quality)
     assert {p["precision"] for p in result.probes if p["sparsity"] > 0} <= {"fp32"}
     int4 = next(p for p in result.probes if p["precision"] == "int4")

@@ -147,6 +147,8 @@ class Profiler(Protocol):
 
     def compare(self, onnx: Path, baseline: Path, workload: Workload) -> Comparison: ...
 
+    def compare_all(self, onnx: list[Path], baseline: Path, workload: Workload) -> list[Comparison]: ...
+
 
 def paired_speedup(model: list[float], baseline: list[float]) -> float | None:
     if not model:
@@ -293,8 +295,12 @@ class RunnerProfiler:
         return self.run([onnx], workload)[0]
 
     def compare(self, onnx: Path, baseline: Path, workload: Workload) -> Comparison:
-        model, base = self.run([onnx, baseline], workload)
-        return compare_results(model, base)
+        return self.compare_all([onnx], baseline, workload)[0]
+
+    def compare_all(self, onnx: list[Path], baseline: Path, workload: Workload) -> list[Comparison]:
+        """Each model against `baseline` from one alternating run of all of them (each round times every model)."""
+        *models, base = self.run([*onnx, baseline], workload)
+        return [compare_results(model, base) for model in models]
 
     def outputs(
         self,
