@@ -1010,8 +1010,8 @@ def finetune_head(
     out.print(f"{task} on {result['split']}, {result['n']} examples: {metrics}")
 
 
-def budgets_from_options(latency_ms, speedup, memory_mb, peak_mb, params) -> list:
-    """The budgets given on the command line; with none, the run's default budget."""
+def budgets_from_options(model: str | None, latency_ms, speedup, memory_mb, peak_mb, params) -> list:
+    """The budgets given on the command line; with none, the run's default budget for the model."""
     from edgeprune.budget import Budget
     from edgeprune.run import default_budgets
 
@@ -1019,7 +1019,7 @@ def budgets_from_options(latency_ms, speedup, memory_mb, peak_mb, params) -> lis
     budgets = [Budget(kind, limit) for kind, limit in given.items() if limit is not None]
     if params is not None:
         budgets.append(Budget("params", params))
-    return budgets or default_budgets()
+    return budgets or default_budgets(model)
 
 
 @main.command()
@@ -1027,8 +1027,12 @@ def budgets_from_options(latency_ms, speedup, memory_mb, peak_mb, params) -> lis
 @click.option("--device", cls=ConfigDefault, config=RUN, help="device profile name (see `edgeprune devices`)")
 @click.option("--device-file", multiple=True, type=click.Path(path_type=Path), help="extra device profile YAML")
 @click.option("--latency-ms", type=POSITIVE, help="budget: p50 latency of the workload on the device, at most")
-@click.option("--speedup", type=FiniteRange(min=1), help="budget: speedup over dense, at least (the default budget)")
-@click.option("--memory-mb", type=POSITIVE, help="budget: ONNX file size in MB, at most")
+@click.option(
+    "--speedup", type=FiniteRange(min=1), help="budget: speedup over dense, at least (default for a MODEL given: 1.3)"
+)
+@click.option(
+    "--memory-mb", type=POSITIVE, help="budget: ONNX file size in MB, at most (default for the default model: 120)"
+)
 @click.option("--peak-mb", type=POSITIVE, help="budget: peak resident memory while running, in MB, at most")
 @click.option("--params", type=click.IntRange(min=1), help="budget: parameter count, at most")
 @click.option("--criterion", cls=ConfigDefault, config=RUN, choices=criterion_names, help="criterion")
@@ -1102,7 +1106,7 @@ def run(model: str | None, output: Path, overwrite: bool, **options) -> None:
     from edgeprune.run import RunConfig, run_job
 
     limits = [options.pop(kind) for kind in ("latency_ms", "speedup", "memory_mb", "peak_mb", "params")]
-    budgets = budgets_from_options(*limits)
+    budgets = budgets_from_options(model, *limits)
     recovery = {name.removeprefix("recover_"): options.pop(name) for name in RUN_RECOVERY}
     options["device_files"] = tuple(options.pop("device_file"))
     options["criterion_options"] = parse_criterion_options(options["criterion_options"])

@@ -158,6 +158,7 @@ def test_run_and_recover_without_options_are_their_configs_defaults(saved_llama,
     """What a Python caller of RunConfig() / RecoveryConfig() gets is what the CLI gets."""
     import edgeprune.recover
     import edgeprune.run
+    from edgeprune.budget import Budget
     from edgeprune.recover import RecoveryConfig
     from edgeprune.run import RunConfig, default_budgets
 
@@ -173,6 +174,8 @@ def test_run_and_recover_without_options_are_their_configs_defaults(saved_llama,
     monkeypatch.setattr(edgeprune.run, "run_job", capture("run"))
     monkeypatch.setattr(edgeprune.recover, "recover_folder", capture("recover"))
     assert "captured" in run("run", str(saved_llama), "-o", str(tmp_path / "run")).output
-    assert seen["run"][0] == RunConfig(budgets=default_budgets(), model=str(saved_llama))
+    assert seen["run"][0] == RunConfig(budgets=default_budgets(str(saved_llama)), model=str(saved_llama))
+    assert seen["run"][0] == RunConfig(model=str(saved_llama))  # a MODEL given: a 1.3x speedup
+    assert RunConfig().budgets == [Budget("memory_mb", 120.0)]  # the default model: a file it must be cut to fit
     assert "captured" in run("recover", str(saved_llama), "-o", str(tmp_path / "rec")).output
     assert seen["recover"][3] == RecoveryConfig()
