@@ -115,7 +115,8 @@ def main() -> None:
         }
         rows.append(append_result(OUT, row))
         print(row, flush=True)
-    print("\n| method | batch | seconds | CPU s | new tokens | new tokens/s | teacher NLL/token | KL(teacher‖sampler) | load |")
+    header = "method | batch | seconds | CPU s | new tokens | tokens/s | teacher NLL | KL(teacher‖sampler) | load"
+    print(f"\n| {header} |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
