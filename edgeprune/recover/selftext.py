@@ -44,7 +44,7 @@ class SelfTextConfig:
     new_tokens: int = 96
     temperature: float = 1.0  # the teacher's own distribution: what the student is asked to match
     top_p: float = 0.95
-    batch_size: int = 16
+    batch_size: int = 64  # rows that stop leave the batch, so a wide batch wastes nothing
     seed: int = 0
 
     def __post_init__(self) -> None:
