@@ -7,7 +7,8 @@ held-out tail, and packaged instructions), 96 new tokens, temperature 1.0, top-p
 seconds, new tokens/s, and two checks that the sampling distribution is unchanged: the float32 teacher's
 NLL per token of the written continuations (what the student will be asked to match; sampling from the
 teacher's own distribution gives its entropy), and the mean KL(float32 teacher || sampler) per continuation
-token over the same text (0 for a float32 sampler). Appends to benchmarks/out/bench_selftext.json.
+token over the same text (0 for a float32 sampler), both on the first `--check-samples` rows.
+Appends to benchmarks/out/bench_selftext.json.
 """
 
 from __future__ import annotations
@@ -55,8 +56,8 @@ def hf_generate(teacher, tokenizer, prompts: list[str], config: SelfTextConfig) 
     return continuations
 
 
-def text_checks(teacher, sampler, tokenizer, prompts: list[str], continuations: list[str]) -> tuple[float, float, int]:
-    """(teacher NLL per continuation token, mean KL(teacher || sampler) per token, continuation tokens)."""
+def text_checks(teacher, sampler, tokenizer, prompts: list[str], continuations: list[str]) -> tuple[float, float]:
+    """(teacher NLL per continuation token, mean KL(teacher || sampler) per token)."""
     nll, kl, count = 0.0, 0.0, 0
     with torch.inference_mode():
         for prompt, new in zip(prompts, continuations, strict=True):
@@ -70,7 +71,7 @@ def text_checks(teacher, sampler, tokenizer, prompts: list[str], continuations: 
             nll -= logp.gather(-1, ids[0, len(head) :, None]).sum().item()
             kl += (logp.exp() * (logp - logq)).sum().item()
             count += len(tail)
-    return nll / count, kl / count, count
+    return nll / count, kl / count
 
 
 def main() -> None:
@@ -104,7 +105,7 @@ def main() -> None:
         seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu
         n = args.check_samples
         new_tokens = sum(len(tokenizer(c, add_special_tokens=False)["input_ids"]) for c in continuations)
-        nll, kl, _ = text_checks(teacher, sampling_model(teacher), tokenizer, prompts[:n], continuations[:n])
+        nll, kl = text_checks(teacher, sampling_model(teacher), tokenizer, prompts[:n], continuations[:n])
         row = {
             "method": method,
             "batch": config.batch_size,
