@@ -20,7 +20,7 @@ from edgeprune.checkpoint import load_pruned, save_pruned
 from edgeprune.cli import main
 from edgeprune.errors import EdgepruneError
 from edgeprune.recover import RecoveryConfig, SelfTextConfig, load_recovery_data, recover, recover_folder
-from edgeprune.recover.selftext import draw_prompts, write_self_text
+from edgeprune.recover.selftext import draw_prompts, sample_batch, sample_top_p, write_self_text
 from edgeprune.recover.teacher import distill_loss, kl_full, kl_top_k
 
 ZERO_TOL = 1e-5  # float32 log-softmax differences of equal logits, relative to KL values of order 0.1-1
@@ -166,6 +166,54 @@ def test_self_text_written_for_a_teacher_hash_is_reused_by_any_later_folder(llam
         assert len(calls) == 2  # another teacher, another prompt text: written anew
     finally:
         selftext.sample_continuations = generate
+
+
+def test_top_p_sampling_with_a_tiny_nucleus_or_temperature_is_greedy():
+    logits = random_logits(5, (40, 600))
+    seed = torch.Generator().manual_seed(0)
+    assert torch.equal(sample_top_p(logits, 1.0, 1e-6, seed), logits.argmax(-1))
+    assert torch.equal(sample_top_p(logits, 1e-4, 0.95, seed), logits.argmax(-1))
+
+
+@pytest.mark.parametrize("top_p", [0.95, 1.0])
+def test_top_p_sampling_draws_the_nucleus_of_the_tempered_softmax(top_p):
+    """Nuclei inside the first 64 candidates, inside 512, and wider: HF's TopPLogitsWarper says which tokens stay.
+
+    20,000 draws per row; every token's frequency within 5 binomial standard deviations of its probability
+    (1,800 tokens: a chance failure about 1 in 1,000 for a correct sampler) and no token outside the nucleus.
+    """
+    from transformers.generation.logits_process import TopPLogitsWarper
+
+    draws, temperature = 20_000, 0.7
+    decay = torch.tensor([0.5, 0.01, 0.001])[:, None] * temperature  # nucleus of ~6, ~300, ~570 of 600 tokens
+    logits = -decay * torch.arange(600.0)
+    warped = logits / temperature if top_p >= 1 else TopPLogitsWarper(top_p)(None, logits / temperature)
+    expected = warped.softmax(-1).double()  # double: the binomial bound of a 1e-42 probability is no underflow
+    tokens = sample_top_p(logits.repeat_interleave(draws, 0), temperature, top_p, torch.Generator().manual_seed(1))
+    counts = torch.zeros(3, 600).index_put_(
+        (torch.arange(3).repeat_interleave(draws), tokens), torch.ones(3 * draws), accumulate=True
+    )
+    frequency = counts.double() / draws
+    assert torch.all((frequency - expected).abs() <= 5 * (expected * (1 - expected) / draws).sqrt())
+    assert torch.all(counts[expected == 0] == 0) and (expected[1] > 0).sum() > 64
+
+
+def test_sampled_batch_with_a_tiny_nucleus_is_each_prompt_greedy_alone_up_to_the_stop_token(llama):
+    """Left padding, positions, and rows leaving the batch at the stop token change nothing a row would write alone."""
+    prompts = [[11, 12, 13, 14, 15, 16], [20, 30], [40, 41, 42, 43]]
+    config = SelfTextConfig(new_tokens=10, top_p=1e-6)
+    with torch.inference_mode():
+        alone = [
+            llama.generate(torch.tensor([p]), do_sample=False, max_new_tokens=10)[0, len(p) :].tolist() for p in prompts
+        ]
+    stop = alone[0][2]  # the first prompt stops after 3 tokens; the others where they write it, if they do
+    expected = [row[: row.index(stop) + 1] if stop in row else row for row in alone]
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    with torch.inference_mode():
+        assert sample_batch(llama, ids, mask, config, stop, seed=0) == expected
+    assert len(expected[0]) == 3 and max(map(len, expected)) > 3
 
 
 @pytest.fixture

@@ -1,17 +1,19 @@
 """Recovery text when the user gives none: the dense model writes it, or the calibration text is used.
 
 `default_data` is the one place that decides what recovery trains on without `--data`:
-with a teacher, `write_self_text` samples the teacher's continuations (temperature, top-p,
-seeded per batch, batched with the KV cache) of prompts drawn from the calibration text minus
-its held-out tail and of packaged short instructions (`data/instructions.txt`, through the
-tokenizer's chat template when it has one); without one, the calibration text minus its tail.
-Either is written once into a work folder as JSONL rows (`prompt`, `text`) or text and reused
-when the same settings and teacher ask for it again; self-written text is also kept in the shared
-cache ($EDGEPRUNE_CACHE/self_text), keyed by the teacher's hash, the settings and the prompt text.
+with a teacher, `write_self_text` samples the teacher's continuations (temperature, exact top-p,
+seeded per batch, in a loop over the model and its KV cache, bf16 where the CPU has it) of prompts
+drawn from the calibration text minus its held-out tail and of packaged short instructions
+(`data/instructions.txt`, through the tokenizer's chat template when it has one); without one,
+the calibration text minus its tail. Either is written once into a work folder as JSONL rows
+(`prompt`, `text`) or text and reused when the same settings and teacher ask for it again;
+self-written text is also kept in the shared cache ($EDGEPRUNE_CACHE/self_text), keyed by the
+teacher's hash, the settings, the sampler and the prompt text.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import random
@@ -20,7 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from edgeprune.calibration import PACKAGED_TEXT, heldout_start, tokenize_text
 from edgeprune.errors import EdgepruneError
@@ -30,6 +32,7 @@ from edgeprune.recover.data import alpaca_prompt
 INSTRUCTIONS = Path(__file__).resolve().parents[1] / "data" / "instructions.txt"
 SELF_TEXT_FILE, SELF_TEXT_META = "self_text.jsonl", "self_text.json"
 HEAD_TEXT_FILE = "recovery.txt"
+SAMPLER = "nucleus-loop-v2"  # in the cache key: text written by another sampler is not reused as equal
 
 
 @dataclass
@@ -42,7 +45,7 @@ class SelfTextConfig:
     new_tokens: int = 96
     temperature: float = 1.0  # the teacher's own distribution: what the student is asked to match
     top_p: float = 0.95
-    batch_size: int = 16
+    batch_size: int = 64  # rows that stop leave the batch, so a wide batch wastes nothing
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -84,9 +87,80 @@ def draw_prompts(prompt_text: str, tokenizer: PreTrainedTokenizerBase, config: S
     return prompts
 
 
-def cut_at_eos(ids: list[int], eos: int | None) -> list[int]:
-    """Generated ids up to and including the first EOS (what follows is padding)."""
-    return ids[: ids.index(eos) + 1] if eos is not None and eos in ids else ids
+def sampling_dtype(device: torch.device) -> torch.dtype:
+    """bfloat16 where the CPU has bf16 matmuls (oneDNN), else float32."""
+    return torch.bfloat16 if device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
+
+
+def sampling_model(teacher: PreTrainedModel) -> PreTrainedModel:
+    """The teacher as `sample_continuations` runs it: a copy in bfloat16 where the CPU has bf16 matmuls.
+
+    bf16 matmuls run about twice as fast (benchmarks/bench_selftext.py: the float32 teacher's NLL of
+    the text unchanged, KL(float32 || bf16) about 0.001 nats/token); eager attention because a decode
+    step has one query per row, where SDPA's CPU kernel costs more than the product it computes.
+    """
+    model = copy.deepcopy(teacher).to(sampling_dtype(teacher.device))
+    model.set_attn_implementation("eager")
+    return model.eval()
+
+
+def sample_top_p(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> torch.Tensor:
+    """One token per row from softmax(logits / temperature) restricted to its top-p nucleus (exact).
+
+    The nucleus is the smallest set of most likely tokens whose mass reaches `top_p` (as HF's
+    TopPLogitsWarper keeps it). Sorting a 49k vocabulary per row costs more than the model's step,
+    so candidates come from `topk`, 64 first and 8 times more for the rows whose candidates hold
+    less than `top_p`: a row is sampled only once its whole nucleus is among its candidates.
+    """
+    probs = (logits.float() / temperature).softmax(-1)
+    vocab = probs.shape[-1]
+    if top_p >= 1:
+        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    tokens = torch.empty(len(probs), dtype=torch.long, device=probs.device)
+    rows, k = torch.arange(len(probs), device=probs.device), 64
+    while len(rows):
+        k = min(k, vocab)
+        top, index = probs[rows].topk(k, dim=-1)
+        whole = (top.sum(-1) >= top_p) | (k == vocab)
+        top, index = top[whole], index[whole]
+        weights = top.masked_fill(top.cumsum(-1) - top >= top_p, 0)  # mass before a token reached top_p: out
+        tokens[rows[whole]] = index.gather(-1, torch.multinomial(weights, 1, generator=generator)).squeeze(-1)
+        rows, k = rows[~whole], k * 8
+    return tokens
+
+
+def sample_batch(
+    model: PreTrainedModel, ids: torch.Tensor, mask: torch.Tensor, config: SelfTextConfig, stop: int | None, seed: int
+) -> list[list[int]]:
+    """The sampled continuation ids of a left-padded batch, each up to `stop` or `config.new_tokens`.
+
+    A hand-written loop over the model and its KV cache: rows that reached `stop` leave the batch.
+    """
+    generator = torch.Generator(device=ids.device).manual_seed(seed)
+    position = (mask.cumsum(-1) - 1).clamp(min=0)
+    cache = DynamicCache()
+    written: list[list[int]] = [[] for _ in range(len(ids))]
+    alive = torch.arange(len(ids), device=ids.device)
+    logits = model(
+        input_ids=ids, attention_mask=mask, position_ids=position, past_key_values=cache, logits_to_keep=1
+    ).logits[:, -1]
+    for _ in range(config.new_tokens):
+        tokens = sample_top_p(logits, config.temperature, config.top_p, generator)
+        for row, token in zip(alive.tolist(), tokens.tolist(), strict=True):
+            written[row].append(token)
+        going = tokens != stop if stop is not None else torch.ones_like(tokens, dtype=torch.bool)
+        if not going.all():
+            if not going.any():
+                break
+            keep = going.nonzero().squeeze(-1)
+            cache.batch_select_indices(keep)
+            alive, tokens, mask, position = alive[keep], tokens[keep], mask[keep], position[keep]
+        mask = torch.cat([mask, mask.new_ones(len(mask), 1)], dim=-1)
+        position = position[:, -1:] + 1
+        logits = model(
+            input_ids=tokens[:, None], attention_mask=mask, position_ids=position, past_key_values=cache
+        ).logits[:, -1]
+    return written
 
 
 def sample_continuations(
@@ -94,34 +168,25 @@ def sample_continuations(
 ) -> list[str]:
     """The teacher's sampled continuation of each prompt, batched (left-padded) with the KV cache.
 
-    Each batch draws from its own seed, so the text depends on the seed and the settings only.
+    Prompts are batched by token length (less padding to compute), each batch from its own seed,
+    so the text depends on the seed and the settings only.
     """
-    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    model = sampling_model(teacher)
+    encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    continuations = []
-    try:
-        for number, start in enumerate(range(0, len(prompts), config.batch_size)):
-            encoded = tokenizer(
-                prompts[start : start + config.batch_size], return_tensors="pt", padding=True, add_special_tokens=False
-            )
-            batch = {k: encoded[k].to(teacher.device) for k in ("input_ids", "attention_mask")}
-            torch.manual_seed(config.seed * 1_000_003 + number)
-            with torch.no_grad():
-                out = teacher.generate(
-                    **batch,
-                    do_sample=True,
-                    temperature=config.temperature,
-                    top_p=config.top_p,
-                    top_k=0,
-                    max_new_tokens=config.new_tokens,
-                    pad_token_id=pad,
-                    use_cache=True,
-                )
-            for ids in out[:, batch["input_ids"].shape[1] :].tolist():
-                continuations.append(tokenizer.decode(cut_at_eos(ids, tokenizer.eos_token_id)))
-    finally:
-        tokenizer.padding_side = side
-    return continuations
+    continuations: dict[int, str] = {}
+    with torch.inference_mode():
+        for number, start in enumerate(range(0, len(order), config.batch_size)):
+            batch = order[start : start + config.batch_size]
+            width = max(len(encoded[i]) for i in batch)
+            ids = torch.tensor([[pad] * (width - len(encoded[i])) + encoded[i] for i in batch], device=teacher.device)
+            mask = torch.tensor([[0] * (width - len(encoded[i])) + [1] * len(encoded[i]) for i in batch])
+            seed = config.seed * 1_000_003 + number
+            written = sample_batch(model, ids, mask.to(teacher.device), config, tokenizer.eos_token_id, seed)
+            for i, new in zip(batch, written, strict=True):
+                continuations[i] = tokenizer.decode(new)
+    return [continuations[i] for i in range(len(prompts))]
 
 
 def written_for(folder: Path, meta: dict) -> bool:
@@ -161,7 +226,8 @@ def write_self_text(
     """
     path = work / SELF_TEXT_FILE
     text_sha = hashlib.sha256(prompt_text.encode()).hexdigest()
-    meta = {"teacher": teacher_hash, **asdict(config), "prompt_text_sha256": text_sha}
+    sampler = f"{SAMPLER}-{str(sampling_dtype(teacher.device)).removeprefix('torch.')}"
+    meta = {"teacher": teacher_hash, **asdict(config), "prompt_text_sha256": text_sha, "sampler": sampler}
     if written_for(work, meta):
         return path
     shared = shared_folder(meta) if teacher_hash else None
