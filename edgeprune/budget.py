@@ -342,7 +342,8 @@ def search_candidates(
         )
     best = min(winners, key=quality_rank)
     how = "without pruning" if best.sparsity == 0 else "pruned"
-    return SearchResult(best, dense, search.order, search.measured, winners, choice_reason(best, winners, how))
+    reason = choice_reason(best, winners, how) + (f"; not shipped: {'; '.join(misses)}" if misses else "")
+    return SearchResult(best, dense, search.order, search.measured, winners, reason)
 
 
 def lightest_cut_first(unpruned: list[Probe], dense: Probe, budgets: list[Budget]) -> list[Probe]:

@@ -234,6 +234,7 @@ def test_budget_only_pruning_plus_quantization_meets_is_met_with_both(tmp_path):
     assert set(pruned) == {"int4"} and result.best.precision == "int4"
     int8_needs = (1 - (1.4 / 2.0) ** (1 / 1.3)) / 0.6  # where int8 reaches 2.0x: what skipping it gave up
     assert QUANT_DIVERGENCE["int8"] + int8_needs**2 > result.best.divergence
+    assert "not shipped: " in result.reason and "int8: cannot beat int4" in result.reason  # the report says why
 
 
 def test_precision_restriction_is_obeyed(tmp_path):
