@@ -456,16 +456,12 @@ def parameters_at(model: nn.Module, adapter: FamilyAdapter, scores: GroupScores,
 def file_size_at(model: nn.Module, adapter: FamilyAdapter, scores: GroupScores, cfg: RunConfig) -> SizeModel:
     """A cut file's MB predicted from its precision's unpruned probe and the width plan (FFN-only cuts of a
     graph whose unpruned probe recorded its per-layer FFN bytes; None otherwise)."""
-    layers = adapter.layers(model)
-    dense = [adapter.widths(layer) for layer in layers]
 
     def size(start: Probe, sparsity: float) -> float | None:
         recorded = start.extra.get("ffn_bytes")
-        if not recorded or start.onnx_mb is None:
+        if not recorded or start.onnx_mb is None or "heads" in cfg.targets:
             return None
         plan = plan_widths(model, adapter, scores, cfg.spec(sparsity))
-        if any(w.heads != d.heads for w, d in zip(plan, dense, strict=True)):
-            return None
         return cut_file_megabytes(start.onnx_mb, [FfnBytes(**layer) for layer in recorded], [w.ffn for w in plan])
 
     return size

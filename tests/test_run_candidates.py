@@ -155,3 +155,22 @@ def test_fusable_decoder_is_searched_and_shipped_as_the_fused_graph(tmp_path, ca
     assert methods[0] == "dense export (fused)" and set(methods[1:]) == {"fused, from dense"}
     assert result.final["sparsity"] > 0 and result.met
     assert "GroupQueryAttention" in shipped_ops(out) and (out / "onnx" / "genai_config.json").is_file()
+
+
+def test_a_size_budget_is_met_by_the_first_cut_probe_aimed_from_the_unpruned_file(tmp_path, calibration_file):
+    """The fused graph's per-layer FFN bytes predict the cut file: one cut probe lands just under the budget, and
+    the shipped build of the same cut is no larger than the probe the search measured."""
+    pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai not installed (export --fused needs it)")
+    from edgeprune.budget import SIZE_RTOL
+    from tests.conftest import make_tokenizer
+    from tests.test_fused import fusable_llama
+
+    folder = tmp_path / "fusable"
+    fusable_llama(cut=False).save_pretrained(folder)
+    make_tokenizer().save_pretrained(folder)
+    unpruned = run(folder, calibration_file, tmp_path / "whole", [Budget("memory_mb", 100.0)], precision="int8")
+    limit = 0.85 * unpruned.final["onnx_mb"]
+    result = run(folder, calibration_file, tmp_path / "run", [Budget("memory_mb", limit)], precision="int8")
+    cuts = [p for p in result.probes if p["sparsity"] > 0]
+    assert len(cuts) == 1 and limit * (1 - SIZE_RTOL) <= cuts[0]["onnx_mb"] <= limit
+    assert result.met and result.final["onnx_mb"] <= cuts[0]["onnx_mb"] and result.final["precision"] == "int8"

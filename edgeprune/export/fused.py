@@ -32,6 +32,8 @@ from edgeprune.export.files import save_onnx
 
 GENAI_CONFIG = "genai_config.json"
 FUSED_FAMILIES = ("llama",)  # model_type values whose decoder the builder's LlamaModel expresses
+LAYER_NAME = re.compile(r"layers[./]\d+[./]")  # any name of a layer's, as the builder writes them
+FFN_TENSOR = re.compile(r"layers[./](\d+)[./]mlp[./]")  # the builder's FFN initializers, before and after quantizing
 
 
 def genai_builder():
@@ -110,6 +112,7 @@ def build_fused(model: PreTrainedModel, folder: Path) -> Path:
             builder.make_model("")
             builder.save_model(str(scratch))
             graph = onnx.load(str(scratch / builder.filename))  # weights in model.onnx.data beside it
+            drop_layer_shapes(graph.graph)
             save_onnx(graph, folder / builder.filename)
             model.config.save_pretrained(folder)  # what Optimum writes too: evaluation and generate read them
             model.generation_config.save_pretrained(folder)
@@ -139,12 +142,13 @@ def write_fused_probe(dense_fused: Path, out_file: Path, model: PreTrainedModel)
 
     Each layer's projections are replaced by the cut model's own weights (any neurons or query
     heads cut, compensated values included), each GroupQueryAttention gets its layer's head count,
-    and the stale shape annotations of changed layers are dropped (ONNX Runtime infers them). The
+    and the layers' shape annotations are dropped, as in every fused build (`drop_layer_shapes`). The
     embedding, norms and lm_head are the dense graph's, so only FFN and query-head cuts qualify.
     """
     check_fusable(model)
     graph_model = onnx.load(str(dense_fused))
     graph = graph_model.graph
+    drop_layer_shapes(graph)  # a dense graph built before they were dropped
     initializers = {init.name: init for init in graph.initializer}
     attention = {n.name: n for n in graph.node if n.op_type == "GroupQueryAttention"}
     size = head_dim(model.config)
@@ -156,12 +160,15 @@ def write_fused_probe(dense_fused: Path, out_file: Path, model: PreTrainedModel)
             initializers[name].CopyFrom(numpy_helper.from_array(array, name))
         gqa = attention[f"/model/layers.{index}/attn/GroupQueryAttention"]
         next(a for a in gqa.attribute if a.name == "num_heads").i = layer.self_attn.q_proj.out_features // size
-        for info in [v for v in graph.value_info if f"layers.{index}." in v.name or f"layers.{index}/" in v.name]:
-            graph.value_info.remove(info)
     return save_onnx(graph_model, out_file)
 
 
-FFN_TENSOR = re.compile(r"layers[./](\d+)[./]mlp[./]")  # the builder's FFN initializers, before and after quantizing
+def drop_layer_shapes(graph: onnx.GraphProto) -> None:
+    """Remove the layers' shape annotations (ONNX Runtime infers them): a probe's cut widths would make them
+    stale, and without them a probe written into the dense graph is, byte for byte, as large as the cut model's
+    own build, so the size a budget search measured on the probe is the size that ships."""
+    for info in [v for v in graph.value_info if LAYER_NAME.search(v.name)]:
+        graph.value_info.remove(info)
 
 
 def tensor_bytes(tensor: onnx.TensorProto) -> int:
