@@ -106,7 +106,7 @@ def main() -> None:
             *map(str, (r["cut"], r["dtype"], r["steps"], r["tokens_per_s"], r["val_kl_before"], r["val_kl_best"])),
             *map(str, (r["ppl_dense"], r["ppl_before"], r["ppl_after"])),
         )
-    Console().print(table)
+    Console(width=160).print(table)
     for r in rows:
         equal = r["val_kl_at_common_steps"]
         print(f"cut {r['cut']} {r['dtype']}: KL at equal steps {equal} (load {r['load_average_1m']})")
