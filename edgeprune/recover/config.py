@@ -26,7 +26,9 @@ class RecoveryConfig:
     `top_k` tokens with the rest lumped into one), plus `lm_weight` times the LM loss.
     `precision`: the matmuls of training steps (student forward/backward under autocast, the
     teacher as a copy in that dtype); weights, LoRA parameters, optimizer, losses and held-out
-    evaluation stay float32.
+    evaluation stay float32. float32 by default: on `run`'s 6.7% cut bfloat16 steps (1.4x the tokens per
+    second) reached a lower held-out KL but left the held-out perplexity where it was (40.7, float32: 40.3;
+    benchmarks/RESULTS.md, bench_recover_bf16.py); at a 25% cut bfloat16 was better on both.
     """
 
     rank: int = 8
@@ -49,7 +51,7 @@ class RecoveryConfig:
     temperature: float = 1.0
     top_k: int | None = None
     lm_weight: float = 0.0
-    precision: str = "auto"
+    precision: str = "float32"
 
     def __post_init__(self) -> None:
         if self.steps is not None and self.epochs is not None:
