@@ -13,6 +13,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from conftest import VOCAB, tiny_llama
+from safetensors.torch import load_file
 from test_recover import FAST, free_port, prune_non_uniform, write_pattern_text
 
 from edgeprune.calibration import heldout_start, tokenize_text
@@ -21,9 +22,10 @@ from edgeprune.cli import main
 from edgeprune.errors import EdgepruneError
 from edgeprune.recover import RecoveryConfig, SelfTextConfig, load_recovery_data, recover, recover_folder
 from edgeprune.recover.selftext import draw_prompts, sample_batch, sample_top_p, write_self_text
-from edgeprune.recover.teacher import distill_loss, kl_full, kl_top_k
+from edgeprune.recover.teacher import distill_loss, kl_full, kl_top_k, objective_for
 
 ZERO_TOL = 1e-5  # float32 log-softmax differences of equal logits, relative to KL values of order 0.1-1
+BF16_REL = 0.02  # bfloat16 keeps 8 significant bits (0.4% per rounding), compounded over 4 layers and the logits
 
 
 @pytest.fixture
@@ -89,6 +91,53 @@ def test_distilled_student_moves_toward_the_teacher_on_held_out_tokens(
     record = result.record
     assert record.teacher == "tiny" and 0 < record.teacher_share < 1 and record.tokens_per_s_per_process[0] > 0
     assert record.val_loss_best < record.val_loss_before  # the held-out objective is the KL too
+
+
+def test_training_batches_run_in_bfloat16_and_evaluation_batches_in_float32(llama, tokenizer, pattern_text):
+    student = copy.deepcopy(llama)
+    prune_non_uniform(student)
+    tokens = tokenize_text(tokenizer, pattern_text.read_text())[:96].view(4, 24)
+    batch = {"input_ids": tokens, "attention_mask": torch.ones_like(tokens), "labels": tokens}
+    cpu = torch.device("cpu")
+    exact = objective_for(student, llama, RecoveryConfig(precision="float32"), cpu)
+    low = objective_for(student, copy.deepcopy(llama), RecoveryConfig(precision="bfloat16"), cpu)
+    assert exact.low_teacher is None and {p.dtype for p in low.low_teacher.parameters()} == {torch.bfloat16}
+    reference = exact(student, batch).item()
+    assert low(student, batch, train=False).item() == reference  # evaluation: float32 throughout
+    loss = low(student, batch)
+    loss.backward()
+    assert loss.dtype == torch.float32 and loss.item() != reference
+    assert loss.item() == pytest.approx(reference, rel=BF16_REL)
+    assert all(p.grad.dtype == torch.float32 for p in student.parameters() if p.grad is not None)
+    with pytest.raises(EdgepruneError, match="--precision"):
+        RecoveryConfig(precision="float16")
+
+
+def test_bfloat16_distillation_moves_the_student_toward_the_teacher_like_float32(
+    llama, tokenizer, pattern_text, tmp_path
+):
+    """The adapters and AdamW moments stay float32 (read from the checkpoint); the record names the dtype."""
+    teacher, student = llama, copy.deepcopy(llama)
+    prune_non_uniform(student)
+    heldout = tokenize_text(tokenizer, write_pattern_text(tmp_path / "heldout", seed=1).read_text())[:96].view(4, 24)
+    before = heldout_kl(student, teacher, heldout)
+    gains = {}
+    for precision in ("float32", "bfloat16"):
+        config = RecoveryConfig(steps=15, save_every=15, precision=precision, **FAST)
+        data = load_recovery_data(pattern_text, tokenizer, student, config)
+        work = tmp_path / precision
+        result = recover(
+            copy.deepcopy(student), tokenizer, data, config, work_dir=work, teacher=teacher, teacher_id="t"
+        )
+        assert result.record.as_dict()["dtype"] == precision
+        gains[precision] = before - heldout_kl(result.model, teacher, heldout)
+        assert {p.dtype for p in result.model.parameters()} == {torch.float32}
+        adapters = load_file(work / "checkpoint" / "weights.safetensors")
+        assert adapters and {t.dtype for t in adapters.values()} == {torch.float32}
+        optimizer = torch.load(work / "checkpoint" / "optimizer.pt", weights_only=True)["state"]
+        moments = [t for state in optimizer.values() for name, t in state.items() if name.startswith("exp_avg")]
+        assert len(moments) == 2 * len(adapters) and {t.dtype for t in moments} == {torch.float32}
+    assert gains["float32"] > 0.1 * before and gains["bfloat16"] > 0.8 * gains["float32"], (before, gains)
 
 
 def test_distillation_refuses_an_encoder_or_a_foreign_vocabulary(llama, bert, tokenizer, pattern_text):
@@ -232,7 +281,9 @@ class Interrupt(Exception):
 @pytest.mark.parametrize("method", ["full", "lora"])
 def test_distillation_resumed_after_interruption_gives_the_uninterrupted_losses(method, dense_and_pruned, tmp_path):
     dense, pruned = dense_and_pruned
-    config = RecoveryConfig(method=method, steps=6, save_every=2, **{**FAST, "eval_every": 3, "lr": 3e-3})
+    config = RecoveryConfig(
+        method=method, steps=6, save_every=2, precision="bfloat16", **{**FAST, "eval_every": 3, "lr": 3e-3}
+    )
     small = SelfTextConfig(samples=40, prompt_tokens=8, new_tokens=24, batch_size=8)
 
     def distill(out: Path, **kwargs):
@@ -295,3 +346,4 @@ def test_two_process_distillation_replicates_the_teacher_and_reports_tokens_per_
     assert recovery["processes"] == 2 and len(recovery["tokens_per_s_per_process"]) == 2
     assert all(rate > 0 for rate in recovery["tokens_per_s_per_process"])
     assert recovery["data"].startswith("self-generated") and recovery["val_loss_best"] < recovery["val_loss_before"]
+    assert recovery["dtype"] == "float32"  # the default precision

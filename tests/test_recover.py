@@ -316,7 +316,8 @@ class Interrupt(Exception):
 
 
 def test_resume_continues_from_saved_step(pruned_dir, pattern_text, tmp_path):
-    config = RecoveryConfig(steps=6, save_every=2, **{**FAST, "eval_every": 3})
+    """In float32; the distillation resume test runs bfloat16 steps (both deterministic on a CPU)."""
+    config = RecoveryConfig(steps=6, save_every=2, precision="float32", **{**FAST, "eval_every": 3})
     full = recover_folder(str(pruned_dir), str(pattern_text), tmp_path / "full", config)
 
     def stop_at_3(report):

@@ -5,10 +5,16 @@ that carries a label: KL(p_teacher || p_student) at temperature T, times T² so 
 their scale across temperatures (Hinton et al.). With `top_k` only the teacher's k most likely
 tokens are compared one by one and the rest of the vocabulary is lumped into one outcome on
 both sides, which is all a cache of the teacher's top-k would hold.
+
+Training steps may run their matmuls in bfloat16 (`training_dtype`): the student under autocast
+over its float32 weights, the teacher as a bfloat16 copy; logits are cast to float32 before any
+softmax, and held-out evaluation runs wholly in float32 with the float32 teacher.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import time
 from dataclasses import dataclass
 
@@ -20,6 +26,7 @@ from edgeprune.errors import EdgepruneError
 from edgeprune.models import CAUSAL_LM, model_kind
 from edgeprune.recover.config import RecoveryConfig
 from edgeprune.recover.data import IGNORE
+from edgeprune.recover.selftext import sampling_dtype
 
 LUMP_MAX_LOG_MASS = -1e-6  # log of the top-k mass is kept below 0 so log(1 - mass) stays finite
 
@@ -59,33 +66,58 @@ def distill_loss(
     return kl.mean() * temperature**2
 
 
+def training_dtype(config: RecoveryConfig, device: torch.device) -> torch.dtype:
+    """The matmul dtype of training steps: `config.precision`, `auto` deciding by the hardware."""
+    if config.precision == "auto":
+        return sampling_dtype(device)
+    return getattr(torch, config.precision)
+
+
 @dataclass
 class Objective:
-    """The loss of one batch: the model's own LM loss, or distillation from `teacher` (no gradient into it)."""
+    """The loss of one batch: the model's own LM loss, or distillation from `teacher` (no gradient into it).
+
+    Training batches (`train=True`) run in `dtype`: autocast for the student, `low_teacher` (the
+    teacher in `dtype`) for the targets; evaluation batches in float32 with `teacher`.
+    """
 
     teacher: nn.Module | None = None
     temperature: float = 1.0
     top_k: int | None = None
     lm_weight: float = 0.0
-    teacher_seconds: float = 0.0  # time spent in the teacher's forward passes, for the record
+    teacher_seconds: float = 0.0  # time spent in the teacher's forward passes of training steps, for the record
+    dtype: torch.dtype = torch.float32
+    low_teacher: nn.Module | None = None
 
-    def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        if self.teacher is None:
-            return model(**batch).loss
-        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-        output = model(**inputs, labels=batch["labels"]) if self.lm_weight else model(**inputs)
-        started = time.perf_counter()
-        with torch.no_grad():
-            teacher_logits = self.teacher(**inputs).logits
-        self.teacher_seconds += time.perf_counter() - started
+    def precision(self, device: torch.device, train: bool) -> contextlib.AbstractContextManager:
+        """Autocast to `dtype` for a training batch, nothing otherwise."""
+        if not train or self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=self.dtype)
+
+    def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor], train: bool = True) -> torch.Tensor:
+        with self.precision(batch["input_ids"].device, train):
+            if self.teacher is None:
+                return model(**batch).loss.float()
+            inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+            output = model(**inputs, labels=batch["labels"]) if self.lm_weight else model(**inputs)
+            teacher = self.low_teacher if train and self.low_teacher is not None else self.teacher
+            started = time.perf_counter()
+            with torch.no_grad():
+                teacher_logits = teacher(**inputs).logits
+            if train:
+                self.teacher_seconds += time.perf_counter() - started
         loss = distill_loss(output.logits, teacher_logits, batch["labels"], self.temperature, self.top_k)
-        return loss + self.lm_weight * output.loss if self.lm_weight else loss
+        return loss + self.lm_weight * output.loss.float() if self.lm_weight else loss
 
 
-def objective_for(student: nn.Module, teacher: nn.Module | None, config: RecoveryConfig) -> Objective:
+def objective_for(
+    student: nn.Module, teacher: nn.Module | None, config: RecoveryConfig, device: torch.device
+) -> Objective:
     """The objective `config` asks for; a teacher must be a decoder with the student's vocabulary."""
+    dtype = training_dtype(config, device)
     if teacher is None:
-        return Objective()
+        return Objective(dtype=dtype)
     if not model_kind(student) == model_kind(teacher) == CAUSAL_LM:
         raise EdgepruneError("distillation (--teacher) needs a decoder student and teacher: recover encoders with LoRA")
     vocab = (student.get_output_embeddings().out_features, teacher.get_output_embeddings().out_features)
@@ -95,5 +127,6 @@ def objective_for(student: nn.Module, teacher: nn.Module | None, config: Recover
         )
     if config.top_k is not None and config.top_k >= vocab[0]:
         raise EdgepruneError(f"--top-k {config.top_k} is not below the vocabulary size {vocab[0]}: omit it for all")
-    teacher.float().eval().requires_grad_(False)
-    return Objective(teacher, config.temperature, config.top_k, config.lm_weight)
+    teacher.float().eval().requires_grad_(False).to(device)
+    low_teacher = copy.deepcopy(teacher).to(dtype) if dtype != torch.float32 else None
+    return Objective(teacher, config.temperature, config.top_k, config.lm_weight, dtype=dtype, low_teacher=low_teacher)

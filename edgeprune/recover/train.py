@@ -70,6 +70,7 @@ class RecoveryRecord:
     resumed_from_step: int
     tokens_per_s_per_process: list[float]
     teacher_share: float | None  # fraction of training time spent in the teacher's forward passes
+    dtype: str  # of the training steps' matmuls (weights, optimizer and evaluation are float32)
     data_seconds: float = 0.0
     heldout_ppl_before: float | None = None
     heldout_ppl_after: float | None = None
@@ -136,7 +137,7 @@ def evaluate_loss(
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
             n = count_targets(batch["labels"], causal)
             if n:
-                loss = objective(model, batch).item()
+                loss = objective(model, batch, train=False).item()
                 total += torch.tensor([loss * n, n], dtype=torch.float64, device=total.device)
     model.train()
     total = accelerator.reduce(total, "sum")
@@ -165,9 +166,7 @@ def recover(
     accelerator = make_accelerator(config)
     set_seed(config.seed)
     causal = model_kind(model) == CAUSAL_LM
-    objective = objective_for(model, teacher, config)
-    if teacher is not None:
-        teacher.to(accelerator.device)
+    objective = objective_for(model, teacher, config, accelerator.device)
     weights = trainable_weights(model, config)
     optimizer = torch.optim.AdamW(parameters_to_train(weights), lr=config.lr)
     wrapped, optimizer = accelerator.prepare(weights.module, optimizer)
@@ -246,6 +245,7 @@ def recover(
         resumed_from_step=resumed_from,
         tokens_per_s_per_process=[round(float(r), 1) for r in rates],
         teacher_share=round((objective.teacher_seconds - teacher_before) / session_seconds, 3) if teacher else None,
+        dtype=str(objective.dtype).removeprefix("torch."),
     )
     train_losses = [(int(s), v) for s, v in state.train_losses]
     return RecoveryResult(model=weights.finish().eval(), record=record, train_losses=train_losses)
