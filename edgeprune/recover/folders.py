@@ -29,6 +29,9 @@ def work_dir_for(out: Path) -> Path:
     return out.with_name(f".{out.name}.recover")
 
 
+SIGNATURE_BEFORE = {"precision": "float32"}  # fields added since: what runs written before them did
+
+
 def run_signature(
     source_hash: str, data: str, config: RecoveryConfig, processes: int, teacher_hash: str | None = None
 ) -> dict:
@@ -44,7 +47,7 @@ def prepare_work_dir(work: Path, signature: dict, resume: bool, overwrite: bool,
     if resume:
         if not run_file.is_file():
             raise EdgepruneError(f"nothing to resume: {work} has no checkpoint; run without --resume")
-        saved = json.loads(run_file.read_text())
+        saved = SIGNATURE_BEFORE | json.loads(run_file.read_text())
         changed = [k for k in signature if saved.get(k) != signature[k]]
         if changed:
             key = changed[0]
