@@ -307,8 +307,11 @@ class ProbeRunner:
         return self.calib.refit if self.cfg.compensate else None
 
     def cut(self, sparsity: float) -> tuple[nn.Module, list[LayerKeep] | None]:
-        """The cut (and re-fit) copy at `sparsity`; the last few are kept, as re-fitting costs most of a probe
-        (51 of 79 s on the default decoder) and the winner is usually among the last probes."""
+        """The cut (and re-fit) copy at `sparsity`, for reading only (at 0 the dense model itself); the last
+        few are kept, as re-fitting costs most of a probe (51 of 79 s on the default decoder) and the winner
+        is usually among the last probes."""
+        if sparsity == 0:
+            return self.loaded.model, None
         if sparsity not in self.cuts:
             spec = self.cfg.spec(sparsity)
             self.cuts[sparsity] = pruned_copy(self.loaded.model, self.adapter, self.scores, spec, self.refit_windows())
@@ -319,6 +322,8 @@ class ProbeRunner:
 
     def take_cut(self, sparsity: float) -> nn.Module:
         """The cut model at `sparsity` to change in place (recovery): no longer kept for probes."""
+        if sparsity == 0:
+            return copy.deepcopy(self.loaded.model)
         model, _ = self.cut(sparsity)
         del self.cuts[sparsity]
         return model
@@ -361,24 +366,21 @@ class ProbeRunner:
         return self.export(model, folder), "full export"
 
     def __call__(self, precision: str, sparsity: float) -> Probe:
-        if (precision, sparsity) == ("fp32", 0.0):
+        if sparsity > 0:
+            return self.measure([precision], sparsity)[precision]
+        if precision == "fp32":
             return self.dense_probe()
-        if sparsity == 0 and precision not in self.unpruned:
+        if precision not in self.unpruned:
             together = [p for p in self.cfg.precisions if p != "fp32"]
             self.unpruned = self.measure(together if precision in together else [precision], 0.0)
-        if sparsity == 0:
-            return self.unpruned.pop(precision)
-        return self.measure([precision], sparsity)[precision]
+        return self.unpruned.pop(precision)
 
     def dense_probe(self) -> Probe:
         """The reference: the dense fp32 file, profiled alone."""
-        model, _ = self.cut(0.0)
-        file = self.dense_onnx()
-        quality = measure_quality(file, self.loaded.model, self.calib, self.cfg)
-        measured = self.profiler.profile(file, self.cfg.workload)
-        return probe_from(
-            "fp32", 0.0, model, file, measured, quality, "dense export" + (" (fused)" if self.fused else "")
-        )
+        model = self.loaded.model
+        file, method = self.fp32_probe(model, None, self.work)
+        quality = measure_quality(file, model, self.calib, self.cfg)
+        return probe_from("fp32", 0.0, model, file, self.profiler.profile(file, self.cfg.workload), quality, method)
 
     def measure(self, precisions: list[str], sparsity: float) -> dict[str, Probe]:
         """Probes of these precisions at one sparsity, timed together: one alternating run of their files and
@@ -391,12 +393,12 @@ class ProbeRunner:
             # alternate with the dense model so machine drift cancels out of the ratios
             files = [file for file, _, _ in made.values()]
             comparisons = self.profiler.compare_all(files, self.dense_onnx(), self.cfg.workload)
+            widths = [self.adapter.widths(layer).ffn for layer in self.adapter.layers(model)]
             probes = {}
             for (precision, (file, how, refused)), comparison in zip(made.items(), comparisons, strict=True):
                 quality = measure_quality(file, self.loaded.model, self.calib, self.cfg)
                 probe = probe_from(precision, sparsity, model, file, comparison.model, quality, how, comparison.speedup)
                 if sparsity == 0 and self.fused:  # what each layer's FFN takes at this precision: cut sizes follow
-                    widths = [self.adapter.widths(layer).ffn for layer in self.adapter.layers(model)]
                     probe.extra["ffn_bytes"] = [asdict(layer) for layer in ffn_bytes(file, widths)]
                 probes[precision] = replace(probe, refused=refused)
             return probes
