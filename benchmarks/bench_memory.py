@@ -138,7 +138,7 @@ def layout_file(shipped: Path, layout: str, work: Path, threads: int) -> Path:
 
 def kv_cache_mb(path: Path) -> float:
     """K and V of every layer for the workload's positions, from the graph's cache inputs."""
-    caches = OnnxModel(path).caches
+    caches = OnnxModel(path, prepacked=False).caches
     return sum(c.heads * c.head_dim * (PREFILL + DECODE) * np.dtype(c.dtype).itemsize for c in caches) / 1e6
 
 

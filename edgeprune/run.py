@@ -513,7 +513,10 @@ def run_job(
     loaded = load_model(cfg.model, cfg.tokenizer)
     model, tokenizer = loaded.model, require_tokenizer(loaded.tokenizer, loaded.source, "the run's calibration")
     adapter = adapter_for(model.config)
-    profiler = profiler or profiler_for(device, runs=cfg.runs, warmup=cfg.warmup, timeout=cfg.timeout)
+    # probes open their files as they are, unless a --peak-mb budget must be measured as the answer will run
+    measuring_peak = any(budget.kind == "peak_mb" for budget in cfg.budgets)
+    probes = profiler or profiler_for(device, cfg.runs, cfg.warmup, cfg.timeout, prepacked=measuring_peak)
+    final = profiler or profiler_for(device, cfg.runs, cfg.warmup, cfg.timeout)
     calib = run_calibration(tokenizer, cfg)
     claim_run_output(out, overwrite, (*inputs, loaded.folder))
     work = out / "work"
@@ -521,7 +524,7 @@ def run_job(
     log = ProbeLog(out / "search.jsonl", cfg.settings(loaded.source_hash))  # other settings: refused before scoring
     say(f"scoring groups with {cfg.criterion}")
     scores = load_or_score(out / "scores.safetensors", loaded, adapter, cfg, calib)
-    runner = ProbeRunner(loaded, adapter, scores, cfg, calib, profiler, work)
+    runner = ProbeRunner(loaded, adapter, scores, cfg, calib, probes, work)
     say(f"searching the best model that meets the budget ({', '.join(cfg.precisions)}; quantization first)")
     search = search_candidates(
         runner,
@@ -535,7 +538,7 @@ def run_job(
         size_at=file_size_at(model, adapter, scores, cfg),
     )
     say(search.reason)
-    return finish(FinishInputs(cfg, out, loaded, adapter, scores, calib, runner, device.name), search, say)
+    return finish(FinishInputs(cfg, out, loaded, adapter, scores, calib, runner, final, device.name), search, say)
 
 
 @dataclass
@@ -549,6 +552,7 @@ class FinishInputs:
     scores: GroupScores
     calib: Calibration
     runner: ProbeRunner
+    profiler: Profiler  # the final check's: sessions opened as the shipped model will be
     device: str
 
 
@@ -637,10 +641,10 @@ def finish(inputs: FinishInputs, search: SearchResult, say: Callable[[str], None
     )
     say("profiling the final model against the dense one (alternating runs)")
     dense_file = inputs.runner.dense_onnx()
-    comparison = inputs.runner.profiler.compare(shipped / MODEL_FILE, dense_file, cfg.workload)
+    comparison = inputs.profiler.compare(shipped / MODEL_FILE, dense_file, cfg.workload)
     quality = measure_quality(shipped / MODEL_FILE, loaded.model, inputs.calib, cfg)
     on_target = quality_on_target(
-        inputs.runner.profiler, best.precision, shipped / MODEL_FILE, dense_file, inputs.calib.heldout, quality, say
+        inputs.profiler, best.precision, shipped / MODEL_FILE, dense_file, inputs.calib.heldout, quality, say
     )
     final_probe = probe_from(
         best.precision,

@@ -4,12 +4,14 @@ This is what goes on a board, so it imports only onnxruntime, numpy, the standar
 and (for text) tokenizers; never torch. Each layer's cache shape is read from the graph's
 `past_key_values.*` inputs, so layers with different KV-head counts work too.
 
-With EDGEPRUNE_PREPACKED=1, sessions on the CPU open a copy of the model that ONNX Runtime optimized and
-saved with its pre-packed weights in the weights file, made on first load in $EDGEPRUNE_CACHE/prepacked/:
-the packed weights are then memory-mapped (clean file pages the kernel can drop) instead of packed again on
-the heap: the int4 default decoder's session peaks at 1.65x its file instead of 1.95x, of which 24 MB
-instead of 160 MB anonymous, at no latency cost; the copy takes 2.4x the file on disk
-(benchmarks/bench_memory.py, RESULTS.md). Off by default: a search's probes are each opened once or twice.
+CPU sessions open a copy of the model that ONNX Runtime optimized and saved with its pre-packed weights in
+the weights file, made on first load in $EDGEPRUNE_CACHE/prepacked/: the packed weights are then memory-mapped
+(clean file pages the kernel can drop) instead of packed again on the heap. The shipped int4-mixed default
+decoder's session peaks at 1.42x its file instead of 1.68x, 23 MB of it anonymous instead of 177, and runs
+0.85-0.97x the time; the copy takes 2.3x the file on disk (benchmarks/bench_memory.py, RESULTS.md).
+A search's probes, verification and quality measurements open the file itself (`prepacked=False`): each is
+opened once or twice, and the copy computes what the file does. EDGEPRUNE_PREPACKED=0 or 1 decides for every
+session instead.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import hashlib
 import json
 import os
 import platform
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -33,7 +36,8 @@ MODEL_FILE = "model.onnx"
 PAST_PREFIX, PRESENT_PREFIX = "past_key_values.", "present."
 LOGITS_TO_KEEP = "logits_to_keep"  # optional input added at export: 0 = every position, 1 = the last
 CPU = "CPUExecutionProvider"
-PREPACKED_ENV = "EDGEPRUNE_PREPACKED"  # "1": CPU sessions map ORT's pre-packed weights from a per-machine cache
+PREPACKED_ENV = "EDGEPRUNE_PREPACKED"  # "0"/"1": every CPU session without/with a pre-packed copy; unset: the caller's
+PREPACKED_KEEP = 6  # pre-packed copies the cache holds; the least recently opened goes first
 PROBE_TOKENS = 8  # a pre-packed copy is checked against its model on this many tokens when made
 EXTERNAL_MIN_BYTES = "1024"  # initializers this large go to the weights file, as export/files.save_onnx does
 ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64}
@@ -86,9 +90,14 @@ def session_options(threads: int | None = None) -> ort.SessionOptions:
     return options
 
 
-def prepacked_wanted(providers: list[str] | None, options: ort.SessionOptions | None) -> bool:
-    """Pre-packed copies serve CPU sessions with edgeprune's own settings, when EDGEPRUNE_PREPACKED=1."""
-    return os.environ.get(PREPACKED_ENV) == "1" and options is None and (providers or [CPU]) == [CPU]
+def prepacked_wanted(
+    providers: list[str] | None, options: ort.SessionOptions | None, requested: bool | None = None
+) -> bool:
+    """Pre-packed copies serve CPU sessions with edgeprune's own settings: EDGEPRUNE_PREPACKED=0/1 decides
+    for every session; unset, the caller does (`requested`), and a model opened to be used gets one."""
+    setting = os.environ.get(PREPACKED_ENV, "")
+    wanted = setting == "1" if setting in ("0", "1") else requested is not False
+    return wanted and options is None and (providers or [CPU]) == [CPU]
 
 
 def cpu_identity() -> str:
@@ -163,10 +172,27 @@ def prepacked_file(onnx_path: Path, threads: int | None = None) -> Path:
     """The pre-packed copy of a model for this machine, made on first use; the model itself where the copy
     does not compute what it does."""
     entry = prepacked_entry(onnx_path)
-    if not (entry / PROVENANCE).is_file():  # written last: an entry with it is complete
+    if (entry / PROVENANCE).is_file():  # written last: an entry with it is complete
+        os.utime(entry / PROVENANCE)  # opened now: the last copy evicted
+    else:
         with loading(onnx_path):
             write_prepacked(onnx_path, entry, threads)
+        evict_prepacked(entry.parent, PREPACKED_KEEP)
     return entry / MODEL_FILE if json.loads((entry / PROVENANCE).read_text())["agrees"] else onnx_path
+
+
+def evict_prepacked(folder: Path, keep: int) -> None:
+    """Keep the `keep` most recently opened copies: each is 2.3x its model on disk, and a model that changed
+    (a re-export, another run's answer) never reads its old copy again. Open sessions keep their mapped files."""
+    entries = [(e / PROVENANCE).stat().st_mtime for e in folder.iterdir() if (e / PROVENANCE).is_file()]
+    if len(entries) <= keep:
+        return
+    cutoff = sorted(entries, reverse=True)[keep - 1]
+    for entry in folder.iterdir():
+        marker = entry / PROVENANCE
+        if marker.is_file() and marker.stat().st_mtime < cutoff:
+            marker.unlink()  # first: a half-removed entry reads as unmade, and is made again when asked for
+            shutil.rmtree(entry, ignore_errors=True)
 
 
 def prepacked_session(onnx_path: Path, threads: int | None) -> ort.InferenceSession:
@@ -191,12 +217,14 @@ def open_session(
     threads: int | None = None,
     providers: list[str] | None = None,
     options: ort.SessionOptions | None = None,
+    prepacked: bool | None = None,
 ) -> ort.InferenceSession:
     """An InferenceSession, or one line naming the broken file (a truncated or non-ONNX file raises deep in ORT).
 
-    With EDGEPRUNE_PREPACKED=1 (and edgeprune's options on the CPU) the session opens the pre-packed copy."""
+    On the CPU with edgeprune's options the session opens the pre-packed copy unless `prepacked` is False
+    (or EDGEPRUNE_PREPACKED=0); see the module's docstring."""
     onnx_path = model_file(path)
-    if prepacked_wanted(providers, options):
+    if prepacked_wanted(providers, options, prepacked):
         return prepacked_session(onnx_path, threads)
     with loading(onnx_path):
         return ort.InferenceSession(str(onnx_path), options or session_options(threads), providers=providers or [CPU])
@@ -238,9 +266,10 @@ class OnnxModel:
         threads: int | None = None,
         providers: list[str] | None = None,
         options: ort.SessionOptions | None = None,
+        prepacked: bool | None = None,
     ):
         self.path = model_file(path)
-        self.session = open_session(self.path, threads, providers, options)
+        self.session = open_session(self.path, threads, providers, options, prepacked)
         overridable = self.session.get_overridable_initializers()  # inputs with defaults, e.g. logits_to_keep
         self.input_names = [node.name for node in [*self.session.get_inputs(), *overridable]]
         self.caches = cache_inputs(self.session)

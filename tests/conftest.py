@@ -15,6 +15,9 @@ VOCAB = 96
 # EDGEPRUNE_TEST_THREADS=2 runs torch and every ONNX Runtime session the tests open on 2 threads, to check
 # that tolerances hold for other reduction orders too.
 TEST_THREADS = int(os.environ.get("EDGEPRUNE_TEST_THREADS", "1"))
+# Sessions open their files, not pre-packed copies (a save and a check per tiny model, in the user's cache):
+# test_prepacked.py covers the copies, with the default restored and its own cache.
+os.environ["EDGEPRUNE_PREPACKED"] = "0"
 torch.set_num_threads(TEST_THREADS)
 
 

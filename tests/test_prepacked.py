@@ -1,9 +1,12 @@
-"""EDGEPRUNE_PREPACKED=1: sessions open a per-machine copy holding ONNX Runtime's pre-packed weights (memory-mapped
-instead of packed on the heap), made once on first load; the results are those of the model itself."""
+"""Sessions open a per-machine copy holding ONNX Runtime's pre-packed weights (memory-mapped instead of packed on
+the heap), made once on first load; the results are those of the model itself. Probes, verification and quality
+measurements open the file (prepacked=False); EDGEPRUNE_PREPACKED=0/1 decides for every session (conftest sets 0
+for the rest of the suite)."""
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +19,7 @@ from edgeprune.devices.profiles import get_device
 from edgeprune.export import export_model
 from edgeprune.export.quantize import quantize_weight_only
 from edgeprune.outputs import PROVENANCE
-from edgeprune.runtime import PREPACKED_ENV, OnnxModel, greedy_generate, prepacked_entry
+from edgeprune.runtime import PREPACKED_ENV, OnnxModel, evict_prepacked, greedy_generate, prepacked_entry
 
 TEXT = " ".join(f"w{(i * 37) % 89}" for i in range(40))
 IDS = np.array([[3, 17, 42, 95, 0, 64, 7, 11]], dtype=np.int64)
@@ -36,8 +39,8 @@ def cache(tmp_path, monkeypatch) -> Path:
     return tmp_path / "cache" / "prepacked"
 
 
-def outputs(path: Path) -> tuple[np.ndarray, list[int]]:
-    model = OnnxModel(path)
+def outputs(path: Path, prepacked: bool | None = None) -> tuple[np.ndarray, list[int]]:
+    model = OnnxModel(path, prepacked=prepacked)
     return model.forward(IDS), greedy_generate(model, IDS[0].tolist(), 6, set())
 
 
@@ -48,18 +51,18 @@ def prepacked_blobs(graph_file: Path) -> int:
 
 
 def test_outputs_identical_and_the_copy_made_once(dense, cache, monkeypatch):
-    expected_logits, expected_tokens = outputs(dense)
-    assert not cache.exists()  # off unless asked for
-    monkeypatch.setenv(PREPACKED_ENV, "1")
+    expected_logits, expected_tokens = outputs(dense, prepacked=False)
+    assert not cache.exists()  # the file itself, as asked
+    monkeypatch.delenv(PREPACKED_ENV)  # the default: a model opened to be used maps its copy
     logits, tokens = outputs(dense)
     np.testing.assert_array_equal(logits, expected_logits)
     assert tokens == expected_tokens
     entry = prepacked_entry(dense)
     assert [p.name for p in cache.iterdir()] == [entry.name]
     assert prepacked_blobs(entry / "model.onnx") > 0
-    written = {p.name: p.stat().st_mtime_ns for p in entry.iterdir()}
+    written = {p.name: p.stat().st_mtime_ns for p in entry.glob("model.onnx*")}
     np.testing.assert_array_equal(outputs(dense)[0], expected_logits)
-    assert {p.name: p.stat().st_mtime_ns for p in entry.iterdir()} == written  # reused, not made again
+    assert {p.name: p.stat().st_mtime_ns for p in entry.glob("model.onnx*")} == written  # reused, not made again
 
 
 def test_changed_model_gets_its_own_copy(dense, cache, monkeypatch, tmp_path):
@@ -75,8 +78,7 @@ def test_changed_model_gets_its_own_copy(dense, cache, monkeypatch, tmp_path):
     int8 = quantize_weight_only(dense, tmp_path / "other" / "model.onnx", 8)
     for name in ("model.onnx", "model.onnx_data"):
         (int8.parent / name).replace(path.parent / name)
-    monkeypatch.delenv(PREPACKED_ENV)
-    expected = OnnxModel(path).forward(IDS)
+    expected = OnnxModel(path, prepacked=False).forward(IDS)
     monkeypatch.setenv(PREPACKED_ENV, "1")
     np.testing.assert_array_equal(OnnxModel(path).forward(IDS), expected)
     assert prepacked_entry(path) != before
@@ -84,7 +86,7 @@ def test_changed_model_gets_its_own_copy(dense, cache, monkeypatch, tmp_path):
 
 
 def test_damaged_copy_is_made_again(dense, cache, monkeypatch):
-    expected = OnnxModel(dense).forward(IDS)
+    expected = OnnxModel(dense, prepacked=False).forward(IDS)
     monkeypatch.setenv(PREPACKED_ENV, "1")
     OnnxModel(dense)
     data = prepacked_entry(dense) / "model.onnx_data"
@@ -97,7 +99,7 @@ def test_damaged_copy_is_made_again(dense, cache, monkeypatch):
 def test_packing_of_another_cpu_is_repacked_not_trusted(dense, cache, monkeypatch):
     """A copy whose blobs do not match this CPU's packing (their keys hash the packed bytes): ONNX Runtime packs
     again on the heap, so the results stay right; what the cache key (CPU flags) is for is the memory."""
-    expected = OnnxModel(dense).forward(IDS)
+    expected = OnnxModel(dense, prepacked=False).forward(IDS)
     monkeypatch.setenv(PREPACKED_ENV, "1")
     OnnxModel(dense)
     graph_file = prepacked_entry(dense) / "model.onnx"
@@ -123,10 +125,46 @@ def test_copy_that_computes_otherwise_is_not_used(dense, cache, monkeypatch, tmp
     """ORT 1.31 writes the tiny model's int4 blobs off their alignment and MLAS then reads NaN: the copy is
     checked against the model when made, and the model itself opens instead (without a second try)."""
     int4 = quantize_weight_only(dense, tmp_path / "int4" / "model.onnx", 4)
-    expected = OnnxModel(int4).forward(IDS)
+    expected = OnnxModel(int4, prepacked=False).forward(IDS)
     monkeypatch.setenv(PREPACKED_ENV, "1")
     np.testing.assert_array_equal(OnnxModel(int4).forward(IDS), expected)
     entry = prepacked_entry(int4)
     assert json.loads((entry / PROVENANCE).read_text())["agrees"] is False
     assert sorted(p.name for p in entry.iterdir()) == [PROVENANCE]
     np.testing.assert_array_equal(OnnxModel(int4).forward(IDS), expected)
+
+
+def test_switch_and_callers_decide(dense, cache, monkeypatch):
+    """EDGEPRUNE_PREPACKED=0/1 overrides every caller; unset, a caller asking for the file gets no copy."""
+    monkeypatch.delenv(PREPACKED_ENV)
+    OnnxModel(dense, prepacked=False)
+    assert not cache.exists()
+    monkeypatch.setenv(PREPACKED_ENV, "0")
+    OnnxModel(dense)
+    assert not cache.exists()
+    monkeypatch.setenv(PREPACKED_ENV, "1")
+    OnnxModel(dense, prepacked=False)
+    assert (prepacked_entry(dense) / PROVENANCE).is_file()
+
+
+def test_probes_open_the_file_and_shipped_models_their_copy(dense, cache, monkeypatch):
+    """The profiler's runner (a fresh process) honours the profiler's choice: a search's probe makes no copy."""
+    monkeypatch.delenv(PREPACKED_ENV)
+    workload = Workload(prefill=8, decode=2)
+    LocalProfiler(get_device("local"), runs=1, warmup=1, prepacked=False).profile(dense, workload)
+    assert not cache.exists()
+    LocalProfiler(get_device("local"), runs=1, warmup=1).profile(dense, workload)
+    assert (prepacked_entry(dense) / PROVENANCE).is_file()
+
+
+def test_eviction_keeps_the_most_recently_opened(tmp_path):
+    folder = tmp_path / "prepacked"
+    for age, name in enumerate(["old", "middle", "new", "newest"]):
+        (folder / name).mkdir(parents=True)
+        (folder / name / "model.onnx").write_bytes(b"x")
+        marker = folder / name / PROVENANCE
+        marker.write_text("{}")
+        os.utime(marker, (1_000_000 + age, 1_000_000 + age))
+    (folder / "half-written").mkdir()  # no provenance yet: another process is making it
+    evict_prepacked(folder, keep=2)
+    assert sorted(p.name for p in folder.iterdir()) == ["half-written", "new", "newest"]

@@ -235,9 +235,15 @@ def timed_out(where: str, seconds: float) -> EdgepruneError:
     )
 
 
-def task_spec(task: str, device: DeviceProfile, **fields) -> dict:
+def task_spec(task: str, device: DeviceProfile, prepacked: bool | None, **fields) -> dict:
     """A runner spec without its "models" (each transport names the files where the runner sees them)."""
-    return {"task": task, "threads": device.threads, "providers": device.execution_providers, **fields}
+    return {
+        "task": task,
+        "threads": device.threads,
+        "providers": device.execution_providers,
+        "prepacked": prepacked,
+        **fields,
+    }
 
 
 def parse_runner_output(stdout: str, stderr: str, where: str) -> dict:
@@ -266,12 +272,22 @@ class ModelOutputs:
 class RunnerProfiler:
     """Runs `edgeprune.devices.runner` somewhere (see `call`) and turns its JSON into results."""
 
-    def __init__(self, device: DeviceProfile, runs: int = 10, warmup: int = 2, timeout: float | None = None):
+    def __init__(
+        self,
+        device: DeviceProfile,
+        runs: int = 10,
+        warmup: int = 2,
+        timeout: float | None = None,
+        prepacked: bool | None = None,
+    ):
+        """`prepacked`: whether the sessions map pre-packed copies (None: as shipped models are opened, see
+        edgeprune.runtime); a search's probes pass False unless a --peak-mb budget must be measured as shipped."""
         if runs < 1 or warmup < 0:
             raise EdgepruneError("--runs must be >= 1 and --warmup >= 0")
         if timeout is not None and not (math.isfinite(timeout) and timeout > 0):
             raise EdgepruneError(f"--timeout {timeout} must be a positive number of seconds")
         self.device, self.runs, self.warmup, self.timeout = device, runs, warmup, timeout
+        self.prepacked = prepacked
         self.slowdown = EMULATION_SLOWDOWN if device.emulated else 1.0
 
     def call(self, spec: dict, models: list[Path], seconds: float) -> dict:
@@ -284,7 +300,15 @@ class RunnerProfiler:
 
     def run(self, models: list[Path], workload: Workload) -> list[ProfileResult]:
         files = [model_file(m) for m in models]
-        spec = task_spec("profile", self.device, workload=asdict(workload), runs=self.runs, warmup=self.warmup, seed=0)
+        spec = task_spec(
+            "profile",
+            self.device,
+            self.prepacked,
+            workload=asdict(workload),
+            runs=self.runs,
+            warmup=self.warmup,
+            seed=0,
+        )
         seconds = self.timeout
         if seconds is None:
             seconds = probe_timeout(files, workload, self.runs, self.warmup, self.slowdown)
@@ -315,6 +339,7 @@ class RunnerProfiler:
         spec = task_spec(
             "outputs",
             self.device,
+            False,  # what the file computes: the copy computes the same, at seconds and disk more
             inputs=inputs,
             prompt_ids=prompt_ids,
             max_new_tokens=max_new_tokens,
@@ -330,7 +355,7 @@ class RunnerProfiler:
     def divergence(self, models: list[Path], reference: Path, windows: list[list[int]]) -> list[dict[str, list]]:
         """Per-window statistics (edgeprune.window_stats) of each file against `reference`, all run on the device."""
         files = [model_file(reference), *(model_file(m) for m in models)]
-        spec = task_spec("divergence", self.device, windows=windows, batch_size=1)
+        spec = task_spec("divergence", self.device, False, windows=windows, batch_size=1)
         output = self.call(spec, files, self.seconds_for(files, len(windows) * len(windows[0])))
         return [result["windows"] for result in output["results"]]
 
@@ -363,10 +388,16 @@ class LocalProfiler(RunnerProfiler):
         return parse_runner_output(proc.stdout, proc.stderr, where)
 
 
-def profiler_for(device: DeviceProfile, runs: int = 10, warmup: int = 2, timeout: float | None = None) -> Profiler:
+def profiler_for(
+    device: DeviceProfile,
+    runs: int = 10,
+    warmup: int = 2,
+    timeout: float | None = None,
+    prepacked: bool | None = None,
+) -> Profiler:
     """The profiler that reaches `device`: this machine, or the board over SSH (`timeout`: see --timeout)."""
     if device.reach == "local":
-        return LocalProfiler(device, runs, warmup, timeout)
+        return LocalProfiler(device, runs, warmup, timeout, prepacked)
     from edgeprune.devices.remote import SSHProfiler
 
-    return SSHProfiler(device, runs, warmup, timeout)
+    return SSHProfiler(device, runs, warmup, timeout, prepacked)

@@ -4,7 +4,8 @@ The same code runs locally (a subprocess, so peak RSS is the session's own proce
 a board (shipped as a zip app with `edgeprune.runtime`), so it imports only numpy,
 onnxruntime, the standard library and edgeprune's torch-free modules.
 
-Every spec has "models": [path, ...], "threads": T, "providers": [...], and a "task":
+Every spec has "models": [path, ...], "threads": T, "providers": [...], "prepacked": true/false/null (whether
+CPU sessions map a pre-packed copy, edgeprune.runtime; null: the default), and a "task":
 - "profile" (the default): "workload": {"batch", "sequence", "prefill", "decode"}, "runs": N,
   "warmup": W, "seed": S. With two models, runs alternate A B B A ... so slow drift hits both.
 - "outputs": "inputs": [[id, ...], ...] (logits of one forward, returned as packed float32 arrays)
@@ -70,12 +71,12 @@ def stats(samples: list[float]) -> dict[str, float]:
 class Measured:
     """One model under test: its session, fixed random input ids, and the samples taken so far."""
 
-    def __init__(self, path: str, workload: dict, threads: int, providers: list[str], seed: int):
+    def __init__(self, path: str, workload: dict, spec: dict):
         self.path = model_file(path)
         baseline = rss_mb("VmRSS")
-        self.model = OnnxModel(self.path, threads=threads, providers=providers)
+        self.model = open_model(path, spec)
         vocab = self.model.vocab_size or ANY_VOCAB  # latency does not depend on which ids
-        rng = np.random.default_rng(seed)
+        rng = np.random.default_rng(int(spec.get("seed", 0)))
         length = workload["prefill"] if self.model.is_decoder else workload["sequence"]
         self.ids = rng.integers(0, vocab, (workload["batch"], length), dtype=np.int64)
         self.decode = workload["decode"]
@@ -170,7 +171,7 @@ def host(threads: int) -> dict:
 
 def measure(spec: dict) -> dict:
     threads = int(spec.get("threads") or 0)
-    if prepacked_wanted(spec.get("providers"), None):  # made before any baseline: the peaks are the sessions'
+    if prepacked_wanted(spec.get("providers"), None, spec.get("prepacked")):  # before any baseline: peaks are sessions'
         for path in spec["models"]:
             prepacked_file(model_file(path), threads)
         reset_peak()
@@ -179,7 +180,7 @@ def measure(spec: dict) -> dict:
     for i, path in enumerate(spec["models"]):
         if i:
             reset_peak()
-        measured = Measured(path, spec["workload"], threads, spec.get("providers"), int(spec.get("seed", 0)))
+        measured = Measured(path, spec["workload"], spec)
         measured.warm_up(int(spec.get("warmup", 1)))
         models.append(measured)
     for index in alternating_order(len(models), int(spec["runs"])):
@@ -202,7 +203,9 @@ def unpack_array(text: str) -> np.ndarray:
 
 
 def open_model(path: str, spec: dict) -> OnnxModel:
-    return OnnxModel(path, threads=int(spec.get("threads") or 0), providers=spec.get("providers"))
+    """A session as the spec asks: threads, providers, and whether it maps a pre-packed copy (None: the default)."""
+    threads = int(spec.get("threads") or 0)
+    return OnnxModel(path, threads=threads, providers=spec.get("providers"), prepacked=spec.get("prepacked"))
 
 
 def outputs(spec: dict) -> dict:

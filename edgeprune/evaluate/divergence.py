@@ -89,7 +89,7 @@ def heldout_divergence(
     threads: int | None = None,
 ) -> Divergence:
     """Divergence of the ONNX file at `onnx_path` from `dense` on `tokens` cut into `seq_len` windows."""
-    onnx = OnnxModel(onnx_path, threads)
+    onnx = OnnxModel(onnx_path, threads, prepacked=False)  # quality reads the file; a copy computes the same
     windows = windows_of(tokens, seq_len)
     per_window: dict[str, list[np.ndarray]] = {}
     for i in range(0, len(windows), batch_size):

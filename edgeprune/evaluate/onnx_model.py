@@ -25,7 +25,7 @@ class OnnxCausalLM:
     """`runtime.OnnxModel` called like a transformers causal LM: `model(input_ids=..., ...)` -> `.logits`."""
 
     def __init__(self, path: Path, threads: int | None = None):
-        self.runtime = OnnxModel(path, threads)
+        self.runtime = OnnxModel(path, threads, prepacked=False)  # quality reads the file; a copy computes the same
         if not self.runtime.is_decoder or self.runtime.vocab_size is None:
             raise EdgepruneError(
                 f"{path} has inputs {sorted(self.runtime.input_names)}: expected an Optimum "

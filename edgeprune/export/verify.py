@@ -86,7 +86,7 @@ def verify_onnx(
     threads: int | None = None,
 ) -> Verification:
     """Compare ORT with PyTorch on `text` (random ids without a tokenizer; the cache path too, for decoders)."""
-    onnx = OnnxModel(onnx_path, threads=threads)
+    onnx = OnnxModel(onnx_path, threads=threads, prepacked=False)  # the file itself is what is verified
     ids, mask = verification_ids(model, tokenizer, text)
     reference = reference_output(model, ids, mask)
     if onnx.is_decoder:
