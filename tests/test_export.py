@@ -105,6 +105,8 @@ def test_weight_only_export_ships_one_verified_model(exported, tmp_path, precisi
     result = export_model(model, make_tokenizer(), tmp_path / precision, quantize=precision, text=TEXT, tolerance=ANY)
     # one model: the graph and its memory-mapped weights file (export/files.py), nothing of the fp32 file left
     assert sorted(p.name for p in result.path.glob("*.onnx*")) == ["model.onnx", "model.onnx_data"]
+    graph_mode = (result.path / "model.onnx").stat().st_mode
+    assert (result.path / "model.onnx_data").stat().st_mode == graph_mode  # readable wherever the graph is
     tensors = onnx.load(str(result.path / "model.onnx"), load_external_data=False).graph.initializer
     assert all(len(t.raw_data) <= INLINE_BYTES for t in tensors) and any(map(uses_external_data, tensors))
     assert result.precision == precision and set(result.verification) == {"fp32", precision}

@@ -31,6 +31,8 @@ def save_onnx(model: onnx.ModelProto, path: Path) -> Path:
         location=weights_file(path).name,
         size_threshold=INLINE_BYTES,
     )
+    if weights_file(path).is_file():  # onnx creates it 0600: the weights go wherever the graph can be read
+        weights_file(path).chmod(path.stat().st_mode & 0o777)
     return path
 
 
