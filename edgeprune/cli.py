@@ -132,6 +132,12 @@ def recovery_methods() -> str:
     return "|".join(METHODS)
 
 
+def recovery_precisions() -> str:
+    from edgeprune.recover.config import PRECISIONS as TRAINING_PRECISIONS
+
+    return "|".join(TRAINING_PRECISIONS)
+
+
 def default_steps() -> str:
     from edgeprune.recover.config import DEFAULT_STEPS
 
@@ -618,6 +624,13 @@ def inspect(model: str | None, as_json: bool) -> None:
 @click.option("--rank", type=int, cls=ConfigDefault, config=RECOVERY, help="LoRA rank")
 @click.option("--alpha", type=int, cls=ConfigDefault, config=RECOVERY, help="LoRA alpha")
 @click.option("--lr", type=float, cls=ConfigDefault, config=RECOVERY, help="AdamW learning rate")
+@click.option(
+    "--precision",
+    cls=ConfigDefault,
+    config=RECOVERY,
+    choices=recovery_precisions,
+    help="matmuls of the training steps (auto: bfloat16 where the CPU has bf16 matmuls; see RESULTS)",
+)
 @click.option("--targets", cls=ConfigDefault, config=RECOVERY, help="auto (every projection), all-linear, or names")
 @click.option(
     "--seq-len", type=int, cls=ConfigDefault, config=RECOVERY, help="tokens per example (longer ones are cut)"

@@ -314,13 +314,16 @@ def test_cli_recover_with_teacher_and_no_data_distills_on_self_written_text(dens
     dense, pruned = dense_and_pruned
     out = tmp_path / "recovered"
     args = ["recover", pruned, "--teacher", dense, "--method", "full", "--steps", 2, "--seq-len", 32]
-    args += ["--val-size", 4, "--lr", 1e-3, "--top-k", 16, "-o", out]
+    args += ["--val-size", 4, "--lr", 1e-3, "--top-k", 16, "--precision", "bfloat16", "-o", out]
     result = CliRunner().invoke(main, [str(a) for a in args])
     assert result.exit_code == 0, result.output
     assert "tokens/s per process" in result.output
     recovery = json.loads((out / "edgeprune.json").read_text())["recovery"]
     assert recovery["teacher"] == str(dense) and recovery["config"]["top_k"] == 16
     assert recovery["data"].startswith("self-generated") and recovery["steps"] == 2
+    assert recovery["config"]["precision"] == "bfloat16" and recovery["dtype"] == "bfloat16"
+    wrong = CliRunner().invoke(main, [str(a) for a in [*args[:-2], "--precision", "fp16", "-o", tmp_path / "y"]])
+    assert wrong.exit_code == 1 and "--precision fp16" in wrong.output and "Traceback" not in wrong.output
     missing = CliRunner().invoke(main, ["recover", str(pruned), "-o", str(tmp_path / "x")])
     assert missing.exit_code == 1 and "--teacher" in missing.output
 
