@@ -19,7 +19,14 @@ from edgeprune.devices.profiles import get_device
 from edgeprune.export import export_model
 from edgeprune.export.quantize import quantize_weight_only
 from edgeprune.outputs import PROVENANCE
-from edgeprune.runtime import PREPACKED_ENV, OnnxModel, evict_prepacked, greedy_generate, prepacked_entry
+from edgeprune.runtime import (
+    COPY_ALIGNMENT,
+    PREPACKED_ENV,
+    OnnxModel,
+    evict_prepacked,
+    greedy_generate,
+    prepacked_entry,
+)
 
 TEXT = " ".join(f"w{(i * 37) % 89}" for i in range(40))
 IDS = np.array([[3, 17, 42, 95, 0, 64, 7, 11]], dtype=np.int64)
@@ -121,9 +128,28 @@ def test_profiler_makes_the_copy_before_measuring(dense, cache, monkeypatch):
     assert result.session_rss_mb > 0 and result.decode_tokens_per_s > 0
 
 
+def test_int4_copy_is_aligned_and_used(dense, cache, monkeypatch, tmp_path):
+    """ORT 1.31 saves blobs under 1 MB at any offset and MLAS reads a packed int4 blob off its 64-byte alignment
+    wrongly (NaN on this tiny model, wrong logits on pruned SmolLM2 widths): the copy's weights are realigned."""
+    int4 = quantize_weight_only(dense, tmp_path / "int4" / "model.onnx", 4)
+    expected = OnnxModel(int4, prepacked=False).forward(IDS)
+    monkeypatch.setenv(PREPACKED_ENV, "1")
+    np.testing.assert_array_equal(OnnxModel(int4).forward(IDS), expected)
+    entry = prepacked_entry(int4)
+    assert json.loads((entry / PROVENANCE).read_text())["agrees"] is True
+    assert prepacked_blobs(entry / "model.onnx") > 0
+    for init in onnx.load(str(entry / "model.onnx"), load_external_data=False).graph.initializer:
+        for field in init.external_data:
+            offsets = [field.value] if field.key == "offset" else []
+            if field.key.startswith("prepacked"):
+                offsets = [blob.split(";")[0] for blob in field.value.split("|")[1:]]
+            assert all(int(offset) % COPY_ALIGNMENT == 0 for offset in offsets), init.name
+
+
 def test_copy_that_computes_otherwise_is_not_used(dense, cache, monkeypatch, tmp_path):
-    """ORT 1.31 writes the tiny model's int4 blobs off their alignment and MLAS then reads NaN: the copy is
-    checked against the model when made, and the model itself opens instead (without a second try)."""
+    """A copy left as ORT saved it (no onnx to realign it on a board): checked against the model when made,
+    and the model itself opens instead (without a second try)."""
+    monkeypatch.setattr("edgeprune.runtime.align_weights", lambda path: False)
     int4 = quantize_weight_only(dense, tmp_path / "int4" / "model.onnx", 4)
     expected = OnnxModel(int4, prepacked=False).forward(IDS)
     monkeypatch.setenv(PREPACKED_ENV, "1")
