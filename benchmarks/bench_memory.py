@@ -17,10 +17,14 @@ peak while loading), and after one workload (prefill 128 + decode 32); "session 
 process before the session, what the profiler reports as session_rss_mb. After the run, the resident memory
 over the process before is split into anonymous pages (RssAnon: heap, what the kernel cannot drop) and
 file pages (RssFile: clean mapped weights, dropped under memory pressure and read again when touched).
-The KV cache of the workload is printed beside it. Latency: the sessions of one model alternate in one
+The KV cache of the workload is printed beside it. The prompt's ids matter to the file pages: each embedding
+row a prompt reads maps its pages (and the kernel's fault-around neighbours) of the memory-mapped weights, so
+`--ids low` (ids below 1,000, what this script used first), `random` (uniform over the vocabulary, what
+`edgeprune profile` feeds: the worst case) and `text:FILE` (the first 128 tokens of FILE, through the shipped
+folder's tokenizer.json: what a user's prompt reads) are told apart. Latency: the sessions of one model alternate in one
 process, the order reversed every other round; each is a median of per-round ratios to the shipped layout
 ("external/default"), so machine drift cancels.
-Writes benchmarks/out/bench_memory.json and prints Markdown tables.
+Writes --out (benchmarks/out/bench_memory.json) and prints Markdown tables.
 """
 
 from __future__ import annotations
@@ -69,13 +73,27 @@ def resident() -> dict[str, float]:
     return {field: rss_mb(field) for field in ("VmRSS", "RssAnon", "RssFile")}
 
 
-def measure_memory(path: Path, settings: str, threads: int) -> dict:
+def prompt_ids(folder: Path, spec: str, vocab: int) -> list[int]:
+    """The workload's prompt: `low`, `random` or `text:FILE` (see the module docstring)."""
+    rng = np.random.default_rng(0)
+    if spec == "low":
+        return rng.integers(0, 1000, PREFILL).tolist()
+    if spec == "random":
+        return rng.integers(0, vocab, PREFILL).tolist()
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    tokenizer.no_truncation()
+    return tokenizer.encode(Path(spec.removeprefix("text:")).read_text()[: 50 * PREFILL]).ids[:PREFILL]
+
+
+def measure_memory(path: Path, settings: str, threads: int, ids: list[int]) -> dict:
     """In this (fresh) process: RSS before, after loading, at the loading peak and after one workload, and
     what of the RSS after the workload is anonymous or file pages."""
     base = resident()
     model = OnnxModel(path, options=options_for(settings, threads))
     loaded, load_peak = rss_mb("VmRSS"), rss_mb("VmHWM")
-    run_workload(model, np.random.default_rng(0).integers(0, 1000, (1, PREFILL)))
+    run_workload(model, np.asarray([ids], dtype=np.int64))
     after = resident()
     return {
         "base_mb": base["VmRSS"],
@@ -88,19 +106,20 @@ def measure_memory(path: Path, settings: str, threads: int) -> dict:
     }
 
 
-def measure_in_child(path: Path, settings: str, threads: int) -> dict:
+def measure_in_child(path: Path, settings: str, threads: int, ids: list[int]) -> dict:
     command = [sys.executable, __file__, "--child", str(path), settings, "--threads", str(threads)]
+    command += ["--child-ids", json.dumps(ids)]
     proc = subprocess.run(command, capture_output=True, text=True, check=True)
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def alternating_latency(sessions: dict[str, tuple[Path, str]], threads: int, rounds: int) -> dict:
+def alternating_latency(sessions: dict[str, tuple[Path, str]], threads: int, rounds: int, ids: list[int]) -> dict:
     """Sessions of one model (label -> file, settings) run in turn, the order reversed every other round;
     each one's latency over the first's as a median of per-round ratios, so machine drift cancels."""
     models = {
         label: OnnxModel(path, options=options_for(settings, threads)) for label, (path, settings) in sessions.items()
     }
-    ids = np.random.default_rng(0).integers(0, 1000, (1, PREFILL))
+    ids = np.asarray([ids], dtype=np.int64)
     for model in models.values():
         run_workload(model, ids)  # warm-up
     samples: dict[str, list[float]] = {label: [] for label in models}
@@ -165,16 +184,21 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS), help="layout/settings")
+    parser.add_argument("--out", type=Path, default=OUT / "bench_memory.json")
+    parser.add_argument("--ids", default="low", help="the prompt: low, random or text:FILE (module docstring)")
     parser.add_argument("--child", nargs=2, metavar=("FILE", "SETTINGS"), help=argparse.SUPPRESS)
+    parser.add_argument("--child-ids", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(measure_memory(Path(args.child[0]), args.child[1], args.threads)))
+        ids = json.loads(args.child_ids)
+        print(json.dumps(measure_memory(Path(args.child[0]), args.child[1], args.threads, ids)))
         return
     rows, latency = [], {}
     for folder in args.folders:
         name = json.loads((folder / "edgeprune.json").read_text())["precision"]
         shipped = folder / "model.onnx"
         print(name, f"KV cache of the workload: {kv_cache_mb(shipped):.1f} MB", flush=True)
+        ids = prompt_ids(folder, args.ids, OnnxModel(shipped, prepacked=False).vocab_size or 1000)
         sessions = {}
         for variant in args.variants:
             layout, settings = variant.split("/")
@@ -182,13 +206,13 @@ def main() -> None:
             sessions[variant] = (path, settings)
             row = {"model": name, "layout": layout, "settings": settings, "file_mb": onnx_bytes(path) / 1e6}
             row["shipped_mb"] = onnx_bytes(shipped) / 1e6
-            rows.append(row | measure_in_child(path, settings, args.threads))
+            rows.append(row | {"ids": args.ids} | measure_in_child(path, settings, args.threads, ids))
             print(table(rows[-1:]).splitlines()[-1], flush=True)
-        latency[name] = alternating_latency(sessions, args.threads, args.rounds)
+        latency[name] = alternating_latency(sessions, args.threads, args.rounds, ids)
         print(name, "latency", latency[name], flush=True)
-    OUT.mkdir(exist_ok=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     record = {"rows": rows, "latency": latency, "threads": args.threads, "ort_version": ort.__version__}
-    (OUT / "bench_memory.json").write_text(json.dumps(record, indent=2) + "\n")
+    args.out.write_text(json.dumps(record, indent=2) + "\n")
     print(table(rows))
     labels = list(next(iter(latency.values())))
     print("\n| model | " + " | ".join(f"{label} ms (x {labels[0]})" for label in labels) + " |")
