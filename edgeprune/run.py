@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import shutil
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -294,9 +294,20 @@ class ProbeRunner:
     fp32 probe through the shipping quantizer (seconds). Probe files are deleted once measured.
     """
 
-    def __init__(self, loaded: LoadedModel, adapter, scores, cfg: RunConfig, calib, profiler: Profiler, work: Path):
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        adapter,
+        scores,
+        cfg: RunConfig,
+        calib,
+        profiler: Profiler,
+        work: Path,
+        logged: Container[tuple[str, float]] = (),
+    ):
+        """`logged`: (precision, sparsity) probes a resumed search replays, never measured again."""
         self.loaded, self.adapter, self.scores, self.cfg = loaded, adapter, scores, cfg
-        self.calib, self.profiler, self.work = calib, profiler, work
+        self.calib, self.profiler, self.work, self.logged = calib, profiler, work, logged
         self.cuts: OrderedDict[float, tuple[nn.Module, list[LayerKeep] | None]] = OrderedDict()
         self.unpruned: dict[str, Probe] = {}  # quantization-only probes measured together, not yet asked for
         self.ffn_names: list[dict] | None = None
@@ -371,7 +382,7 @@ class ProbeRunner:
         if precision == "fp32":
             return self.dense_probe()
         if precision not in self.unpruned:
-            together = [p for p in self.cfg.precisions if p != "fp32"]
+            together = [p for p in self.cfg.precisions if p != "fp32" and (p, 0.0) not in self.logged]
             self.unpruned = self.measure(together if precision in together else [precision], 0.0)
         return self.unpruned.pop(precision)
 
@@ -524,7 +535,7 @@ def run_job(
     log = ProbeLog(out / "search.jsonl", cfg.settings(loaded.source_hash))  # other settings: refused before scoring
     say(f"scoring groups with {cfg.criterion}")
     scores = load_or_score(out / "scores.safetensors", loaded, adapter, cfg, calib)
-    runner = ProbeRunner(loaded, adapter, scores, cfg, calib, probes, work)
+    runner = ProbeRunner(loaded, adapter, scores, cfg, calib, probes, work, logged=log.probes)
     say(f"searching the best model that meets the budget ({', '.join(cfg.precisions)}; quantization first)")
     search = search_candidates(
         runner,

@@ -101,6 +101,22 @@ def test_quantization_alone_wins_when_it_meets_the_budget(saved_llama, calibrati
     assert "| int4 | 0.000 |" in (out / "report.md").read_text()
 
 
+def test_resumed_search_times_only_the_quantized_candidates_it_has_not_logged(saved_llama, calibration_file, tmp_path):
+    out = tmp_path / "run"
+    before = BytesProfiler()
+    first = run(saved_llama, calibration_file, out, [Budget("speedup", 1.5)], profiler=before)
+    log = out / "search.jsonl"
+    lines = log.read_text().splitlines(keepends=True)
+    int4 = next(i for i, line in enumerate(lines) if '"precision": "int4"' in line and '"sparsity": 0.0' in line)
+    log.write_text("".join(lines[:int4] + lines[int4 + 1 :]))  # as if killed before int4 was logged
+    profiler = BytesProfiler()
+    profiler.dense_bytes = before.dense_bytes  # the dense probe is replayed, not profiled again
+    resumed = run(saved_llama, calibration_file, out, [Budget("speedup", 1.5)], profiler=profiler)
+    assert profiler.timed_together == [1]  # int4 alone, not the five again
+    assert resumed.probes_measured == 1
+    assert (resumed.final["precision"], resumed.final["sparsity"]) == (first.final["precision"], 0.0)
+
+
 def test_budget_only_pruning_and_quantization_meet_is_met_with_both(saved_llama, calibration_file, tmp_path):
     """Weight-only int8 alone is not fast enough: the run cuts and quantizes, and ships that.
 
