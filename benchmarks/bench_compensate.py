@@ -11,7 +11,8 @@ tokenized once without BOS, non-overlapping windows). Cuts:
   removes 35% of all parameters (the default job's final model: 34.5%).
 Methods: `none` (plain cut), `ls` (the criterion's groups, down_proj/o_proj re-fit layer by layer),
 `obs` (groups chosen by their error after the re-fit; no criterion), `alloc` (`obs` after the FFN
-neurons of the uniform plan are moved to the layers where the re-fit error is lowest). The re-fit is
+neurons of the uniform plan are moved to the layers where the re-fit error is lowest), `alloc-ls` (the
+criterion's groups at those moved widths, re-fit: `prune --allocation errors`). The re-fit is
 compensate.py's default (the last quarter of the `--calib-samples` windows checks each projection's
 damping, the plain cut included); `--damping D` re-fits at D on all windows unchecked instead (the
 re-fit before the check: D = 1e-4). Criteria: any registered name, or `mi-conditional` (mi with
@@ -128,7 +129,10 @@ def main() -> None:
                 choices = []
                 if method == "none":
                     cut_model(pruned, adapter, keep)
-                elif method == "ls":
+                elif method in ("ls", "alloc-ls"):  # alloc-ls: the criterion's groups at the error-moved widths
+                    if method == "alloc-ls":
+                        plan = allocate_by_errors(pruned, adapter, refit_calib, plan, spec.min_keep, options)
+                        keep = select_keep(pruned, adapter, scores, plan)
                     choices = cut_and_compensate(pruned, adapter, keep, refit_calib, options).choices
                 else:  # obs; alloc: OBS after moving the uniform plan's FFN neurons to where errors are lowest
                     if method == "alloc":

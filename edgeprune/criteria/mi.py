@@ -488,8 +488,10 @@ def ffn_layer_orders(
     """Scores of one layer's FFN neurons (one tensor; `paper`: one per seed) from activations z [n, N].
 
     `gram` (AᵀA of the layer's activations over all calibration tokens) is what `conditional` regresses on.
+    `conditional` runs in float64: at γ = 16 the kernel is nearly flat and one neuron's residual moves it by
+    parts per billion, which float32 sums round away (its scores were noise: benchmarks/RESULTS.md, issue 13).
     """
-    z = z.double() if opts.alpha != 2.0 else z.float()
+    z = z.double() if opts.alpha != 2.0 or opts.selection == "conditional" else z.float()
     w = w.to(z.dtype)
     sample = position_pairs(z.shape[0], opts.max_pairs, gen)
     if opts.selection == "output-info":
