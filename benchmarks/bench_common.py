@@ -68,7 +68,7 @@ class HeldOut:
             shape = (len(self.windows), 128, model.config.vocab_size)
             tmp = np.lib.format.open_memmap(path.with_suffix(".tmp.npy"), "w+", np.float32, shape)
             for i in range(0, len(self.windows), 8):
-                tmp[i : i + 8] = dense_output(model, self.windows[i : i + 8]).numpy()
+                tmp[i : i + 8] = dense_output(model, self.windows[i : i + 8])
             tmp.flush()
             del tmp
             path.with_suffix(".tmp.npy").rename(path)
