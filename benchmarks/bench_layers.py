@@ -223,7 +223,7 @@ def main() -> None:
     parser.add_argument("--retime", action="store_true", help="time again even where timing rows exist")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    console = Console()
+    console = Console(width=160)  # the whole table also when written to a file
     removals = [int(k) for k in args.removals.split(",")]
     names = [f"{kind}-{k}" for k in removals for kind in ("layers", "width")]
     rows = read_results(args.out)
