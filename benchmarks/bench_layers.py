@@ -36,7 +36,7 @@ from rich.table import Table
 from torch import nn
 
 from edgeprune.budget import smallest_sparsity
-from edgeprune.devices.profiler import LocalProfiler
+from edgeprune.devices.profiler import LocalProfiler, paired_speedup
 from edgeprune.devices.profiles import get_device
 from edgeprune.evaluate.divergence import heldout_divergence
 from edgeprune.export.files import move_onnx
@@ -59,6 +59,7 @@ from edgeprune.structure import count_parameters
 
 OUT = Path(__file__).parent / "out" / "bench_layers.json"
 INT4_FILE = "model.int4.onnx"
+PRECISIONS = ("fp32", "int4")
 MEASURE = "block-influence"  # `prune --targets layers`'s default
 
 
@@ -168,6 +169,8 @@ def timing_rows(names: list[str], cuts: Cuts | None, work: Path, precision: str,
             "decode_speedup": c.decode_speedup,
             "runs": runs,
             "threads": c.model.threads,
+            "latency_ms_samples": c.model.samples["latency_ms"],  # round by round: any two cuts pair up later
+            "dense_latency_ms_samples": c.baseline.samples["latency_ms"],
             **load,
         }
         for name, c in zip(names, comparisons, strict=True)
@@ -179,29 +182,42 @@ def latest(rows: list[dict], **key) -> dict | None:
     return found[-1] if found else None
 
 
+def layers_against_width(rows: list[dict], precision: str, name: str) -> float | None:
+    """For `layers-k`: median per-round ratio width-k / layers-k from one alternating run (> 1: layers faster)."""
+    if not name.startswith("layers-"):
+        return None
+    ours = latest(rows, part="timing", precision=precision, cut=name)
+    theirs = latest(rows, part="timing", precision=precision, cut=name.replace("layers", "width"))
+    if not ours or not theirs or ours["date"] != theirs["date"] or "latency_ms_samples" not in ours:
+        return None
+    return paired_speedup(ours["latency_ms_samples"], theirs["latency_ms_samples"])
+
+
 def show(rows: list[dict], names: list[str], console: Console) -> None:
-    """One row per cut and precision: quality on both texts, the paired speedup, the ideal and the efficiency."""
+    """One row per cut and precision: quality on both texts, the paired speedups, the ideal and the efficiency."""
     table = Table(title="Whole-layer removal against width pruning (SmolLM2-135M-Instruct)")
-    for column in ("cut", "params M", "prec", "KL pkg", "PPL pkg", "KL wiki", "PPL wiki", "speedup", "ideal", "eff"):
+    columns = ("cut", "params M", "prec", "KL pkg", "PPL pkg", "KL wiki", "PPL wiki", "speedup", "vs width", "ideal")
+    for column in (*columns, "eff"):
         table.add_column(column, justify="right")
     for name in ["dense", *names]:
         quality = latest(rows, part="quality", cut=name)
         if quality is None:
             continue
         share = quality["ideal_share"]
-        for precision in ("fp32", "int4"):
+        for precision in PRECISIONS:
             q, timing = quality[precision], latest(rows, part="timing", precision=precision, cut=name)
-            speedup = timing["speedup"] if timing else None
+            speedup, against = timing["speedup"] if timing else None, layers_against_width(rows, precision, name)
             efficiency = (1 - 1 / speedup) / share if speedup and share else None
             table.add_row(
                 name,
                 f"{quality['params'] / 1e6:.2f}",
                 precision,
-                *(f"{q[t]['kl']:.3f} ± {q[t]['kl_stderr']:.3f}" for t in ("pkg",)),
+                *(f"{q[text]['kl']:.3f} ± {q[text]['kl_stderr']:.3f}" for text in ("pkg",)),
                 f"{q['pkg']['ppl']:.2f}",
                 f"{q['wiki']['kl']:.3f} ± {q['wiki']['kl_stderr']:.3f}",
                 f"{q['wiki']['ppl']:.2f}",
                 f"{speedup:.3f}" if speedup else "-",
+                f"{against:.3f}" if against else "-",
                 f"{1 / (1 - share):.3f}",
                 f"{efficiency:.2f}" if efficiency is not None else "-",
             )
@@ -211,7 +227,7 @@ def show(rows: list[dict], names: list[str], console: Console) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--removals", default="2,4,6", help="layers removed (k), each beside width pruning")
-    parser.add_argument("--precisions", default="fp32,int4")
+    parser.add_argument("--precisions", default=",".join(PRECISIONS))
     parser.add_argument("--runs", type=int, default=15, help="alternating timing rounds")
     parser.add_argument("--wiki-tokens", type=int, default=8192)
     parser.add_argument("--threads", type=int, default=1, help="torch and ORT threads for the quality part")
@@ -224,6 +240,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     console = Console(width=160)  # the whole table also when written to a file
+    precisions = args.precisions.split(",")
+    if set(precisions) - set(PRECISIONS):
+        raise SystemExit(f"--precisions: choose from {', '.join(PRECISIONS)}")
     removals = [int(k) for k in args.removals.split(",")]
     names = [f"{kind}-{k}" for k in removals for kind in ("layers", "width")]
     rows = read_results(args.out)
@@ -239,7 +258,7 @@ def main() -> None:
                 console.log(f"quality of {name}")
                 rows.append(append_result(args.out, quality_row(name, cuts, texts, args.work, args.threads)))
     if not args.quality_only:
-        for precision in args.precisions.split(","):
+        for precision in precisions:
             if args.retime or any(latest(rows, part="timing", precision=precision, cut=n) is None for n in names):
                 console.log(f"timing {precision}: {len(names)} cuts against dense {precision}")
                 for row in timing_rows(names, cuts, args.work, precision, args.runs):
