@@ -1,14 +1,20 @@
-"""What the benchmark scripts share: where the evaluation data is, and the resumable JSON result log."""
+"""What the benchmark scripts share: where the evaluation data is, the resumable JSON result log, and paired
+held-out quality against the dense model."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
 import torch
+
+from edgeprune.evaluate.divergence import dense_output, windows_of
+from edgeprune.window_stats import decoder_window_stats
 
 
 def data_dir() -> Path:
@@ -49,3 +55,38 @@ CRITERION_ALIASES = {"mi-conditional": ("mi", {"selection": "conditional"})}  # 
 def criterion_and_options(name: str) -> tuple[str, dict]:
     """A registered criterion and its options, from a benchmark's name for it (`mi-conditional`, or the name)."""
     return CRITERION_ALIASES.get(name, (name, {}))
+
+
+class HeldOut:
+    """Windows of one held-out text and the dense model's logits on them (cached on disk: they are large)."""
+
+    def __init__(self, name: str, tokens: torch.Tensor, model, cache: Path) -> None:
+        self.name, self.windows = name, windows_of(tokens, 128)
+        path = cache / f"dense-{name}-{len(self.windows)}.npy"
+        if not path.is_file():
+            cache.mkdir(parents=True, exist_ok=True)
+            shape = (len(self.windows), 128, model.config.vocab_size)
+            tmp = np.lib.format.open_memmap(path.with_suffix(".tmp.npy"), "w+", np.float32, shape)
+            for i in range(0, len(self.windows), 8):
+                tmp[i : i + 8] = dense_output(model, self.windows[i : i + 8])
+            tmp.flush()
+            del tmp
+            path.with_suffix(".tmp.npy").rename(path)
+        self.dense = np.load(path, mmap_mode="r")
+
+    def measure(self, model) -> dict:
+        """KL(dense || model) nats/token (mean, stderr over windows), and both perplexities."""
+        stats: dict[str, list[np.ndarray]] = {}
+        for i in range(0, len(self.windows), 8):
+            batch = self.windows[i : i + 8]
+            dense = np.array(self.dense[i : i + 8])
+            for key, value in decoder_window_stats(dense, dense_output(model, batch), batch.numpy()).items():
+                stats.setdefault(key, []).append(value)
+        kl, nll, dense_nll = (np.concatenate(stats[k]) for k in ("divergence", "nll", "dense_nll"))
+        predicted = len(kl) * 127
+        return {
+            "kl": float(kl.mean()),
+            "kl_stderr": float(kl.std(ddof=1) / math.sqrt(len(kl))),
+            "ppl": math.exp(float(nll.sum()) / predicted),
+            "dense_ppl": math.exp(float(dense_nll.sum()) / predicted),
+        }

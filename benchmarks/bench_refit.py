@@ -22,13 +22,18 @@ from __future__ import annotations
 import argparse
 import copy
 import itertools
-import math
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-from bench_common import append_result, criterion_and_options, data_dir, read_results, wikitext_test_tokens
+from bench_common import (
+    HeldOut,
+    append_result,
+    criterion_and_options,
+    data_dir,
+    read_results,
+    wikitext_test_tokens,
+)
 
 from edgeprune.calibration import (
     calibration_batch,
@@ -40,12 +45,10 @@ from edgeprune.calibration import (
 )
 from edgeprune.compensate import CompensateOptions, cut_and_compensate, cut_by_obs
 from edgeprune.criteria import ScoringInputs, score_groups
-from edgeprune.evaluate.divergence import dense_output, windows_of
 from edgeprune.loading import load_model
 from edgeprune.models import adapter_for
 from edgeprune.run import RunConfig
 from edgeprune.structure import cut_model, plan_uniform_widths, select_keep
-from edgeprune.window_stats import decoder_window_stats
 
 OUT = Path(__file__).parent / "out" / "bench_refit.json"
 
@@ -57,41 +60,6 @@ def options_for(method: str, obs_damping: float) -> CompensateOptions | None:
     if method == "checked":
         return CompensateOptions(damping=obs_damping)
     return CompensateOptions(dampings=(float(method.split(":")[1]),), check_fraction=0.0, damping=obs_damping)
-
-
-class HeldOut:
-    """Windows of one held-out text and the dense model's logits on them (cached on disk: they are large)."""
-
-    def __init__(self, name: str, tokens: torch.Tensor, model, cache: Path) -> None:
-        self.name, self.windows = name, windows_of(tokens, 128)
-        path = cache / f"dense-{name}-{len(self.windows)}.npy"
-        if not path.is_file():
-            cache.mkdir(parents=True, exist_ok=True)
-            shape = (len(self.windows), 128, model.config.vocab_size)
-            tmp = np.lib.format.open_memmap(path.with_suffix(".tmp.npy"), "w+", np.float32, shape)
-            for i in range(0, len(self.windows), 8):
-                tmp[i : i + 8] = dense_output(model, self.windows[i : i + 8]).numpy()
-            tmp.flush()
-            del tmp
-            path.with_suffix(".tmp.npy").rename(path)
-        self.dense = np.load(path, mmap_mode="r")
-
-    def measure(self, model) -> dict:
-        """KL(dense || model) nats/token (mean, stderr over windows), and both perplexities."""
-        stats: dict[str, list[np.ndarray]] = {}
-        for i in range(0, len(self.windows), 8):
-            batch = self.windows[i : i + 8]
-            dense = np.array(self.dense[i : i + 8])
-            for key, value in decoder_window_stats(dense, dense_output(model, batch), batch.numpy()).items():
-                stats.setdefault(key, []).append(value)
-        kl, nll, dense_nll = (np.concatenate(stats[k]) for k in ("divergence", "nll", "dense_nll"))
-        predicted = len(kl) * 127
-        return {
-            "kl": float(kl.mean()),
-            "kl_stderr": float(kl.std(ddof=1) / math.sqrt(len(kl))),
-            "ppl": math.exp(float(nll.sum()) / predicted),
-            "dense_ppl": math.exp(float(dense_nll.sum()) / predicted),
-        }
 
 
 def main() -> None:

@@ -17,6 +17,7 @@ from edgeprune.export import export_model
 from edgeprune.export.exporter import Tolerance
 from edgeprune.export.fused import cut_file_megabytes, ffn_bytes, tensor_bytes, write_fused_probe
 from edgeprune.export.quantize import quantize_model
+from edgeprune.layers import remove_layers
 from edgeprune.models import adapter_for
 from edgeprune.runtime import OnnxModel, greedy_generate, onnx_bytes
 from edgeprune.structure import LayerKeep, cut_model
@@ -171,6 +172,22 @@ def test_probe_from_the_dense_fused_graph_equals_the_cut_models_own_graph(export
     assert np.abs(int4.forward(IDS) - reference).max() < np.abs(reference).max()  # runs, and is near
     with pytest.raises(EdgepruneError, match="give the dense graph"):
         write_fused_probe(exports[False, "fp32", False][1].path / "model.onnx", tmp_path / "x.onnx", cut_model_)
+
+
+def test_a_decoder_without_a_layer_builds_a_shallower_fused_graph(tmp_path):
+    """Whole-layer removal: the graph has one layer and one cache pair fewer, and computes the shortened model."""
+    model = fusable_llama(cut=False)
+    remove_layers(model, adapter_for(model.config), [1])
+    result = export_model(model, make_tokenizer(), tmp_path / "out", text=TEXT, tolerance=ANY, fused=True)
+    reference = model(torch.tensor(IDS)).logits.detach().numpy()
+    onnx_model = OnnxModel(result.path)
+    full, cached = prefill_and_cached(onnx_model)
+    limit = TOLERANCE["fp32"] * np.abs(reference).max()
+    assert np.abs(full - reference).max() <= limit and np.abs(cached - reference).max() <= limit
+    inputs = {i.name for i in onnx_model.session.get_inputs()}
+    assert {f"past_key_values.{i}.key" for i in range(3)} <= inputs and "past_key_values.3.key" not in inputs
+    decoder = json.loads((result.path / "genai_config.json").read_text())["model"]["decoder"]
+    assert decoder["num_hidden_layers"] == 3
 
 
 @pytest.mark.parametrize("precision", ["fp32", "int8", "int4", "int4-mixed"])
