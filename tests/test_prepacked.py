@@ -128,14 +128,19 @@ def test_profiler_makes_the_copy_before_measuring(dense, cache, monkeypatch):
     assert result.session_rss_mb > 0 and result.decode_tokens_per_s > 0
 
 
-def test_int4_copy_is_aligned_and_used(dense, cache, monkeypatch, tmp_path):
-    """ORT 1.31 saves blobs under 1 MB at any offset and MLAS reads a packed int4 blob off its 64-byte alignment
-    wrongly (NaN on this tiny model, wrong logits on pruned SmolLM2 widths): the copy's weights are realigned."""
+def int4_copy_entry(dense: Path, tmp_path: Path, monkeypatch) -> tuple[Path, np.ndarray]:
+    """The tiny model at int4 opened with a copy (its outputs checked against the file's): the copy's cache entry."""
     int4 = quantize_weight_only(dense, tmp_path / "int4" / "model.onnx", 4)
     expected = OnnxModel(int4, prepacked=False).forward(IDS)
     monkeypatch.setenv(PREPACKED_ENV, "1")
     np.testing.assert_array_equal(OnnxModel(int4).forward(IDS), expected)
-    entry = prepacked_entry(int4)
+    return prepacked_entry(int4), expected
+
+
+def test_int4_copy_is_aligned_and_used(dense, cache, monkeypatch, tmp_path):
+    """ORT 1.31 saves blobs under 1 MB at any offset and MLAS reads a packed int4 blob off its 64-byte alignment
+    wrongly (NaN on this tiny model, wrong logits on pruned SmolLM2 widths): the copy's weights are realigned."""
+    entry, _ = int4_copy_entry(dense, tmp_path, monkeypatch)
     assert json.loads((entry / PROVENANCE).read_text())["agrees"] is True
     assert prepacked_blobs(entry / "model.onnx") > 0
     for init in onnx.load(str(entry / "model.onnx"), load_external_data=False).graph.initializer:
@@ -150,14 +155,10 @@ def test_copy_that_computes_otherwise_is_not_used(dense, cache, monkeypatch, tmp
     """A copy left as ORT saved it (no onnx to realign it on a board): checked against the model when made,
     and the model itself opens instead (without a second try)."""
     monkeypatch.setattr("edgeprune.runtime.align_weights", lambda path: False)
-    int4 = quantize_weight_only(dense, tmp_path / "int4" / "model.onnx", 4)
-    expected = OnnxModel(int4, prepacked=False).forward(IDS)
-    monkeypatch.setenv(PREPACKED_ENV, "1")
-    np.testing.assert_array_equal(OnnxModel(int4).forward(IDS), expected)
-    entry = prepacked_entry(int4)
+    entry, expected = int4_copy_entry(dense, tmp_path, monkeypatch)
     assert json.loads((entry / PROVENANCE).read_text())["agrees"] is False
     assert sorted(p.name for p in entry.iterdir()) == [PROVENANCE]
-    np.testing.assert_array_equal(OnnxModel(int4).forward(IDS), expected)
+    np.testing.assert_array_equal(OnnxModel(tmp_path / "int4" / "model.onnx").forward(IDS), expected)
 
 
 def test_switch_and_callers_decide(dense, cache, monkeypatch):
