@@ -155,9 +155,9 @@ def layout_file(shipped: Path, layout: str, work: Path, threads: int) -> Path:
     return work / layout / MODEL_FILE
 
 
-def kv_cache_mb(path: Path) -> float:
+def kv_cache_mb(model: OnnxModel) -> float:
     """K and V of every layer for the workload's positions, from the graph's cache inputs."""
-    caches = OnnxModel(path, prepacked=False).caches
+    caches = model.caches
     return sum(c.heads * c.head_dim * (PREFILL + DECODE) * np.dtype(c.dtype).itemsize for c in caches) / 1e6
 
 
@@ -197,8 +197,10 @@ def main() -> None:
     for folder in args.folders:
         name = json.loads((folder / "edgeprune.json").read_text())["precision"]
         shipped = folder / "model.onnx"
-        print(name, f"KV cache of the workload: {kv_cache_mb(shipped):.1f} MB", flush=True)
-        ids = prompt_ids(folder, args.ids, OnnxModel(shipped, prepacked=False).vocab_size or 1000)
+        graph = OnnxModel(shipped, prepacked=False)
+        print(name, f"KV cache of the workload: {kv_cache_mb(graph):.1f} MB", flush=True)
+        ids = prompt_ids(folder, args.ids, graph.vocab_size or 1000)
+        del graph  # each measured session runs in its own process
         sessions = {}
         for variant in args.variants:
             layout, settings = variant.split("/")

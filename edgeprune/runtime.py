@@ -137,9 +137,8 @@ def write_prepacked(onnx_path: Path, entry: Path, threads: int | None) -> None:
         )
         options.add_session_config_entry("session.save_external_prepacked_constant_initializers", "1")
         ort.InferenceSession(str(onnx_path), options, providers=[CPU])
-        aligned = align_weights(tmp / MODEL_FILE)
         provenance = {"prepacked_from": str(onnx_path), "ort_version": ort.__version__, "cpu": cpu_identity()}
-        provenance["aligned"] = aligned
+        provenance["aligned"] = align_weights(tmp / MODEL_FILE)
         provenance["agrees"] = copy_agrees(onnx_path, tmp / MODEL_FILE, threads)
         if not provenance["agrees"]:  # kept as a note, so the next load opens the model without trying again
             for file in onnx_files(tmp / MODEL_FILE):

@@ -18,7 +18,6 @@ CPU sessions map a pre-packed copy, edgeprune.runtime; null: the default), and a
 from __future__ import annotations
 
 import base64
-import contextlib
 import io
 import json
 import os
@@ -71,8 +70,9 @@ def prepack(spec: dict) -> dict:
 def prepack_before_measuring(spec: dict) -> None:
     """Make the copies in a child process where one starts (this runner again), else here: the heap that
     making a copy uses and frees would sit under the measured session, which then reads low (164 MB for a
-    session of 196 MB on the default job's answer)."""
-    with contextlib.suppress(OSError, subprocess.SubprocessError):  # e.g. no exec of the interpreter: made here
+    session of 196 MB on the default job's answer). A copy the child could not make is made (or its error
+    raised) when the session opens."""
+    try:
         subprocess.run(
             [sys.executable, sys.argv[0]],
             input=json.dumps({**spec, "task": "prepack"}),
@@ -80,7 +80,8 @@ def prepack_before_measuring(spec: dict) -> None:
             text=True,
             check=True,
         )
-    prepack(spec)  # made already: only their keys are computed
+    except (OSError, subprocess.SubprocessError):  # e.g. no exec of the interpreter (an emulator): made here
+        prepack(spec)
 
 
 def stats(samples: list[float]) -> dict[str, float]:
