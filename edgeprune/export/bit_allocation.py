@@ -1,0 +1,148 @@
+"""Which projections keep 8 bits when the rest are 4: the most loss saved per byte, until a file budget is full.
+
+"int4-mixed" keeps a fixed list at 8 bits (every q/k/v and down projection, the end layers): 124 MB on the
+default decoder, so a 120 MB budget had to cut neurons instead, at about twice the divergence of moving a
+few of those projections back to 4 bits (benchmarks/RESULTS.md, "Finer mixed precision"). "int4-fit" chooses
+the list per model and budget. A projection's sensitivity is the loss its 4-bit rounding adds over its 8-bit
+rounding, by the diagonal Fisher information of the model's own next-token loss on calibration windows
+(the second-order estimate HAWQ-V2 and FIT use): sum over weights of F_w * (e4_w^2 - e8_w^2), where e is
+the rounding error ONNX Runtime's own quantizer makes (its kernels, dequantized here). The list is then
+filled greedily by sensitivity per extra byte, a knapsack whose items are nearly equal in size.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from edgeprune.criteria.taylor import gradients_only_for
+from edgeprune.export.quantize import MIXED_EIGHT_BIT_BLOCK
+
+LAYER_PROJECTION = re.compile(r"layers?[./](\d+)/(.+)/MatMul")  # "/model/layers.3/mlp/down_proj/MatMul"
+# the fused builder packs q, k and v into one MatMul and calls self_attn "attn"
+GRAPH_PROJECTIONS = {
+    "attn/qkv_proj": ("self_attn/q_proj", "self_attn/k_proj", "self_attn/v_proj"),
+    "attn/o_proj": ("self_attn/o_proj",),
+}
+
+
+@dataclass(frozen=True)
+class Projection:
+    """One MatMul of a layer that may keep 8 bits: its node, the bytes 8 bits add, the loss they save."""
+
+    node: str
+    extra_bytes: int
+    sensitivity: float
+
+    @property
+    def value_per_byte(self) -> float:
+        return self.sensitivity / self.extra_bytes
+
+
+def rounding_error(weight: torch.Tensor, bits: int, block_size: int) -> torch.Tensor:
+    """W minus what MatMulNBits computes with, for a Linear weight [out, in] (blocks run along `in`).
+
+    Quantized by ONNX Runtime's own C++ routine, symmetric, then dequantized: q - 2^(bits-1) times the block
+    scale, two 4-bit values a byte, low nibble first.
+    """
+    from onnxruntime.capi._pybind_state import quantize_matmul_4bits, quantize_matmul_8bits
+
+    columns, rows = weight.shape  # ORT's view: the [in, out] matrix, each output column quantized alone
+    source = np.ascontiguousarray(weight.detach().float().numpy().T)
+    blocks = -(-rows // block_size)
+    if rows % block_size:
+        source = np.pad(source, ((0, blocks * block_size - rows), (0, 0)))
+    packed = np.zeros((columns, blocks, block_size * bits // 8), dtype=np.uint8)
+    scales = np.zeros((columns, blocks), dtype=np.float32)
+    zero_points = np.zeros((columns, -(-blocks * bits // 8)), dtype=np.uint8)
+    quantize = quantize_matmul_4bits if bits == 4 else quantize_matmul_8bits
+    quantize(packed, source, scales, zero_points, block_size, columns, blocks * block_size, True)
+    if bits == 4:
+        codes = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(columns, blocks, block_size)
+    else:
+        codes = packed
+    values = (codes.astype(np.float32) - 2 ** (bits - 1)) * scales[:, :, None]
+    dequantized = values.reshape(columns, blocks * block_size)[:, :rows]
+    return weight.detach().float() - torch.from_numpy(dequantized)
+
+
+def fisher_diagonal(model: nn.Module, windows: torch.Tensor, linears: list[nn.Linear]) -> list[torch.Tensor]:
+    """Mean over windows of each window's squared gradient of its next-token loss, per weight of `linears`."""
+    fisher = [torch.zeros_like(linear.weight, dtype=torch.float32) for linear in linears]
+    with gradients_only_for(model, [linear.weight for linear in linears]):
+        for window in windows:
+            model(input_ids=window[None], labels=window[None]).loss.backward()
+            for buffer, linear in zip(fisher, linears, strict=True):
+                buffer.add_(linear.weight.grad.float().square() / len(windows))
+                linear.weight.grad = None
+    return fisher
+
+
+def layer_linears(model: nn.Module) -> dict[tuple[int, str], nn.Linear]:
+    """Every Linear inside a numbered layer, keyed (layer index, path below the layer with '/' separators)."""
+    found = {}
+    for name, module in model.named_modules():
+        match = re.search(r"layers?\.(\d+)\.(.+)$", name)
+        if isinstance(module, nn.Linear) and match:
+            found[(int(match.group(1)), match.group(2).replace(".", "/"))] = module
+    return found
+
+
+def projection_sensitivity(
+    model: nn.Module, windows: torch.Tensor, block_size: int, eight_bit_block: int = MIXED_EIGHT_BIT_BLOCK
+) -> dict[tuple[int, str], float]:
+    """Loss 4-bit rounding adds over 8-bit rounding, per layer Linear (diagonal Fisher, second-order)."""
+    linears = layer_linears(model)
+    fisher = fisher_diagonal(model, windows, list(linears.values()))
+    sensitivity = {}
+    for (key, linear), weights in zip(linears.items(), fisher, strict=True):
+        four = rounding_error(linear.weight, 4, block_size).square()
+        eight = rounding_error(linear.weight, 8, eight_bit_block).square()
+        sensitivity[key] = float((weights * (four - eight)).sum()) / 2
+    return sensitivity
+
+
+def graph_projections(
+    graph: onnx.GraphProto, sensitivity: dict[tuple[int, str], float], block_size: int, eight_bit_block: int
+) -> list[Projection]:
+    """The graph's layer MatMuls with a constant weight, priced (extra bytes at 8 bits) and valued (sensitivity)."""
+    weights = {init.name: init for init in graph.initializer}
+    found = []
+    for node in graph.node:
+        match = LAYER_PROJECTION.search(node.name)
+        if node.op_type != "MatMul" or node.input[1] not in weights or not match:
+            continue
+        layer, path = int(match.group(1)), match.group(2)
+        parts = GRAPH_PROJECTIONS.get(path, (path,))
+        if any((layer, part) not in sensitivity for part in parts):
+            continue
+        rows, columns = weights[node.input[1]].dims
+        found.append(
+            Projection(
+                node.name,
+                quantized_bytes(rows, columns, 8, eight_bit_block) - quantized_bytes(rows, columns, 4, block_size),
+                sum(sensitivity[(layer, part)] for part in parts),
+            )
+        )
+    return found
+
+
+def quantized_bytes(rows: int, columns: int, bits: int, block_size: int) -> int:
+    """MatMulNBits storage of a [rows, columns] weight: packed codes and one float32 scale a block."""
+    blocks = -(-rows // block_size)
+    return columns * blocks * (block_size * bits // 8 + 4)
+
+
+def choose_eight_bit(projections: list[Projection], room_bytes: int) -> list[str]:
+    """The projections to keep at 8 bits within `room_bytes`: greedy by loss saved per byte, then any that still fit."""
+    chosen, left = [], room_bytes
+    for projection in sorted(projections, key=lambda p: -p.value_per_byte):
+        if projection.sensitivity > 0 and projection.extra_bytes <= left:
+            chosen.append(projection.node)
+            left -= projection.extra_bytes
+    return chosen
