@@ -19,7 +19,7 @@ from rich.table import Table
 
 from edgeprune.errors import EdgepruneError
 from edgeprune.logs import notices_logged_in
-from edgeprune.precisions import PRECISIONS
+from edgeprune.precisions import FITTED_PRECISIONS, PRECISIONS
 
 console = Console(stderr=True)
 out = Console()
@@ -703,7 +703,7 @@ def recover(
 @click.option("--task", default="auto", show_default=True, help="auto, text-generation-with-past, fill-mask, ...")
 @click.option(
     "--quantize",
-    type=click.Choice(PRECISIONS[1:]),
+    type=click.Choice([p for p in PRECISIONS[1:] if p not in FITTED_PRECISIONS]),
     help="ship model.onnx at this precision (int8*/int4*: weight-only MatMulNBits), verified against PyTorch",
 )
 @click.option("--optimize", is_flag=True, help="save ONNX Runtime's graph fusions into model.onnx")

@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 from edgeprune.outputs import atomic_output_file, write_atomic
+from edgeprune.precisions import PRECISIONS
 
 SUMMARY_ROWS = (
     ("params", "parameters", "{:,.0f}"),
@@ -23,7 +24,17 @@ SUMMARY_ROWS = (
     ("perplexity", "perplexity (held-out)", "{:.2f}"),
     ("top1_agreement", "top-1 agreement with dense", "{:.1%}"),
 )
-PRECISION_COLORS = {"fp32": "tab:blue", "int8": "tab:green", "int4": "tab:purple", "dynamic-int8": "tab:brown"}
+PRECISION_COLORS = {
+    "fp32": "tab:blue",
+    "int8": "tab:green",
+    "int8-b64": "tab:olive",
+    "int8-b128": "tab:cyan",
+    "int4-mixed": "tab:orange",
+    "int4-fit": "tab:pink",
+    "int4": "tab:purple",
+    "dynamic-int8": "tab:brown",
+}
+assert tuple(PRECISION_COLORS) == PRECISIONS, "every precision the search can measure is drawn"
 
 
 def format_value(value, fmt: str) -> str:

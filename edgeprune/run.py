@@ -32,6 +32,7 @@ from edgeprune.budget import (
     latency_target,
     refuse_timed_budgets_on_emulation,
     search_candidates,
+    size_target,
     smallest_sparsity,
 )
 from edgeprune.calibration import (
@@ -50,14 +51,23 @@ from edgeprune.devices.profiles import get_device
 from edgeprune.devices.target import quality_on_target
 from edgeprune.errors import EdgepruneError
 from edgeprune.evaluate.divergence import Divergence, heldout_divergence
+from edgeprune.export.bit_allocation import (
+    FIT_FILL,
+    FIT_WINDOWS,
+    Sensitivity,
+    choose_eight_bit,
+    graph_projections,
+    projection_sensitivity,
+)
 from edgeprune.export.exporter import FP32_ATOL, TOLERANCES, check_fp32, check_quantized, export_model
 from edgeprune.export.fused import FfnBytes, check_fusable, cut_file_megabytes, ffn_bytes, write_fused_probe
-from edgeprune.export.quantize import BLOCK_SIZE, quantize_model
+from edgeprune.export.quantize import BLOCK_SIZE, MIXED_EIGHT_BIT_BLOCK, quantize_model
 from edgeprune.export.sliced import ffn_bias_names, ffn_initializer_names, slice_ffn, write_ffn
 from edgeprune.export.verify import verify_onnx
 from edgeprune.loading import LoadedModel, load_model, require_tokenizer
 from edgeprune.models import CAUSAL_LM, FamilyAdapter, adapter_for, model_kind
 from edgeprune.outputs import check_run_output, claim_run_output, local_inputs
+from edgeprune.precisions import FITTED_PRECISIONS
 from edgeprune.recover.config import RecoveryConfig
 from edgeprune.report import write_report
 from edgeprune.runtime import MODEL_FILE, onnx_bytes
@@ -140,11 +150,16 @@ class RunConfig:
             raise EdgepruneError(f"unknown graph '{self.graph}': choose from {', '.join(GRAPHS)}")
         if self.precision != "auto" and self.precision not in PRECISIONS:
             raise EdgepruneError(f"unknown precision '{self.precision}': choose auto or one of {', '.join(PRECISIONS)}")
+        if self.precision in FITTED_PRECISIONS and size_target(self.budgets) is None:
+            raise EdgepruneError(f"--precision {self.precision} fills a file-size budget: give --memory-mb")
 
     @property
     def precisions(self) -> tuple[str, ...]:
-        """The precisions the search may ship."""
-        return AUTO_PRECISIONS if self.precision == "auto" else (self.precision,)
+        """The precisions the search may ship (those made for a file budget only under one)."""
+        if self.precision != "auto":
+            return (self.precision,)
+        fitted = () if size_target(self.budgets) is None else FITTED_PRECISIONS
+        return tuple(p for p in AUTO_PRECISIONS if p not in FITTED_PRECISIONS or p in fitted)
 
     @property
     def calibration_settings(self) -> CalibrationSettings:
@@ -313,6 +328,13 @@ class ProbeRunner:
         self.ffn_names: list[dict] | None = None
         self.ffn_bias_names: list[dict] | None = None
         self.fused = uses_fused_graph(loaded.model, cfg.graph)
+        self.sensitivity: dict[tuple[int, str], Sensitivity] | None = None  # int4-fit's, measured once on dense
+
+    def projection_sensitivity(self) -> dict[tuple[int, str], Sensitivity]:
+        if self.sensitivity is None:
+            windows = self.calib.refit[:FIT_WINDOWS]
+            self.sensitivity = projection_sensitivity(self.loaded.model, windows, self.cfg.block_size)
+        return self.sensitivity
 
     def refit_windows(self) -> torch.Tensor | None:
         return self.calib.refit if self.cfg.compensate else None
@@ -402,29 +424,54 @@ class ProbeRunner:
             fp32, method = self.fp32_probe(model, keep, folder)
             made = {p: self.quantized(model, fp32, method, p, folder) for p in precisions}
             # alternate with the dense model so machine drift cancels out of the ratios
-            files = [file for file, _, _ in made.values()]
+            files = [q.file for q in made.values()]
             comparisons = self.profiler.compare_all(files, self.dense_onnx(), self.cfg.workload)
             widths = [self.adapter.widths(layer).ffn for layer in self.adapter.layers(model)]
             probes = {}
-            for (precision, (file, how, refused)), comparison in zip(made.items(), comparisons, strict=True):
-                quality = measure_quality(file, self.loaded.model, self.calib, self.cfg)
-                probe = probe_from(precision, sparsity, model, file, comparison.model, quality, how, comparison.speedup)
+            for (precision, q), comparison in zip(made.items(), comparisons, strict=True):
+                quality = measure_quality(q.file, self.loaded.model, self.calib, self.cfg)
+                measured = comparison.model
+                probe = probe_from(precision, sparsity, model, q.file, measured, quality, q.method, comparison.speedup)
+                probe = replace(probe, refused=q.refused)
                 if sparsity == 0 and self.fused:  # what each layer's FFN takes at this precision: cut sizes follow
-                    probe.extra["ffn_bytes"] = [asdict(layer) for layer in ffn_bytes(file, widths)]
-                probes[precision] = replace(probe, refused=refused)
+                    probe.extra["ffn_bytes"] = [asdict(layer) for layer in ffn_bytes(q.file, widths)]
+                if q.eight_bit is not None:  # what the final export must keep at 8 bits
+                    probe.extra["eight_bit"] = list(q.eight_bit)
+                probes[precision] = probe
             return probes
         finally:
             shutil.rmtree(folder, ignore_errors=True)
 
-    def quantized(
-        self, model: nn.Module, fp32: Path, method: str, precision: str, folder: Path
-    ) -> tuple[Path, str, str]:
-        """(file, how it was made, why the export would refuse it or "") of the fp32 probe at `precision`."""
+    def quantized(self, model: nn.Module, fp32: Path, method: str, precision: str, folder: Path) -> Quantized:
+        """The fp32 probe at `precision`, and why the final export would refuse it."""
         if precision == "fp32":
-            return fp32, method, ""
+            return Quantized(fp32, method)
         folder.mkdir(parents=True, exist_ok=True)
-        file = quantize_model(fp32, folder / f"model.{precision}.onnx", precision, self.cfg.block_size)
-        return file, f"{method} + {precision}", quantization_refusal(model, self.loaded.tokenizer, file, precision)
+        block = self.cfg.block_size
+        eight_bit = self.fitted_eight_bit(fp32, folder) if precision in FITTED_PRECISIONS else None
+        file = quantize_model(fp32, folder / f"model.{precision}.onnx", precision, block, eight_bit)
+        refused = quantization_refusal(model, self.loaded.tokenizer, file, precision)
+        return Quantized(file, f"{method} + {precision}", refused, eight_bit)
+
+    def fitted_eight_bit(self, fp32: Path, folder: Path) -> tuple[str, ...]:
+        """int4-fit's 8-bit MatMuls for this file: most loss saved per byte until the size budget is full."""
+        all_four = quantize_model(fp32, folder / "model.int4-base.onnx", "int4", self.cfg.block_size)
+        room = int(size_target(self.cfg.budgets) * 1e6 * FIT_FILL) - onnx_bytes(all_four)  # deleted with the folder
+        graph = onnx.load(str(fp32), load_external_data=False).graph
+        sensitivity = self.projection_sensitivity()
+        projections = graph_projections(graph, sensitivity, self.cfg.block_size, MIXED_EIGHT_BIT_BLOCK)
+        return tuple(choose_eight_bit(projections, room))
+
+
+@dataclass(frozen=True)
+class Quantized:
+    """A probe's file at one precision: how it was made, why the export would refuse it ("": it passes), and
+    int4-fit's 8-bit MatMuls (None for the other precisions)."""
+
+    file: Path
+    method: str
+    refused: str = ""
+    eight_bit: tuple[str, ...] | None = None
 
 
 def quantization_refusal(model: nn.Module, tokenizer, file: Path, precision: str) -> str:
@@ -649,6 +696,7 @@ def finish(inputs: FinishInputs, search: SearchResult, say: Callable[[str], None
         block_size=cfg.block_size,
         overwrite=True,
         fused=inputs.runner.fused,
+        eight_bit=tuple(best.extra["eight_bit"]) if best.precision in FITTED_PRECISIONS else None,
     )
     say("profiling the final model against the dense one (alternating runs)")
     dense_file = inputs.runner.dense_onnx()
@@ -701,5 +749,7 @@ def check_budget(budget: Budget, final: Probe, dense: Probe) -> BudgetCheck:
 
 def flat(probe: Probe) -> dict:
     """A probe as one flat dict of numbers, for tables."""
-    extra = {k: v for k, v in probe.extra.items() if k != "ffn_bytes"}  # the size model's input, not a number
+    extra = {k: v for k, v in probe.extra.items() if k not in ("ffn_bytes", "eight_bit")}  # lists, not numbers
+    if "eight_bit" in probe.extra:
+        extra["eight_bit_matmuls"] = len(probe.extra["eight_bit"])
     return {k: v for k, v in asdict(probe).items() if k != "extra"} | extra

@@ -320,21 +320,22 @@ LEVER_DIVERGENCE = {"fp32": 0.0, "int8": 0.005, "int8-b64": 0.008, "int8-b128": 
 def test_auto_search_measures_every_precision_lever_and_ships_the_closest_meeting_one(tmp_path):
     from edgeprune.budget import AUTO_PRECISIONS, PRECISIONS
 
-    assert AUTO_PRECISIONS == ("fp32", "int8", "int8-b64", "int8-b128", "int4-mixed", "int4")
+    assert AUTO_PRECISIONS == ("fp32", "int8", "int8-b64", "int8-b128", "int4-mixed", "int4-fit", "int4")
     assert (*AUTO_PRECISIONS, "dynamic-int8") == PRECISIONS
+    timed = tuple(p for p in AUTO_PRECISIONS if p != "int4-fit")  # made for a size budget only (run.py)
     saved = QUANT_SPEEDUP.copy(), QUANT_DIVERGENCE.copy(), QUANT_BYTES.copy()
     QUANT_SPEEDUP.update(LEVER_SPEEDUP)
     QUANT_DIVERGENCE.update(LEVER_DIVERGENCE)
     QUANT_BYTES.update({"int8-b64": 1.05, "int8-b128": 1.05, "int4-mixed": 0.8})
     try:
         fake = FakeCandidates(prune_divergence=5.0)
-        result, _ = search_all(tmp_path, [Budget("speedup", 1.3)], fake=fake, precisions=AUTO_PRECISIONS)
-        faster, _ = search_all(tmp_path / "1.5", [Budget("speedup", 1.5)], precisions=AUTO_PRECISIONS)
+        result, _ = search_all(tmp_path, [Budget("speedup", 1.3)], fake=fake, precisions=timed)
+        faster, _ = search_all(tmp_path / "1.5", [Budget("speedup", 1.5)], precisions=timed)
     finally:
         for table, old in zip((QUANT_SPEEDUP, QUANT_DIVERGENCE, QUANT_BYTES), saved, strict=True):
             table.clear()
             table.update(old)
-    assert {p for p, s in fake.calls if s == 0} == set(AUTO_PRECISIONS)  # every lever measured unpruned
+    assert {p for p, s in fake.calls if s == 0} == set(timed)  # every lever measured unpruned
     assert result.best.key == ("int8-b64", 0.0)  # int8 misses 1.3x; b64 meets it closest to dense
     assert "int8-b128 unpruned" in result.reason and "int4 unpruned" in result.reason
     assert faster.best.key == ("int8-b128", 0.0)  # faster than int4 here and far closer to dense

@@ -11,6 +11,7 @@ import pytest
 
 from edgeprune.budget import AUTO_PRECISIONS, Budget
 from edgeprune.devices.profiler import Comparison, ProfileResult, Stats, Workload
+from edgeprune.errors import EdgepruneError
 from edgeprune.report import budget_lines, probe_speedup
 from edgeprune.run import RunConfig, run_job
 from edgeprune.runtime import onnx_bytes
@@ -86,7 +87,7 @@ def test_quantization_alone_wins_when_it_meets_the_budget(saved_llama, calibrati
     result = run(saved_llama, calibration_file, out, [Budget("speedup", 1.5)], profiler=profiler)
     assert (result.final["precision"], result.final["sparsity"]) == ("int8", 0.0)
     # the five quantization-only candidates were timed in one alternating run against dense
-    assert profiler.timed_together[0] == len(AUTO_PRECISIONS) - 1
+    assert profiler.timed_together[0] == len(AUTO_PRECISIONS) - 2  # not fp32, nor int4-fit (size budgets only)
     # a cut was only tried on fp32, the one precision closer to dense than int8 (and it lost on quality)
     assert {p["precision"] for p in result.probes if p["sparsity"] > 0} <= {"fp32"}
     int4 = next(p for p in result.probes if p["precision"] == "int4")
@@ -190,3 +191,39 @@ def test_a_size_budget_is_met_by_the_first_cut_probe_aimed_from_the_unpruned_fil
     cuts = [p for p in result.probes if p["sparsity"] > 0]
     assert len(cuts) == 1 and limit * (1 - SIZE_RTOL) <= cuts[0]["onnx_mb"] <= limit
     assert result.met and result.final["onnx_mb"] <= cuts[0]["onnx_mb"] and result.final["precision"] == "int8"
+
+
+def test_int4_fit_fills_the_size_budget_with_the_eight_bit_projections_it_chose(tmp_path, calibration_file):
+    """Between the int4 and int8 files: the shipped int4-fit keeps exactly the probe's 8-bit list, fits the budget,
+    and spends most of the room int4 left (the fused graph: q/k/v packed in one MatMul)."""
+    pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai not installed (export --fused needs it)")
+    from edgeprune.export.bit_allocation import FIT_FILL
+    from tests.conftest import make_tokenizer
+    from tests.test_fused import fusable_llama
+
+    folder = tmp_path / "fusable"
+    fusable_llama(cut=False).save_pretrained(folder)
+    make_tokenizer().save_pretrained(folder)
+    sizes = {}
+    for precision in ("int4", "int8"):
+        whole = run(folder, calibration_file, tmp_path / precision, [Budget("memory_mb", 100.0)], precision=precision)
+        sizes[precision] = whole.final["onnx_mb"]
+    limit = (sizes["int4"] + sizes["int8"]) / 2
+    out = tmp_path / "run"
+    result = run(folder, calibration_file, out, [Budget("memory_mb", limit)], precision="int4-fit")
+    assert result.met and result.final["sparsity"] == 0 and result.final["precision"] == "int4-fit"
+    chosen = next(p for p in result.probes if p["precision"] == "int4-fit")["extra"]["eight_bit"]
+    graph = onnx.load(str(out / "onnx" / "model.onnx")).graph
+    eight = {n.name.removesuffix("_Q8") for n in graph.node if n.op_type == "MatMulNBits" and n.input[1].endswith("_Q8")}
+    assert eight - {"/lm_head/MatMul"} == set(chosen) and len(chosen) > 0
+    room = limit * FIT_FILL - sizes["int4"]
+    assert sizes["int4"] + room / 2 < result.final["onnx_mb"] <= limit  # the room is spent, the budget kept
+    assert json.loads((out / "onnx" / "edgeprune.json").read_text())["eight_bit"] == chosen
+
+
+def test_int4_fit_needs_a_size_budget(saved_llama, calibration_file):
+    with pytest.raises(EdgepruneError, match="--memory-mb"):
+        RunConfig(budgets=[Budget("speedup", 1.5)], precision="int4-fit")
+    timed = RunConfig(budgets=[Budget("speedup", 1.5)])
+    sized = RunConfig(budgets=[Budget("memory_mb", 100.0)])
+    assert "int4-fit" not in timed.precisions and "int4-fit" in sized.precisions

@@ -57,6 +57,7 @@ TOLERANCES = {
     "int8-b64": Tolerance(min_top1=0.75, max_relative_diff=0.2),
     "int8-b128": Tolerance(min_top1=0.75, max_relative_diff=0.2),
     "int4-mixed": Tolerance(min_top1=0.6, max_relative_diff=0.5),
+    "int4-fit": Tolerance(min_top1=0.4, max_relative_diff=0.75),  # at least int4's bits everywhere
     "int4": Tolerance(min_top1=0.4, max_relative_diff=0.75),
     "dynamic-int8": Tolerance(min_top1=0.5, max_relative_diff=1.0),
 }
@@ -143,6 +144,7 @@ def export_model(
     tolerance: Tolerance | None = None,
     block_size: int = BLOCK_SIZE,
     fused: bool = False,
+    eight_bit: tuple[str, ...] | None = None,
 ) -> ExportResult:
     """Export, (optimize), verify, (quantize and verify), write tokenizer + edgeprune.json, all atomically.
 
@@ -150,6 +152,7 @@ def export_model(
     model.onnx at that precision, verified against PyTorch like the fp32 graph it came from.
     `fused` builds the decoder with onnxruntime-genai's builder (fused attention, rotary and
     norms; the folder then also loads in onnxruntime-genai) instead of tracing it with Optimum.
+    `eight_bit` names int4-fit's 8-bit MatMuls (the run's choice for its file budget).
     """
     precision = check_precision(quantize or "fp32")
     task = resolve_task(model, task)
@@ -175,7 +178,7 @@ def export_model(
         result.sizes["fp32"] = onnx_bytes(fp32)
         check_fp32(result.verification["fp32"], atol)
         if precision != "fp32":
-            quantized = quantize_model(fp32, tmp / f"model.{precision}.onnx", precision, block_size)
+            quantized = quantize_model(fp32, tmp / f"model.{precision}.onnx", precision, block_size, eight_bit)
             result.verification[precision] = verify_onnx(model, tokenizer, quantized, text)
             check_quantized(result.verification[precision], precision, tolerance or TOLERANCES[precision])
             result.sizes[precision] = onnx_bytes(move_onnx(quantized, fp32))
@@ -186,6 +189,7 @@ def export_model(
             **result.as_dict(),
             "optimized": optimize,
             "fused": fused,
+            "eight_bit": list(eight_bit) if eight_bit is not None else None,
             "layer_widths": getattr(model.config, WIDTHS_KEY, None),
             "versions": versions(),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

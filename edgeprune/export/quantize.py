@@ -10,6 +10,8 @@ Precisions, as named across edgeprune:
   from dense (benchmarks/RESULTS.md, "Precision levers");
 - "int4-mixed": int4, with the MatMuls a 4-bit error hurts most (every down projection, the first and
   last layers) at 8 bits;
+- "int4-fit": int4, with the 8-bit MatMuls named by the caller (a run chooses them to fill a file budget,
+  `bit_allocation.py`);
 - "dynamic-int8": `quantize_dynamic`, int8 weights per output channel and uint8 activations
   quantized at every call (slower than weight-only in decode on CPUs measured so far).
 """
@@ -44,6 +46,7 @@ class WeightOnly:
     bits: int
     block_size: int | None = None
     mixed: bool = False  # the MatMuls `sensitive_matmuls` names keep 8 bits, in blocks of MIXED_EIGHT_BIT_BLOCK
+    fitted: bool = False  # the caller names the 8-bit MatMuls (same blocks as mixed)
 
 
 # Measured on the default decoder (KL from dense on held-out text): int4 0.29; with every down_proj at 8 bits
@@ -57,6 +60,7 @@ WEIGHT_ONLY = {
     "int8-b64": WeightOnly(8, 64),
     "int8-b128": WeightOnly(8, 128),
     "int4-mixed": WeightOnly(4, mixed=True),
+    "int4-fit": WeightOnly(4, fitted=True),
     "int4": WeightOnly(4),
 }
 assert tuple(WEIGHT_ONLY) == WEIGHT_ONLY_PRECISIONS, "a recipe for every weight-only precision, in its order"
@@ -320,18 +324,29 @@ def float_activations(source: Path, target: Path) -> Path:
     return save_onnx(model, Path(target))
 
 
-def quantize_model(source: Path, target: Path, precision: str, block_size: int = BLOCK_SIZE) -> Path:
+def quantize_model(
+    source: Path, target: Path, precision: str, block_size: int = BLOCK_SIZE, eight_bit: tuple[str, ...] | None = None
+) -> Path:
     """Write `source` at `precision` to `target` (fp32: a copy is not made, `source` is returned).
 
-    `block_size` applies to the precisions that do not name their own (int8, int4, int4-mixed).
+    `block_size` applies to the precisions that do not name their own (int8, int4, int4-mixed, int4-fit);
+    `eight_bit` names int4-fit's 8-bit MatMuls (only it takes them).
     """
     check_precision(precision)
+    spec = WEIGHT_ONLY.get(precision)
+    if (eight_bit is not None) != bool(spec and spec.fitted):
+        raise EdgepruneError(
+            "int4-fit keeps the 8-bit projections a run chooses for its file budget: use `edgeprune run --memory-mb`, "
+            "or int4-mixed for a fixed choice"
+            if eight_bit is None
+            else f"{precision} chooses its own bits: 8-bit MatMuls are named only for int4-fit"
+        )
     if precision == "fp32":
         return Path(source)
     if precision == "dynamic-int8":
         return quantize_int8(source, target)
-    spec = WEIGHT_ONLY[precision]
-    eight_bit = tuple(sensitive_matmuls(source)) if spec.mixed else ()
+    if not spec.fitted:
+        eight_bit = tuple(sensitive_matmuls(source)) if spec.mixed else ()
     return quantize_weight_only(
         source,
         target,
