@@ -571,9 +571,12 @@ def run_job(
     loaded = load_model(cfg.model, cfg.tokenizer)
     model, tokenizer = loaded.model, require_tokenizer(loaded.tokenizer, loaded.source, "the run's calibration")
     adapter = adapter_for(model.config)
-    # probes open their files as they are, unless a --peak-mb budget must be measured as the answer will run
+    # probes open their files as they are, unless a --peak-mb budget must be measured as the answer will run:
+    # then with pre-packed copies, each in a process with only the dense model, as in the final check
     measuring_peak = any(budget.kind == "peak_mb" for budget in cfg.budgets)
-    probes = profiler or profiler_for(device, cfg.runs, cfg.warmup, cfg.timeout, prepacked=measuring_peak)
+    probes = profiler or profiler_for(
+        device, cfg.runs, cfg.warmup, cfg.timeout, prepacked=measuring_peak, paired=measuring_peak
+    )
     final = profiler or profiler_for(device, cfg.runs, cfg.warmup, cfg.timeout)
     calib = run_calibration(tokenizer, cfg)
     claim_run_output(out, overwrite, (*inputs, loaded.folder))

@@ -134,6 +134,26 @@ def test_several_models_compared_in_one_alternating_run_share_the_baselines_roun
     assert first.model.model.endswith("model.int4.onnx") and second.model.model.endswith("model.onnx")
 
 
+def test_paired_comparisons_give_each_model_a_process_with_only_the_baseline(onnx_dirs):
+    """How a --peak-mb search measures its probes: as the final check measures the answer."""
+
+    class Recording(LocalProfiler):
+        def __init__(self):
+            super().__init__(get_device("local"), runs=2, warmup=1, paired=True)
+            self.processes: list[list[str]] = []
+
+        def call(self, spec, models, seconds):
+            self.processes.append([Path(m).name for m in models])
+            return super().call(spec, models, seconds)
+
+    profiler = Recording()
+    llama = onnx_dirs / "llama"
+    first, second = profiler.compare_all([llama / "model.int4.onnx", llama], llama, SMALL)
+    assert profiler.processes == [["model.int4.onnx", "model.onnx"], ["model.onnx", "model.onnx"]]
+    assert first.model.model.endswith("model.int4.onnx") and second.model.model.endswith("model.onnx")
+    assert first.baseline != second.baseline  # each run timed the baseline itself
+
+
 # -- SSH, against a real OpenSSH server on loopback ----------------------------------------------------
 
 

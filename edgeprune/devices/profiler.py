@@ -279,15 +279,19 @@ class RunnerProfiler:
         warmup: int = 2,
         timeout: float | None = None,
         prepacked: bool | None = None,
+        paired: bool = False,
     ):
         """`prepacked`: whether the sessions map pre-packed copies (None: as shipped models are opened, see
-        edgeprune.runtime); a search's probes pass False unless a --peak-mb budget must be measured as shipped."""
+        edgeprune.runtime); a search's probes pass False unless a --peak-mb budget must be measured as shipped.
+        `paired`: `compare_all` runs each model against the baseline in a process of its own, as the final check
+        does, so a --peak-mb probe is measured as its answer will be (a model's peak depends on what else its
+        process loaded: 251 MB in a six-model process was 265 MB in the final two-model one)."""
         if runs < 1 or warmup < 0:
             raise EdgepruneError("--runs must be >= 1 and --warmup >= 0")
         if timeout is not None and not (math.isfinite(timeout) and timeout > 0):
             raise EdgepruneError(f"--timeout {timeout} must be a positive number of seconds")
         self.device, self.runs, self.warmup, self.timeout = device, runs, warmup, timeout
-        self.prepacked = prepacked
+        self.prepacked, self.paired = prepacked, paired
         self.slowdown = EMULATION_SLOWDOWN if device.emulated else 1.0
 
     def call(self, spec: dict, models: list[Path], seconds: float) -> dict:
@@ -322,7 +326,10 @@ class RunnerProfiler:
         return self.compare_all([onnx], baseline, workload)[0]
 
     def compare_all(self, onnx: list[Path], baseline: Path, workload: Workload) -> list[Comparison]:
-        """Each model against `baseline` from one alternating run of all of them (each round times every model)."""
+        """Each model against `baseline` from one alternating run of all of them (each round times every model),
+        or, `paired`, from one run of each model with the baseline."""
+        if self.paired and len(onnx) > 1:
+            return [comparison for model in onnx for comparison in self.compare_all([model], baseline, workload)]
         *models, base = self.run([*onnx, baseline], workload)
         return [compare_results(model, base) for model in models]
 
@@ -394,10 +401,12 @@ def profiler_for(
     warmup: int = 2,
     timeout: float | None = None,
     prepacked: bool | None = None,
+    paired: bool = False,
 ) -> Profiler:
-    """The profiler that reaches `device`: this machine, or the board over SSH (`timeout`: see --timeout)."""
+    """The profiler that reaches `device`: this machine, or the board over SSH (`timeout`: see --timeout;
+    `prepacked` and `paired`: see RunnerProfiler)."""
     if device.reach == "local":
-        return LocalProfiler(device, runs, warmup, timeout, prepacked)
+        return LocalProfiler(device, runs, warmup, timeout, prepacked, paired)
     from edgeprune.devices.remote import SSHProfiler
 
-    return SSHProfiler(device, runs, warmup, timeout, prepacked)
+    return SSHProfiler(device, runs, warmup, timeout, prepacked, paired)
