@@ -73,7 +73,7 @@ def quality(file: Path, model, heldout: torch.Tensor, wiki: torch.Tensor) -> dic
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--budgets", default="105,110,115,120,124.41", help="int4-fit file budgets, MB")
+    parser.add_argument("--budgets", default="90,95,100,105,110,115,120,124.41", help="int4-fit file budgets, MB")
     parser.add_argument("--windows", default="16", help="Fisher calibration windows (comma-separated counts)")
     parser.add_argument("--wiki", type=int, default=8192, help="WikiText-2 test tokens (0: skip)")
     parser.add_argument("--threads", type=int, default=2)
@@ -100,7 +100,9 @@ def main() -> None:
         file = OUT / f"hand-{len(rows)}.onnx"
         quantize_weight_only(fp32, file, 4, BLOCK_SIZE, eight_bit=tuple(eight), eight_bit_block=MIXED_EIGHT_BIT_BLOCK)
         add(name, file, eight_bit=len(eight))
-    all_four = onnx_bytes(OUT / "int4.onnx")
+    all_four_file = quantize_model(fp32, OUT / "int4-vocab4.onnx", "int4-fit", eight_bit=())
+    add("int4, 4-bit vocabulary too (int4-fit with nothing at 8 bits)", all_four_file, eight_bit=0)
+    all_four = onnx_bytes(all_four_file)
     graph = onnx.load(str(fp32), load_external_data=False).graph
     for count in [int(w) for w in args.windows.split(",")]:
         began = time.perf_counter()
@@ -114,7 +116,7 @@ def main() -> None:
             quantize_model(fp32, file, "int4-fit", eight_bit=tuple(eight))
             kinds = {}
             for name in eight:
-                kind = name.split("/")[-2]
+                kind = name.split("/")[-2] if "layers" in name else "vocabulary"
                 kinds[kind] = kinds.get(kind, 0) + 1
             add(
                 f"int4-fit {budget:g} MB", file, windows=count, sensitivity_s=seconds, eight_bit=len(eight), kinds=kinds

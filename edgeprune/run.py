@@ -456,7 +456,7 @@ class ProbeRunner:
 
     def fitted_eight_bit(self, fp32: Path, folder: Path) -> tuple[str, ...]:
         """int4-fit's 8-bit MatMuls for this file: most loss saved per byte until the size budget is full."""
-        all_four = quantize_model(fp32, folder / "model.int4-base.onnx", "int4", self.cfg.block_size)
+        all_four = quantize_model(fp32, folder / "model.int4-base.onnx", "int4-fit", self.cfg.block_size, ())
         room = int(size_target(self.cfg.budgets) * 1e6 * FIT_FILL) - onnx_bytes(all_four)  # deleted with the folder
         graph = onnx.load(str(fp32), load_external_data=False).graph
         sensitivity = self.projection_sensitivity()

@@ -7,10 +7,13 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from conftest import make_tokenizer, tiny_llama
 from onnx import TensorProto, helper, numpy_helper
 
 from edgeprune.errors import EdgepruneError
+from edgeprune.export import export_model
 from edgeprune.export.bit_allocation import (
+    VOCABULARY,
     Projection,
     Sensitivity,
     choose_eight_bit,
@@ -19,8 +22,9 @@ from edgeprune.export.bit_allocation import (
     quantized_bytes,
     rounding_error,
 )
-from edgeprune.export.quantize import quantize_model, quantize_weight_only
+from edgeprune.export.quantize import quantize_model, quantize_weight_only, vocabulary_head
 from edgeprune.runtime import onnx_bytes
+from tests.test_fused import TEXT, fusable_llama
 
 
 def single_matmul(weight: torch.Tensor, path) -> None:
@@ -68,13 +72,22 @@ def test_knapsack_takes_most_loss_saved_per_byte_and_never_overfills():
     assert choose_eight_bit(projections, -5) == []
 
 
+def test_knapsack_takes_a_large_item_greedy_would_pass_over():
+    """Per byte the small items come first and leave no room for the large one, which alone saves more."""
+    projections = [Projection(f"small{i}", 10, 1.0) for i in range(3)] + [Projection("large", 25, 2.4)]
+    assert choose_eight_bit(projections, 25) == ["large"]  # 2.4 against greedy's two small ones, 2.0
+    assert choose_eight_bit(projections, 30) == ["small0", "small1", "small2"]  # 3.0 against 2.4
+    assert choose_eight_bit(projections, 35) == ["large", "small0"]  # 3.4 against 3.0
+
+
 def test_sensitivity_is_zero_where_the_loss_cannot_see_the_weights(llama, token_ids):
     """Layer 0's attention output zeroed: its q/k/v have no gradient, so keeping them at 8 bits saves nothing."""
     with torch.no_grad():
         llama.model.layers[0].self_attn.o_proj.weight.zero_()
     sensitivity = projection_sensitivity(llama, token_ids[:2], block_size=16)
     layers = len(llama.model.layers)
-    assert set(sensitivity) == {
+    assert sensitivity[VOCABULARY].loss > 0  # the tied embedding / lm_head matrix, valued for both its uses
+    assert set(sensitivity) - {VOCABULARY} == {
         (i, f"{part}_proj") for i in range(layers) for part in ("self_attn/q", "self_attn/k", "self_attn/v",
         "self_attn/o", "mlp/gate", "mlp/up", "mlp/down")
     }  # fmt: skip
@@ -128,3 +141,25 @@ def test_int4_fit_is_only_made_with_its_eight_bit_list(tmp_path):
     assert onnx_bytes(eight) - onnx_bytes(four) == pytest.approx(
         quantized_bytes(64, 24, 8, 128) - quantized_bytes(64, 24, 4, 32), abs=64
     )
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_the_tied_vocabulary_keeps_8_bits_only_when_int4_fit_names_its_head(tmp_path, fused):
+    """Optimum's and onnxruntime-genai's graphs tie the head differently; in both, naming the head MatMul keeps
+    the shared matrix at 8 bits, and leaving it out stores it at 4 bits: the size differs by the bytes priced."""
+    if fused:
+        pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai not installed (export --fused needs it)")
+    model = fusable_llama(cut=False) if fused else tiny_llama()
+    export_model(model, make_tokenizer(), tmp_path / "fp32", text=TEXT, fused=fused)
+    fp32 = tmp_path / "fp32" / "model.onnx"
+    head = vocabulary_head(onnx.load(str(fp32), load_external_data=False).graph)
+    assert head is not None and (head.hidden, head.vocab) == (64, model.config.vocab_size)
+    four = quantize_model(fp32, tmp_path / "four.onnx", "int4-fit", eight_bit=())
+    eight = quantize_model(fp32, tmp_path / "eight.onnx", "int4-fit", eight_bit=(head.node,))
+    priced = {p.node: p for p in graph_projections(
+        onnx.load(str(fp32), load_external_data=False).graph, {VOCABULARY: Sensitivity(1.0, 1)}, 32, 128
+    )}  # fmt: skip
+    assert set(priced) == {head.node}  # without layer sensitivities only the vocabulary is valued
+    assert onnx_bytes(eight) - onnx_bytes(four) == pytest.approx(priced[head.node].extra_bytes, abs=256)
+    gathers = [n for n in onnx.load(str(four)).graph.node if n.op_type == "GatherBlockQuantized"]
+    assert [next(a.i for a in n.attribute if a.name == "bits") for n in gathers] == [4]

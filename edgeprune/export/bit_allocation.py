@@ -25,8 +25,9 @@ import torch
 from torch import nn
 
 from edgeprune.criteria.taylor import gradients_only_for
-from edgeprune.export.quantize import MIXED_EIGHT_BIT_BLOCK
+from edgeprune.export.quantize import MIXED_EIGHT_BIT_BLOCK, fitting_block, vocabulary_head
 
+VOCABULARY = (-1, "vocabulary")  # the token embedding and the tied lm_head: one matrix, quantized once
 LAYER_PROJECTION = re.compile(r"layers?[./](\d+)/(.+)/MatMul")  # "/model/layers.3/mlp/down_proj/MatMul"
 # the fused builder packs q, k and v into one MatMul and calls self_attn "attn"
 GRAPH_PROJECTIONS = {
@@ -86,16 +87,23 @@ def rounding_error(weight: torch.Tensor, bits: int, block_size: int) -> torch.Te
     return weight.detach().float() - torch.from_numpy(dequantized)
 
 
-def fisher_diagonal(model: nn.Module, windows: torch.Tensor, linears: list[nn.Linear]) -> list[torch.Tensor]:
-    """Mean over windows of each window's squared gradient of its next-token loss, per weight of `linears`."""
-    fisher = [torch.zeros_like(linear.weight, dtype=torch.float32) for linear in linears]
-    with gradients_only_for(model, [linear.weight for linear in linears]):
+def fisher_diagonal(model: nn.Module, windows: torch.Tensor, weights: list[nn.Parameter]) -> list[torch.Tensor]:
+    """Mean over windows of each window's squared gradient of its next-token loss, per entry of `weights`
+    (a tied matrix gets the gradient of both its uses, as its rounding perturbs both)."""
+    fisher = [torch.zeros_like(weight, dtype=torch.float32) for weight in weights]
+    with gradients_only_for(model, weights):
         for window in windows:
             model(input_ids=window[None], labels=window[None]).loss.backward()
-            for buffer, linear in zip(fisher, linears, strict=True):
-                buffer.add_(linear.weight.grad.float().square() / len(windows))
-                linear.weight.grad = None
+            for buffer, weight in zip(fisher, weights, strict=True):
+                buffer.add_(weight.grad.float().square() / len(windows))
+                weight.grad = None
     return fisher
+
+
+def tied_vocabulary(model: nn.Module) -> nn.Parameter | None:
+    """The matrix the token embedding and the lm_head share (None: not tied, or no head)."""
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    return head.weight if head is not None and embedding is not None and head.weight is embedding.weight else None
 
 
 def layer_linears(model: nn.Module) -> dict[tuple[int, str], nn.Linear]:
@@ -111,14 +119,19 @@ def layer_linears(model: nn.Module) -> dict[tuple[int, str], nn.Linear]:
 def projection_sensitivity(
     model: nn.Module, windows: torch.Tensor, block_size: int, eight_bit_block: int = MIXED_EIGHT_BIT_BLOCK
 ) -> dict[tuple[int, str], Sensitivity]:
-    """Loss 4-bit rounding adds over 8-bit rounding, per layer Linear (diagonal Fisher, second-order)."""
-    linears = layer_linears(model)
-    fisher = fisher_diagonal(model, windows, list(linears.values()))
+    """Loss 4-bit rounding adds over 8-bit rounding, per layer Linear and for a tied vocabulary matrix (VOCABULARY,
+    in the blocks the embedding takes) (diagonal Fisher, second-order)."""
+    matrices = {key: (linear.weight, block_size, eight_bit_block) for key, linear in layer_linears(model).items()}
+    vocabulary = tied_vocabulary(model)
+    if vocabulary is not None:
+        vocab_block = fitting_block(vocabulary.shape[1], block_size)
+        matrices[VOCABULARY] = (vocabulary, vocab_block, vocab_block)
+    fisher = fisher_diagonal(model, windows, [weight for weight, _, _ in matrices.values()])
     sensitivity = {}
-    for (key, linear), weights in zip(linears.items(), fisher, strict=True):
-        four = rounding_error(linear.weight, 4, block_size).square()
-        eight = rounding_error(linear.weight, 8, eight_bit_block).square()
-        sensitivity[key] = Sensitivity(float((weights * (four - eight)).sum()) / 2, linear.weight.numel())
+    for (key, (weight, four_block, eight_block)), information in zip(matrices.items(), fisher, strict=True):
+        four = rounding_error(weight, 4, four_block).square()
+        eight = rounding_error(weight, 8, eight_block).square()
+        sensitivity[key] = Sensitivity(float((information * (four - eight)).sum()) / 2, weight.numel())
     return sensitivity
 
 
@@ -126,9 +139,15 @@ def graph_projections(
     graph: onnx.GraphProto, sensitivity: dict[tuple[int, str], Sensitivity], block_size: int, eight_bit_block: int
 ) -> list[Projection]:
     """The graph's layer MatMuls with a constant weight, priced (extra bytes at 8 bits) and valued (sensitivity
-    measured on the same model, or on the dense one it was cut from: scaled by the share of weights kept)."""
+    measured on the same model, or on the dense one it was cut from: scaled by the share of weights kept); with a
+    measured VOCABULARY, the tied lm_head too (8 bits for it are 8 bits for the embedding, which shares its blocks)."""
     weights = {init.name: init for init in graph.initializer}
     found = []
+    head = vocabulary_head(graph)
+    if head is not None and VOCABULARY in sensitivity:
+        block = fitting_block(head.hidden, block_size)
+        extra = quantized_bytes(head.hidden, head.vocab, 8, block) - quantized_bytes(head.hidden, head.vocab, 4, block)
+        found.append(Projection(head.node, extra, sensitivity[VOCABULARY].loss))
     for node in graph.node:
         match = LAYER_PROJECTION.search(node.name)
         if node.op_type != "MatMul" or node.input[1] not in weights or not match:
@@ -157,10 +176,24 @@ def quantized_bytes(rows: int, columns: int, bits: int, block_size: int) -> int:
 
 
 def choose_eight_bit(projections: list[Projection], room_bytes: int) -> list[str]:
-    """The projections to keep at 8 bits within `room_bytes`: greedy by loss saved per byte, then any that still fit."""
+    """The projections to keep at 8 bits within `room_bytes`: greedy by loss saved per byte, then any that still fit.
+
+    Greedy can pass over one large item (the vocabulary matrix is 16 times a projection) worth more than the
+    small ones it admits instead, so the fill with the largest item forced in is tried too; the larger total wins.
+    """
+    chosen = greedy_fill(projections, room_bytes)
+    largest = max(projections, key=lambda p: p.extra_bytes, default=None)
+    if largest is None or largest in chosen or largest.sensitivity <= 0 or largest.extra_bytes > room_bytes:
+        return [p.node for p in chosen]
+    forced = [largest, *greedy_fill([p for p in projections if p is not largest], room_bytes - largest.extra_bytes)]
+    best = max((chosen, forced), key=lambda fill: sum(p.sensitivity for p in fill))
+    return [p.node for p in best]
+
+
+def greedy_fill(projections: list[Projection], room_bytes: int) -> list[Projection]:
     chosen, left = [], room_bytes
     for projection in sorted(projections, key=lambda p: -p.value_per_byte):
         if projection.sensitivity > 0 and projection.extra_bytes <= left:
-            chosen.append(projection.node)
+            chosen.append(projection)
             left -= projection.extra_bytes
     return chosen

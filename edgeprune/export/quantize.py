@@ -118,6 +118,7 @@ def quantize_weight_only(
     symmetric: bool = True,
     eight_bit: tuple[str, ...] = (),
     eight_bit_block: int | None = None,
+    vocab_bits: int | None = None,
 ) -> Path:
     """Every MatMul with a constant weight becomes MatMulNBits: `bits`-bit blocks of `block_size` inputs.
 
@@ -127,7 +128,8 @@ def quantize_weight_only(
     (None: `block_size`). With `embedding`, the token
     embedding becomes GatherBlockQuantized; a tied lm_head shares its packed tensor, so the
     vocabulary matrix, a fifth of SmolLM2's weights, is stored once. That matrix keeps at least
-    VOCAB_BITS: at 4 bits it cost the default decoder 11% more held-out perplexity.
+    VOCAB_BITS unless `vocab_bits` says otherwise: at 4 bits it cost the default decoder 11% more held-out
+    perplexity (int4-fit lowers it only when a file budget leaves nothing better to give up).
     """
     if bits not in (4, 8):
         raise EdgepruneError(f"weight-only quantization takes 4 or 8 bits, not {bits}")
@@ -137,7 +139,7 @@ def quantize_weight_only(
         )
     model = onnx.load(str(source))
     token_embedding = find_token_embedding(model.graph) if embedding else None
-    vocab_bits = max(bits, VOCAB_BITS)
+    vocab_bits = vocab_bits or max(bits, VOCAB_BITS)
     vocab_block = fitting_block(token_embedding.hidden, block_size) if token_embedding is not None else block_size
     head = head_matmul(model.graph, token_embedding) if token_embedding is not None else None
     wider = [n.name for n in model.graph.node if n.op_type == "MatMul" and any(p in n.name for p in eight_bit)]
@@ -345,7 +347,11 @@ def quantize_model(
         return Path(source)
     if precision == "dynamic-int8":
         return quantize_int8(source, target)
-    if not spec.fitted:
+    vocab_bits = None
+    if spec.fitted:  # the tied vocabulary matrix keeps 8 bits only if the list names its head MatMul
+        head = vocabulary_head(onnx.load(str(source), load_external_data=False).graph)
+        vocab_bits = 8 if head is not None and head.node in eight_bit else spec.bits
+    else:
         eight_bit = tuple(sensitive_matmuls(source)) if spec.mixed else ()
     return quantize_weight_only(
         source,
@@ -354,7 +360,42 @@ def quantize_model(
         spec.block_size or block_size,
         eight_bit=eight_bit,
         eight_bit_block=MIXED_EIGHT_BIT_BLOCK,
+        vocab_bits=vocab_bits,
     )
+
+
+@dataclass(frozen=True)
+class VocabularyHead:
+    """The MatMul computing logits from a vocabulary matrix the token embedding shares, and the matrix's shape."""
+
+    node: str
+    hidden: int
+    vocab: int
+
+
+def vocabulary_head(graph: onnx.GraphProto) -> VocabularyHead | None:
+    """The tied lm_head MatMul, read without changing the graph (None: no embedding Gather, or the head is not tied).
+
+    Optimum's head reads a Transpose of the Gather's table; onnxruntime-genai's Gather reads a Transpose of the
+    head's weight. Either way the two share one quantized tensor once `quantize_embedding` has run.
+    """
+    inputs = {i.name for i in graph.input}
+    dims = {init.name: list(init.dims) for init in graph.initializer}
+    producers = {out: node for node in graph.node for out in node.output}
+    for gather in (n for n in graph.node if n.op_type == "Gather" and n.input[1] in inputs):
+        source = producers.get(gather.input[0])
+        if gather.input[0] in dims:
+            transposed = {n.output[0] for n in graph.node if n.op_type == "Transpose" and n.input[0] == gather.input[0]}
+            vocab, hidden = dims[gather.input[0]]
+        elif source is not None and source.op_type == "Transpose" and source.input[0] in dims:
+            transposed = {source.input[0]}
+            hidden, vocab = dims[source.input[0]]
+        else:
+            continue
+        head = next((n for n in graph.node if n.op_type == "MatMul" and n.input[1] in transposed), None)
+        if head is not None:
+            return VocabularyHead(head.name, hidden, vocab)
+    return None
 
 
 LAYER_INDEX = re.compile(r"layers\.(\d+)/")
