@@ -2,10 +2,12 @@
 rounding loss per byte (export/bit_allocation.py) or by hand, on the default decoder's dense fused graph.
 
     EDGEPRUNE_DATA=/work/shared/data PYTHONPATH=$PWD:$PWD/benchmarks \\
-        python benchmarks/bench_bit_allocation.py [--budgets 105,110,115,120,124.41] [--windows 16,32] [--wiki 8192]
+        python benchmarks/bench_bit_allocation.py [--budgets 90,95,100,105,110,115,120,124.41] [--windows 16,32] \\
+        [--wiki 8192]
 
-Rows: dense fp32, int8, int4-mixed (8-bit q/k/v and down projections and the two end layers), int4 (all 4-bit),
-two hand-made lists (int4-mixed with some down projections at 4 bits, the lists that fitted 120 MB best before),
+Rows: dense fp32, int8, int4-mixed (8-bit q/k/v and down projections and the two end layers), int4 (all 4-bit,
+the vocabulary matrix at 8), the same with the vocabulary at 4 bits (int4-fit's starting point), two hand-made
+lists (int4-mixed with some down projections at 4 bits, the lists that fitted 120 MB best before),
 and int4-fit at each budget and each Fisher window count. Quality through ONNX Runtime on the very file, as
 `edgeprune run` measures it: KL(dense || file) per token with its standard error, perplexity and top-1 agreement
 on the packaged text's held-out tail (8,192 tokens), and perplexity on WikiText-2 test (text the sensitivities

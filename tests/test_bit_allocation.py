@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import make_tokenizer, tiny_llama
 from onnx import TensorProto, helper, numpy_helper
+from transformers import LlamaForCausalLM
 
 from edgeprune.errors import EdgepruneError
 from edgeprune.export import export_model
@@ -163,3 +164,16 @@ def test_the_tied_vocabulary_keeps_8_bits_only_when_int4_fit_names_its_head(tmp_
     assert onnx_bytes(eight) - onnx_bytes(four) == pytest.approx(priced[head.node].extra_bytes, abs=256)
     gathers = [n for n in onnx.load(str(four)).graph.node if n.op_type == "GatherBlockQuantized"]
     assert [next(a.i for a in n.attribute if a.name == "bits") for n in gathers] == [4]
+
+
+def test_an_untied_embedding_keeps_its_8_bits_under_int4_fit(tmp_path):
+    """Only a tied matrix is a knapsack item (valued for both uses); an untied table keeps the usual 8 bits."""
+    config = tiny_llama().config
+    config.tie_word_embeddings = False
+    torch.manual_seed(0)
+    export_model(LlamaForCausalLM(config).eval(), make_tokenizer(), tmp_path / "fp32", text=TEXT)
+    fp32 = tmp_path / "fp32" / "model.onnx"
+    assert vocabulary_head(onnx.load(str(fp32), load_external_data=False).graph) is None
+    four = quantize_model(fp32, tmp_path / "four.onnx", "int4-fit", eight_bit=())
+    gathers = [n for n in onnx.load(str(four)).graph.node if n.op_type == "GatherBlockQuantized"]
+    assert [next(a.i for a in n.attribute if a.name == "bits") for n in gathers] == [8]

@@ -348,9 +348,9 @@ def quantize_model(
     if precision == "dynamic-int8":
         return quantize_int8(source, target)
     vocab_bits = None
-    if spec.fitted:  # the tied vocabulary matrix keeps 8 bits only if the list names its head MatMul
+    if spec.fitted:  # a tied vocabulary matrix keeps 8 bits only if the list names its head MatMul
         head = vocabulary_head(onnx.load(str(source), load_external_data=False).graph)
-        vocab_bits = 8 if head is not None and head.node in eight_bit else spec.bits
+        vocab_bits = None if head is None else 8 if head.node in eight_bit else spec.bits
     else:
         eight_bit = tuple(sensitive_matmuls(source)) if spec.mixed else ()
     return quantize_weight_only(
