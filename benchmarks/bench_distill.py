@@ -13,7 +13,7 @@ cut is scored too):
   parameters; re-fit on 32 windows of 128 of validation (seed 0, as bench_compensate.py);
 - `run<NN>`: the default `run` job's kind of cut: `run`'s criterion (fluctuation) on its 32
   calibration windows of the packaged text, FFN neurons of layers 1..28, NN% of them, re-fit on the
-  same windows (`run.pruned_copy`).
+  same windows (`probes.pruned_copy`).
 Rows `<loss>-<trained>-<data>`, all with `run`'s recovery settings (`run.run_recovery`: seq 128,
 8 held-out examples, held-out loss every 5 steps, the best step kept) unless named otherwise:
 - `kd-lora-*`: KL to the dense model (T=1, full vocabulary), LoRA r=8, lr `run`'s (1e-3);
@@ -55,9 +55,10 @@ from edgeprune.criteria import ScoringInputs, score_groups
 from edgeprune.evaluate import perplexity
 from edgeprune.loading import hash_weights, load_model
 from edgeprune.models import adapter_for
+from edgeprune.probes import pruned_copy
 from edgeprune.recover import RecoveryConfig, SelfTextConfig, StepReport, load_recovery_data, recover
 from edgeprune.recover.selftext import SELF_TEXT_FILE, default_data, packaged_head_text
-from edgeprune.run import RunConfig, load_or_score, pruned_copy, run_calibration, run_recovery
+from edgeprune.run import RunConfig, load_or_score, run_calibration, run_recovery
 from edgeprune.structure import count_parameters
 
 OUT = Path(__file__).parent / "out"

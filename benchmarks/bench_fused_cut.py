@@ -26,7 +26,8 @@ from edgeprune.export import export_model, quantize_model
 from edgeprune.export.fused import write_fused_probe
 from edgeprune.loading import load_model
 from edgeprune.models import adapter_for
-from edgeprune.run import RunConfig, ideal_latency_slope, pruned_copy
+from edgeprune.probes import pruned_copy
+from edgeprune.run import RunConfig, ideal_latency_slope
 from edgeprune.runtime import MODEL_FILE, onnx_bytes
 
 OUT = Path(__file__).parent / "out" / "fused_cut"

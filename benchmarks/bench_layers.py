@@ -45,13 +45,13 @@ from edgeprune.export.quantize import quantize_model
 from edgeprune.layers import layer_importance, layers_to_remove, remove_layers
 from edgeprune.loading import load_model
 from edgeprune.models import adapter_for
+from edgeprune.probes import pruned_copy
 from edgeprune.run import (
     RunConfig,
     feasible_max_sparsity,
     load_or_score,
     matmul_params,
     parameters_at,
-    pruned_copy,
     run_calibration,
 )
 from edgeprune.runtime import MODEL_FILE, onnx_bytes

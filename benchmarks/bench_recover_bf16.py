@@ -1,7 +1,7 @@
 """`run`'s recovery in float32 against bfloat16 matmuls, for the same wall minutes, on `run`'s own cuts.
 
 The default decoder is cut as `run` cuts it (`run.RunConfig()`: fluctuation scores on its
-calibration windows, FFN neurons of layers 1..28, re-fit on its windows; `run.pruned_copy`) at each
+calibration windows, FFN neurons of layers 1..28, re-fit on its windows; `probes.pruned_copy`) at each
 `--cuts` fraction, then recovered by `run`'s recovery (`run.run_recovery`: LoRA distillation from the
 dense model, 128-token windows, held-out KL every 5 steps, best step kept) for `--minutes` wall
 minutes with `precision=float32` and `precision=bfloat16` (the order alternates between cuts).
@@ -29,9 +29,10 @@ from rich.table import Table
 
 from edgeprune.loading import load_model, require_tokenizer
 from edgeprune.models import adapter_for
+from edgeprune.probes import pruned_copy
 from edgeprune.recover import recover_model
 from edgeprune.recover.train import heldout_perplexity
-from edgeprune.run import RunConfig, load_or_score, pruned_copy, run_calibration, run_recovery
+from edgeprune.run import RunConfig, load_or_score, run_calibration, run_recovery
 
 OUT = Path(__file__).parent / "out"
 PRECISIONS = ("float32", "bfloat16")

@@ -9,14 +9,10 @@ Rerunning the same command in the same OUT continues: scores and finished probes
 
 from __future__ import annotations
 
-import copy
-import shutil
-from collections import OrderedDict
-from collections.abc import Callable, Container
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-import onnx
 import torch
 from torch import nn
 
@@ -43,42 +39,30 @@ from edgeprune.calibration import (
     read_calibration,
 )
 from edgeprune.checkpoint import save_pruned, versions
-from edgeprune.compensate import cut_and_compensate
 from edgeprune.criteria import GroupScores, score_groups, scoring_inputs
 from edgeprune.criteria.base import parse_options
-from edgeprune.devices.profiler import Profiler, ProfileResult, Workload, profiler_for
+from edgeprune.devices.profiler import Profiler, Workload, profiler_for
 from edgeprune.devices.profiles import get_device
 from edgeprune.devices.target import quality_on_target
 from edgeprune.errors import EdgepruneError
-from edgeprune.evaluate.divergence import Divergence, heldout_divergence
-from edgeprune.export.bit_allocation import (
-    FIT_FILL,
-    FIT_WINDOWS,
-    Sensitivity,
-    choose_eight_bit,
-    graph_projections,
-    projection_sensitivity,
-)
-from edgeprune.export.exporter import FP32_ATOL, TOLERANCES, check_fp32, check_quantized, export_model
-from edgeprune.export.fused import FfnBytes, check_fusable, cut_file_megabytes, ffn_bytes, write_fused_probe
-from edgeprune.export.quantize import BLOCK_SIZE, MIXED_EIGHT_BIT_BLOCK, quantize_model
-from edgeprune.export.sliced import ffn_bias_names, ffn_initializer_names, slice_ffn, write_ffn
-from edgeprune.export.verify import verify_onnx
+from edgeprune.export.exporter import export_model
+from edgeprune.export.fused import FfnBytes, cut_file_megabytes
+from edgeprune.export.quantize import BLOCK_SIZE
 from edgeprune.loading import LoadedModel, load_model, require_tokenizer
 from edgeprune.models import CAUSAL_LM, FamilyAdapter, adapter_for, model_kind
 from edgeprune.outputs import check_run_output, claim_run_output, local_inputs
 from edgeprune.precisions import FITTED_PRECISIONS
+from edgeprune.probes import ProbeRunner, measure_quality, probe_from
 from edgeprune.recover.config import RecoveryConfig
 from edgeprune.report import write_report
-from edgeprune.runtime import MODEL_FILE, onnx_bytes
-from edgeprune.structure import LayerKeep, PruneSpec, count_parameters, cut_model, plan_widths, select_keep
+from edgeprune.runtime import MODEL_FILE
+from edgeprune.structure import PruneSpec, count_parameters, plan_widths
 
 DEFAULT_SPEEDUP = 1.3
 DEFAULT_FILE_MB = 120.0
 
 
 GRAPHS = ("auto", "fused", "optimum")
-KEPT_CUTS = 3  # cut models the probe runner keeps in memory (540 MB each for the default decoder)
 
 
 def default_budgets(model: str | None = None) -> list[Budget]:
@@ -234,268 +218,6 @@ def load_or_score(
 def matmul_params(model: nn.Module) -> int:
     """Weights every token multiplies through (all Linear layers, the LM head included)."""
     return sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
-
-
-def pruned_copy(
-    model: nn.Module,
-    adapter: FamilyAdapter,
-    scores: GroupScores,
-    spec: PruneSpec,
-    calibration: torch.Tensor | None = None,
-) -> tuple[nn.Module, list[LayerKeep] | None]:
-    """A cut copy of the dense model and the keep-indices that made it (None at sparsity 0).
-
-    With `calibration` windows the cut output projections are re-fit on them, layer by layer.
-    """
-    pruned = copy.deepcopy(model)
-    if spec.sparsity == 0:
-        return pruned, None
-    keep = select_keep(model, adapter, scores, plan_widths(model, adapter, scores, spec))
-    if calibration is None:
-        cut_model(pruned, adapter, keep)
-    else:
-        cut_and_compensate(pruned, adapter, keep, calibration)
-    return pruned, keep
-
-
-def measure_quality(file: Path, dense: nn.Module, calib: Calibration, cfg: RunConfig) -> Divergence | None:
-    """Divergence from the dense model on the held-out tail, through ORT on this exact file (None: too little text)."""
-    seq_len = min(cfg.eval_seq_len, getattr(dense.config, "max_position_embeddings", cfg.eval_seq_len))
-    if len(calib.heldout) < seq_len:
-        return None
-    return heldout_divergence(file, dense, calib.heldout, seq_len=seq_len)
-
-
-def probe_from(
-    precision: str,
-    sparsity: float,
-    model: nn.Module,
-    file: Path,
-    result: ProfileResult,
-    quality: Divergence | None,
-    method: str,
-    speedup: float | None = None,
-) -> Probe:
-    """A probe record; with a paired `speedup` (alternating against dense), that ratio is what budgets see."""
-    return Probe(
-        sparsity=sparsity,
-        params=count_parameters(model),
-        precision=precision,
-        latency_ms=result.latency_ms.p50,
-        speedup=speedup,
-        onnx_mb=onnx_bytes(file) / 1e6,
-        peak_mb=result.peak_rss_mb,
-        divergence=quality.mean if quality else None,
-        extra={
-            "divergence_stderr": quality.stderr if quality else None,
-            "divergence_measure": quality.measure if quality else None,
-            "perplexity": quality.perplexity if quality else None,
-            "top1_agreement": quality.top1_agreement if quality else None,
-            "heldout_tokens": quality.tokens if quality else 0,
-            "latency_p90_ms": result.latency_ms.p90,
-            "tokens_per_s": result.tokens_per_s or result.decode_tokens_per_s,
-            "prefill_ms": result.prefill_ms.p50 if result.prefill_ms else None,
-            "decode_ms_per_token": result.decode_ms_per_token.p50 if result.decode_ms_per_token else None,
-            "method": method,
-        },
-    )
-
-
-class ProbeRunner:
-    """One probe: cut a copy of the dense model at s, export it, quantize it, profile it, measure its quality.
-
-    The dense model is exported once (`work/dense`, kept for the final alternating comparison).
-    FFN-only probes are made by slicing that graph's initializers and verified against the
-    cut PyTorch model; probes that cut heads are exported in full. Quantized probes are the
-    fp32 probe through the shipping quantizer (seconds). Probe files are deleted once measured.
-    """
-
-    def __init__(
-        self,
-        loaded: LoadedModel,
-        adapter,
-        scores,
-        cfg: RunConfig,
-        calib,
-        profiler: Profiler,
-        work: Path,
-        logged: Container[tuple[str, float]] = (),
-    ):
-        """`logged`: (precision, sparsity) probes a resumed search replays, never measured again."""
-        self.loaded, self.adapter, self.scores, self.cfg = loaded, adapter, scores, cfg
-        self.calib, self.profiler, self.work, self.logged = calib, profiler, work, logged
-        self.cuts: OrderedDict[float, tuple[nn.Module, list[LayerKeep] | None]] = OrderedDict()
-        self.unpruned: dict[str, Probe] = {}  # quantization-only probes measured together, not yet asked for
-        self.ffn_names: list[dict] | None = None
-        self.ffn_bias_names: list[dict] | None = None
-        self.fused = uses_fused_graph(loaded.model, cfg.graph)
-        self.sensitivity: dict[tuple[int, str], Sensitivity] | None = None  # int4-fit's, measured once on dense
-
-    def projection_sensitivity(self) -> dict[tuple[int, str], Sensitivity]:
-        if self.sensitivity is None:
-            windows = self.calib.refit[:FIT_WINDOWS]
-            self.sensitivity = projection_sensitivity(self.loaded.model, windows, self.cfg.block_size)
-        return self.sensitivity
-
-    def refit_windows(self) -> torch.Tensor | None:
-        return self.calib.refit if self.cfg.compensate else None
-
-    def cut(self, sparsity: float) -> tuple[nn.Module, list[LayerKeep] | None]:
-        """The cut (and re-fit) copy at `sparsity`, for reading only (at 0 the dense model itself); the last
-        few are kept, as re-fitting costs most of a probe (51 of 79 s on the default decoder) and the winner
-        is usually among the last probes."""
-        if sparsity == 0:
-            return self.loaded.model, None
-        if sparsity not in self.cuts:
-            spec = self.cfg.spec(sparsity)
-            self.cuts[sparsity] = pruned_copy(self.loaded.model, self.adapter, self.scores, spec, self.refit_windows())
-            while len(self.cuts) > KEPT_CUTS:
-                self.cuts.popitem(last=False)
-        self.cuts.move_to_end(sparsity)
-        return self.cuts[sparsity]
-
-    def take_cut(self, sparsity: float) -> nn.Module:
-        """The cut model at `sparsity` to change in place (recovery): no longer kept for probes."""
-        if sparsity == 0:
-            return copy.deepcopy(self.loaded.model)
-        model, _ = self.cut(sparsity)
-        del self.cuts[sparsity]
-        return model
-
-    def export(self, model: nn.Module, folder: Path) -> Path:
-        export_model(model, self.loaded.tokenizer, folder, overwrite=True, fused=self.fused)
-        return folder / MODEL_FILE
-
-    def dense_onnx(self) -> Path:
-        file = self.work / "dense" / MODEL_FILE
-        return file if file.is_file() else self.export(self.loaded.model, file.parent)
-
-    def sliced(self, model: nn.Module, keep: list[LayerKeep], folder: Path) -> Path:
-        """The probe from the dense graph's sliced initializers, verified like a real export."""
-        dense = self.dense_onnx()
-        if self.ffn_names is None:
-            graph = onnx.load(str(dense)).graph
-            self.ffn_names = ffn_initializer_names(self.loaded.model, self.adapter, graph)
-            self.ffn_bias_names = ffn_bias_names(self.ffn_names, graph)
-        if self.cfg.compensate:  # re-fit weights differ from the dense ones: write them, not slices
-            file = write_ffn(dense, folder / MODEL_FILE, self.ffn_names, self.ffn_bias_names, model, self.adapter)
-        else:
-            file = slice_ffn(dense, folder / MODEL_FILE, self.ffn_names, keep)
-        check_fp32(verify_onnx(model, self.loaded.tokenizer, file), FP32_ATOL)
-        return file
-
-    def fused_probe(self, model: nn.Module, folder: Path) -> Path:
-        """The cut model's weights and head counts written into the dense fused graph, verified like an export."""
-        file = write_fused_probe(self.dense_onnx(), folder / MODEL_FILE, model)
-        check_fp32(verify_onnx(model, self.loaded.tokenizer, file), FP32_ATOL)
-        return file
-
-    def fp32_probe(self, model: nn.Module, keep: list[LayerKeep] | None, folder: Path) -> tuple[Path, str]:
-        if keep is None:
-            return self.dense_onnx(), "dense export" + (" (fused)" if self.fused else "")
-        if self.fused:
-            return self.fused_probe(model, folder), "fused, from dense"
-        if all(entry.heads is None for entry in keep):
-            return self.sliced(model, keep, folder), "sliced from dense"
-        return self.export(model, folder), "full export"
-
-    def __call__(self, precision: str, sparsity: float) -> Probe:
-        if sparsity > 0:
-            return self.measure([precision], sparsity)[precision]
-        if precision == "fp32":
-            return self.dense_probe()
-        if precision not in self.unpruned:
-            together = [p for p in self.cfg.precisions if p != "fp32" and (p, 0.0) not in self.logged]
-            self.unpruned = self.measure(together if precision in together else [precision], 0.0)
-        return self.unpruned.pop(precision)
-
-    def dense_probe(self) -> Probe:
-        """The reference: the dense fp32 file, profiled alone."""
-        model = self.loaded.model
-        file, method = self.fp32_probe(model, None, self.work)
-        quality = measure_quality(file, model, self.calib, self.cfg)
-        return probe_from("fp32", 0.0, model, file, self.profiler.profile(file, self.cfg.workload), quality, method)
-
-    def measure(self, precisions: list[str], sparsity: float) -> dict[str, Probe]:
-        """Probes of these precisions at one sparsity, timed together: one alternating run of their files and
-        the dense one, so each round pays for dense once (the quantization-only candidates: 6 runs, not 10)."""
-        model, keep = self.cut(sparsity)
-        folder = self.work / f"s{sparsity:.3f}"
-        try:
-            fp32, method = self.fp32_probe(model, keep, folder)
-            made = {p: self.quantized(model, fp32, method, p, folder) for p in precisions}
-            # alternate with the dense model so machine drift cancels out of the ratios
-            files = [q.file for q in made.values()]
-            comparisons = self.profiler.compare_all(files, self.dense_onnx(), self.cfg.workload)
-            widths = [self.adapter.widths(layer).ffn for layer in self.adapter.layers(model)]
-            probes = {}
-            for (precision, q), comparison in zip(made.items(), comparisons, strict=True):
-                quality = measure_quality(q.file, self.loaded.model, self.calib, self.cfg)
-                measured = comparison.model
-                probe = probe_from(precision, sparsity, model, q.file, measured, quality, q.method, comparison.speedup)
-                probe = replace(probe, refused=q.refused)
-                if sparsity == 0 and self.fused:  # what each layer's FFN takes at this precision: cut sizes follow
-                    probe.extra["ffn_bytes"] = [asdict(layer) for layer in ffn_bytes(q.file, widths)]
-                if q.eight_bit is not None:  # what the final export must keep at 8 bits
-                    probe.extra["eight_bit"] = list(q.eight_bit)
-                probes[precision] = probe
-            return probes
-        finally:
-            shutil.rmtree(folder, ignore_errors=True)
-
-    def quantized(self, model: nn.Module, fp32: Path, method: str, precision: str, folder: Path) -> Quantized:
-        """The fp32 probe at `precision`, and why the final export would refuse it."""
-        if precision == "fp32":
-            return Quantized(fp32, method)
-        folder.mkdir(parents=True, exist_ok=True)
-        block = self.cfg.block_size
-        eight_bit = self.fitted_eight_bit(fp32, folder) if precision in FITTED_PRECISIONS else None
-        file = quantize_model(fp32, folder / f"model.{precision}.onnx", precision, block, eight_bit)
-        refused = quantization_refusal(model, self.loaded.tokenizer, file, precision)
-        return Quantized(file, f"{method} + {precision}", refused, eight_bit)
-
-    def fitted_eight_bit(self, fp32: Path, folder: Path) -> tuple[str, ...]:
-        """int4-fit's 8-bit MatMuls for this file: most loss saved per byte until the size budget is full."""
-        all_four = quantize_model(fp32, folder / "model.int4-base.onnx", "int4-fit", self.cfg.block_size, ())
-        room = int(size_target(self.cfg.budgets) * 1e6 * FIT_FILL) - onnx_bytes(all_four)  # deleted with the folder
-        graph = onnx.load(str(fp32), load_external_data=False).graph
-        sensitivity = self.projection_sensitivity()
-        projections = graph_projections(graph, sensitivity, self.cfg.block_size, MIXED_EIGHT_BIT_BLOCK)
-        return tuple(choose_eight_bit(projections, room))
-
-
-@dataclass(frozen=True)
-class Quantized:
-    """A probe's file at one precision: how it was made, why the export would refuse it ("": it passes), and
-    int4-fit's 8-bit MatMuls (None for the other precisions)."""
-
-    file: Path
-    method: str
-    refused: str = ""
-    eight_bit: tuple[str, ...] | None = None
-
-
-def quantization_refusal(model: nn.Module, tokenizer, file: Path, precision: str) -> str:
-    """Why the final export would refuse this quantized probe (checked as it will be), or "" when it passes."""
-    try:
-        check_quantized(verify_onnx(model, tokenizer, file), precision, TOLERANCES[precision])
-    except EdgepruneError as err:
-        return str(err).split(":")[0]
-    return ""
-
-
-def uses_fused_graph(model: nn.Module, graph: str) -> bool:
-    """Whether the run ships onnxruntime-genai's fused graph: asked for, or (auto) the family allows it."""
-    if graph == "optimum":
-        return False
-    if graph == "fused":
-        check_fusable(model)
-        return True
-    try:
-        check_fusable(model)
-    except EdgepruneError:
-        return False
-    return True
 
 
 def parameters_at(model: nn.Module, adapter: FamilyAdapter, scores: GroupScores, cfg: RunConfig) -> Callable:

@@ -18,7 +18,8 @@ from edgeprune.checkpoint import load_pruned
 from edgeprune.cli import main
 from edgeprune.devices.profiler import ProfileResult, Stats, Workload, compare_results
 from edgeprune.models import adapter_for
-from edgeprune.run import RunConfig, parameters_at, pruned_copy, run_job
+from edgeprune.probes import pruned_copy
+from edgeprune.run import RunConfig, parameters_at, run_job
 from edgeprune.runtime import OnnxModel, model_file, onnx_bytes
 from edgeprune.structure import count_parameters
 
