@@ -10,8 +10,8 @@ the vocabulary matrix at 8), the same with the vocabulary at 4 bits (int4-fit's 
 lists (int4-mixed with some down projections at 4 bits, the lists that fitted 120 MB best before),
 and int4-fit at each budget and each Fisher window count. Quality through ONNX Runtime on the very file, as
 `edgeprune run` measures it: KL(dense || file) per token with its standard error, perplexity and top-1 agreement
-on the packaged text's held-out tail (8,192 tokens), and perplexity on WikiText-2 test (text the sensitivities
-never saw). Writes benchmarks/out/bench_bit_allocation.json.
+on the packaged text's held-out tail (1,728 tokens: 13 windows of 128), and perplexity on WikiText-2 test (text
+the sensitivities never saw). Writes benchmarks/out/bench_bit_allocation.json.
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ def main() -> None:
     loaded = load_model(DEFAULT_DECODER)
     packaged = tokenize_text(loaded.tokenizer, load_text(None))
     start = heldout_start(len(packaged))
-    heldout = packaged[start:][:8192]
+    heldout = packaged[start:]
     wiki = wikitext_test_tokens(loaded.tokenizer, args.wiki) if args.wiki else torch.tensor([], dtype=torch.long)
     fp32 = OUT / "dense" / MODEL_FILE
     if not fp32.is_file():
