@@ -6,6 +6,7 @@ Input is one plain dict (the run record) so the report can be rebuilt from repor
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from edgeprune.outputs import atomic_output_file, write_atomic
@@ -202,10 +203,11 @@ def pareto_png(record: dict, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib import ticker
 
     probes = record["probes"]
     final = record["final"]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4), dpi=120, sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 5.2), dpi=120, sharey=True)
     panels = (("speedup", "speedup over dense fp32 (alternating runs)"), ("onnx_mb", "ONNX file (MB)"))
     lines = budget_lines(record)
     for ax, (quantity, label) in zip(axes, panels, strict=True):
@@ -222,10 +224,15 @@ def pareto_png(record: dict, path: Path) -> None:
             ax.axvline(x, color="tab:red", linestyle="--", label=text)
         ax.set_xlabel(label)
         ax.set_yscale("symlog", linthresh=1e-3)
-        ax.legend(fontsize=7, loc="upper left")
+    axes[1].set_xscale("log")  # the dense file is 4-5x the candidates: a linear axis crowds them together
+    axes[1].xaxis.set_major_locator(ticker.LogLocator(subs=(1, 2, 3, 5)))
+    axes[1].xaxis.set_major_formatter(ticker.StrMethodFormatter("{x:g}"))
+    axes[1].xaxis.set_minor_formatter(ticker.NullFormatter())
     axes[0].set_ylabel("divergence from dense on held-out text (lower is better)")
     fig.suptitle(f"{record['model']} on {record['device']}: every candidate the search measured", fontsize=10)
-    fig.tight_layout()
+    labelled = {label: handle for ax in axes for handle, label in zip(*ax.get_legend_handles_labels(), strict=True)}
+    fig.legend(labelled.values(), labelled.keys(), fontsize=7, loc="lower center", ncol=4, frameon=False)
+    fig.tight_layout(rect=(0, 0.02 + 0.035 * math.ceil(len(labelled) / 4), 1, 1))  # the legend below both panels
     with atomic_output_file(path) as tmp:  # keeps the .png suffix matplotlib reads the format from
         fig.savefig(tmp)
     plt.close(fig)
