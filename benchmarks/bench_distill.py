@@ -11,6 +11,8 @@ cut is scored too):
 - `llmpruner20`: LLM-Pruner's protocol (bench_llmpruner.py): Element¹ Taylor on 10 windows of 128
   tokens of WikiText-2 validation, FFN neurons and query heads of layers 4..27, 20.0% of all
   parameters; re-fit on 32 windows of 128 of validation (seed 0, as bench_compensate.py);
+- `llmpruner20-fluctuation`: the same cut size and groups scored by fluctuation on 32 windows of validation
+  (the best training-free criterion there, 1.47x dense after the re-fit: RESULTS, issue 13's goals);
 - `run<NN>`: the default `run` job's kind of cut: `run`'s criterion (fluctuation) on its 32
   calibration windows of the packaged text, FFN neurons of layers 1..28, NN% of them, re-fit on the
   same windows (`probes.pruned_copy`).
@@ -71,15 +73,19 @@ def cut_folders(cut: str, work: Path) -> tuple[Path, Path]:
     return work / cut / "plain", work / cut / "refit"
 
 
-def make_llmpruner_cut(dense, tokenizer, work: Path) -> dict:
-    """LLM-Pruner's 20% Taylor cut, saved plain and re-fit; returns what was done."""
+LLMPRUNER_CUTS = {"llmpruner20": "taylor", "llmpruner20-fluctuation": "fluctuation"}  # cut name: criterion
+
+
+def make_llmpruner_cut(cut: str, dense, tokenizer, work: Path) -> dict:
+    """LLM-Pruner's 20% cut scored by the cut's criterion, saved plain and re-fit; returns what was done."""
+    criterion = LLMPRUNER_CUTS[cut]
     adapter = adapter_for(dense.config)
     valid = data_dir() / "wikitext-2-raw" / "wiki.valid.raw"
-    calib = calibration_batch(tokenizer, valid, CALIBRATION["taylor"], 128, seed=0)
-    scores = score_groups("taylor", dense, adapter, ScoringInputs(calibration=calib, seed=0))
+    calib = calibration_batch(tokenizer, valid, CALIBRATION.get(criterion, 32), 128, seed=0)
+    scores = score_groups(criterion, dense, adapter, ScoringInputs(calibration=calib, seed=0))
     spec = llmpruner_spec(sparsity_for_total(dense, adapter, scores, 0.20))
     refit_windows = calibration_batch(tokenizer, valid, REFIT_SAMPLES, 128, seed=0)
-    return save_cuts(dense, tokenizer, adapter, scores, spec, refit_windows, cut_folders("llmpruner20", work))
+    return save_cuts(dense, tokenizer, adapter, scores, spec, refit_windows, cut_folders(cut, work))
 
 
 def make_run_cut(cut: str, dense, tokenizer, work: Path) -> dict:
@@ -203,8 +209,8 @@ def reference(args, dense, tokenizer, wiki, heldout) -> dict:
     found = next((e for e in entries if e.get("reference") == args.cut), None)
     if found is not None:
         return found
-    if args.cut == "llmpruner20":
-        info = make_llmpruner_cut(dense, tokenizer, args.work)
+    if args.cut in LLMPRUNER_CUTS:
+        info = make_llmpruner_cut(args.cut, dense, tokenizer, args.work)
     else:
         info = make_run_cut(args.cut, dense, tokenizer, args.work)
     entry = {"reference": args.cut, **info, "dense": quality(dense, wiki, heldout)}
@@ -234,7 +240,9 @@ def print_table(entries: list[dict], cut: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cut", default="llmpruner20", help="llmpruner20 or runNN (NN%% of FFN neurons, 1..28)")
+    parser.add_argument(
+        "--cut", default="llmpruner20", help="llmpruner20[-fluctuation] or runNN (NN%% of FFN neurons, 1..28)"
+    )
     parser.add_argument("--rows", nargs="*", default=["kd-lora-self", "lm-lora-alpaca"])
     parser.add_argument("--cpu-minutes", type=float, nargs="+", default=[6.0], help="one row per budget")
     parser.add_argument("--full-lr", type=float, default=1e-4)
@@ -249,7 +257,7 @@ def main() -> None:
     loaded = load_model(None)
     dense, tokenizer = loaded.model, loaded.tokenizer
     wiki = wikitext_test_tokens(tokenizer, args.ppl_tokens)
-    heldout = None if args.cut == "llmpruner20" else run_calibration(tokenizer, RunConfig()).heldout
+    heldout = None if args.cut in LLMPRUNER_CUTS else run_calibration(tokenizer, RunConfig()).heldout
     reference(args, dense, tokenizer, wiki, heldout)
     if args.thread_scaling:
         return thread_scaling(args.thread_scaling, args, dense, tokenizer)
