@@ -143,8 +143,8 @@ class RunConfig:
         """The precisions the search may ship (those made for a file budget only under one)."""
         if self.precision != "auto":
             return (self.precision,)
-        fitted = () if size_target(self.budgets) is None else FITTED_PRECISIONS
-        return tuple(p for p in AUTO_PRECISIONS if p not in FITTED_PRECISIONS or p in fitted)
+        sized = size_target(self.budgets) is not None
+        return tuple(p for p in AUTO_PRECISIONS if sized or p not in FITTED_PRECISIONS)
 
     @property
     def calibration_settings(self) -> CalibrationSettings:

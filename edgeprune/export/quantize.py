@@ -141,7 +141,7 @@ def quantize_weight_only(
     token_embedding = find_token_embedding(model.graph) if embedding else None
     vocab_bits = vocab_bits or max(bits, VOCAB_BITS)
     vocab_block = fitting_block(token_embedding.hidden, block_size) if token_embedding is not None else block_size
-    head = head_matmul(model.graph, token_embedding) if token_embedding is not None else None
+    head = head_matmul(model.graph, token_embedding.head_weight) if token_embedding is not None else None
     wider = [n.name for n in model.graph.node if n.op_type == "MatMul" and any(p in n.name for p in eight_bit)]
     heads = [head] if head else []
     # each pass quantizes what the earlier ones excluded; the tied head last, symmetric in the table's blocks
@@ -173,9 +173,9 @@ def fitting_block(hidden: int, block_size: int) -> int:
     return block_size
 
 
-def head_matmul(graph: onnx.GraphProto, embedding: TokenEmbedding) -> str | None:
+def head_matmul(graph: onnx.GraphProto, head_weight: str | None) -> str | None:
     """The name of the MatMul reading the tied head weight (None when the head is not tied)."""
-    return next((n.name for n in graph.node if n.op_type == "MatMul" and n.input[1] == embedding.head_weight), None)
+    return next((n.name for n in graph.node if n.op_type == "MatMul" and n.input[1] == head_weight), None)
 
 
 def initializer_map(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
@@ -196,12 +196,20 @@ class TokenEmbedding:
     hidden: int  # row length of the table
 
 
-def find_token_embedding(graph: onnx.GraphProto) -> TokenEmbedding | None:
-    """Locate the embedding (None if its hidden size is no multiple of MIN_BLOCK); untie an Optimum head.
+@dataclass(frozen=True)
+class EmbeddingGather:
+    """The token-id Gather and the initializer it reads: the [vocab, hidden] table itself (Optimum), or, through a
+    Transpose, the tied head's [hidden, vocab] weight (onnxruntime-genai's builder, `transposed`)."""
 
-    The quantizer only sees constant MatMul weights, so an lm_head reading a Transpose of the table
-    gets its own transposed copy; it lives until `quantize_embedding` points the Gather at its blocks.
-    """
+    node: str
+    weight: str
+    transposed: bool
+    vocab: int
+    hidden: int
+
+
+def embedding_gather(graph: onnx.GraphProto) -> EmbeddingGather | None:
+    """Locate the embedding without changing the graph (None if its hidden size is no multiple of MIN_BLOCK)."""
     inputs = {i.name for i in graph.input}
     weights = initializer_map(graph)
     producers = {out: node for node in graph.node for out in node.output}
@@ -211,25 +219,48 @@ def find_token_embedding(graph: onnx.GraphProto) -> TokenEmbedding | None:
             continue
         source = producers.get(node.input[0])
         if node.input[0] in weights:
-            table, head_weight = weights[node.input[0]], untie_lm_head(graph, node.input[0])
+            table = weights[node.input[0]]
+            found = (table.name, False, list(table.dims), table.data_type == onnx.TensorProto.FLOAT)
         elif source is not None and source.op_type == "Transpose" and source.input[0] in weights:
-            table, head_weight = None, source.input[0]
+            found = (source.input[0], True, list(reversed(weights[source.input[0]].dims)), True)
         else:
             continue
-        dims = list(table.dims) if table is not None else list(reversed(weights[head_weight].dims))
-        if len(dims) != 2 or dims[1] % MIN_BLOCK or (table is not None and table.data_type != onnx.TensorProto.FLOAT):
+        weight, transposed, dims, is_float = found
+        if len(dims) != 2 or dims[1] % MIN_BLOCK or not is_float:
             return None
-        return TokenEmbedding(node.name, table.name if table is not None else None, head_weight, dims[1])
+        return EmbeddingGather(node.name, weight, transposed, dims[0], dims[1])
     return None
 
 
-def untie_lm_head(graph: onnx.GraphProto, table: str) -> str | None:
-    """Replace a Transpose of `table` read only by MatMuls with an initializer; its name (None: not tied)."""
+def find_token_embedding(graph: onnx.GraphProto) -> TokenEmbedding | None:
+    """Locate the embedding (None if its hidden size is no multiple of MIN_BLOCK); untie an Optimum head.
+
+    The quantizer only sees constant MatMul weights, so an lm_head reading a Transpose of the table
+    gets its own transposed copy; it lives until `quantize_embedding` points the Gather at its blocks.
+    """
+    gather = embedding_gather(graph)
+    if gather is None:
+        return None
+    if gather.transposed:
+        return TokenEmbedding(gather.node, None, gather.weight, gather.hidden)
+    return TokenEmbedding(gather.node, gather.weight, untie_lm_head(graph, gather.weight), gather.hidden)
+
+
+def tied_transpose(graph: onnx.GraphProto, table: str) -> onnx.NodeProto | None:
+    """The Transpose of `table` that only MatMuls read, as their weight: a head tied to the table (None: none)."""
     transpose = next((n for n in graph.node if n.op_type == "Transpose" and n.input[0] == table), None)
     if transpose is None:
         return None
     readers = [n for n in graph.node if transpose.output[0] in n.input]
     if not readers or any(n.op_type != "MatMul" or n.input[1] != transpose.output[0] for n in readers):
+        return None
+    return transpose
+
+
+def untie_lm_head(graph: onnx.GraphProto, table: str) -> str | None:
+    """Replace the tied Transpose of `table` with an initializer; its name (None: not tied)."""
+    transpose = tied_transpose(graph, table)
+    if transpose is None:
         return None
     name = transpose.output[0]
     array = numpy_helper.to_array(initializer_map(graph)[table])
@@ -374,28 +405,24 @@ class VocabularyHead:
 
 
 def vocabulary_head(graph: onnx.GraphProto) -> VocabularyHead | None:
-    """The tied lm_head MatMul, read without changing the graph (None: no embedding Gather, or the head is not tied).
+    """The tied lm_head MatMul, found as `quantize_weight_only` finds it but without changing the graph (None: no
+    embedding it quantizes, or the head is not tied).
 
     Optimum's head reads a Transpose of the Gather's table; onnxruntime-genai's Gather reads a Transpose of the
     head's weight. Either way the two share one quantized tensor once `quantize_embedding` has run.
     """
-    inputs = {i.name for i in graph.input}
-    dims = {init.name: list(init.dims) for init in graph.initializer}
-    producers = {out: node for node in graph.node for out in node.output}
-    for gather in (n for n in graph.node if n.op_type == "Gather" and n.input[1] in inputs):
-        source = producers.get(gather.input[0])
-        if gather.input[0] in dims:
-            transposed = {n.output[0] for n in graph.node if n.op_type == "Transpose" and n.input[0] == gather.input[0]}
-            vocab, hidden = dims[gather.input[0]]
-        elif source is not None and source.op_type == "Transpose" and source.input[0] in dims:
-            transposed = {source.input[0]}
-            hidden, vocab = dims[source.input[0]]
-        else:
-            continue
-        head = next((n for n in graph.node if n.op_type == "MatMul" and n.input[1] in transposed), None)
-        if head is not None:
-            return VocabularyHead(head.name, hidden, vocab)
-    return None
+    gather = embedding_gather(graph)
+    if gather is None:
+        return None
+    if gather.transposed:
+        head_weight = gather.weight
+    else:
+        transpose = tied_transpose(graph, gather.weight)
+        if transpose is None:
+            return None
+        head_weight = transpose.output[0]
+    head = head_matmul(graph, head_weight)
+    return VocabularyHead(head, gather.hidden, gather.vocab) if head is not None else None
 
 
 LAYER_INDEX = re.compile(r"layers\.(\d+)/")
