@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 import platform
 import shutil
@@ -41,6 +42,7 @@ PREPACKED_KEEP = 6  # pre-packed copies the cache holds; the least recently open
 PROBE_TOKENS = 8  # a pre-packed copy is checked against its model on this many tokens when made
 COPY_ALIGNMENT = 4096  # where each tensor and pre-packed blob of a copy starts: a page, as ORT aligns large ones
 EXTERNAL_MIN_BYTES = "1024"  # initializers this large go to the weights file, as export/files.save_onnx does
+SHARED_CACHE_OP = b"GroupQueryAttention"  # reads its past and writes its present in place when both are one buffer
 ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64}
 
 
@@ -311,6 +313,7 @@ class OnnxModel:
         overridable = self.session.get_overridable_initializers()  # inputs with defaults, e.g. logits_to_keep
         self.input_names = [node.name for node in [*self.session.get_inputs(), *overridable]]
         self.caches = cache_inputs(self.session)
+        self.shares_cache = bool(self.caches) and shares_cache(self.path)
         self.output_names = [node.name for node in self.session.get_outputs()]
 
     @property
@@ -366,6 +369,68 @@ class OnnxModel:
         return outputs[0], {c.name: out for c, out in zip(self.caches, outputs[1:], strict=True)}
 
 
+def shares_cache(onnx_path: Path) -> bool:
+    """Whether the graph's attention is ONNX Runtime's GroupQueryAttention (the fused graph), which appends the
+    new keys and values into its past buffer in place when past and present are bound to the same memory, as
+    onnxruntime-genai runs it (`past_present_share_buffer`). The graph file's bytes are searched for the op's
+    name: a board's runtime install has no onnx to parse it, and the graph file is small (weights beside it)."""
+    with onnx_path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as graph:
+        return graph.find(SHARED_CACHE_OP) >= 0
+
+
+class CacheDecoder:
+    """Decoding state of one batch: feed the prompt, then one token per call; returns the last position's logits.
+
+    Graphs whose attention shares its cache (`shares_cache`) keep one preallocated buffer per cache input,
+    bound as both past and present, so a token costs no copy of the cache: the copying path moves the whole
+    cache in and out of ONNX Runtime every token (at 384 positions, 35 MB per token for the default decoder,
+    a third of what its int4 weights read). Other graphs take the copying path (`OnnxModel.step`).
+    """
+
+    def __init__(self, model: OnnxModel, batch: int, capacity: int):
+        self.model, self.batch, self.length = model, batch, 0
+        self.shared = model.shares_cache
+        if self.shared:
+            self.binding = model.session.io_binding()
+            self.buffers: dict[str, ort.OrtValue] = {}
+            self.bind_buffers(capacity)
+            self.binding.bind_output("logits")  # after the caches: outputs come back in binding order
+            if LOGITS_TO_KEEP in model.input_names:  # an overridable initializer: bound as a value, kept alive
+                self.keep = ort.OrtValue.ortvalue_from_numpy(np.array([1], dtype=np.int64))
+                self.binding.bind_ortvalue_input(LOGITS_TO_KEEP, self.keep)
+        else:
+            self.cache = model.empty_cache(batch)
+
+    def bind_buffers(self, capacity: int) -> None:
+        """Cache buffers of `capacity` positions, holding what the old ones held (a longer run grows them)."""
+        for c in self.model.caches:
+            array = np.zeros((self.batch, c.heads, capacity, c.head_dim), dtype=c.dtype)
+            if c.name in self.buffers:
+                array[:, :, : self.length] = self.buffers[c.name].numpy()[:, :, : self.length]
+            self.buffers[c.name] = ort.OrtValue.ortvalue_from_numpy(array)
+            self.binding.bind_ortvalue_input(c.name, self.buffers[c.name])
+            self.binding.bind_ortvalue_output(c.present, self.buffers[c.name])
+
+    def feed(self, input_ids: np.ndarray) -> np.ndarray:
+        """Logits [batch, 1, vocab] of the last of `input_ids`' positions, after the ones fed before."""
+        if not self.shared:
+            logits, self.cache = self.model.step(input_ids, self.cache, keep=1)
+            self.length += input_ids.shape[1]
+            return logits[:, -1:]
+        total = self.length + input_ids.shape[1]
+        capacity = next(iter(self.buffers.values())).shape()[2]
+        if total > capacity:
+            self.bind_buffers(max(total, 2 * capacity))
+        self.binding.bind_cpu_input("input_ids", input_ids.astype(np.int64))
+        self.binding.bind_cpu_input("attention_mask", np.ones((self.batch, total), dtype=np.int64))
+        if "position_ids" in self.model.input_names:
+            positions = np.arange(self.length, total, dtype=np.int64)
+            self.binding.bind_cpu_input("position_ids", np.broadcast_to(positions, input_ids.shape).copy())
+        self.model.session.run_with_iobinding(self.binding)
+        self.length = total
+        return self.binding.get_outputs()[-1].numpy()[:, -1:].copy()  # the next run may reuse its memory
+
+
 def greedy_generate(model: OnnxModel, prompt_ids: list[int], max_new_tokens: int, eos_ids: set[int]) -> list[int]:
     """Greedy decoding with the KV cache: the prompt once, then one token per call."""
     if not model.is_decoder:
@@ -373,11 +438,10 @@ def greedy_generate(model: OnnxModel, prompt_ids: list[int], max_new_tokens: int
     if not prompt_ids:
         raise EdgepruneError("the prompt tokenized to nothing: give some text")
     ids = np.asarray([prompt_ids], dtype=np.int64)
-    cache = model.empty_cache(1)
+    decoder = CacheDecoder(model, 1, len(prompt_ids) + max_new_tokens)
     generated: list[int] = []
     for _ in range(max_new_tokens):
-        logits, cache = model.step(ids, cache, keep=1)
-        token = int(np.argmax(logits[0, -1]))
+        token = int(np.argmax(decoder.feed(ids)[0, -1]))
         generated.append(token)
         if token in eos_ids:
             break

@@ -19,7 +19,7 @@ from edgeprune.export.fused import cut_file_megabytes, ffn_bytes, tensor_bytes, 
 from edgeprune.export.quantize import quantize_model
 from edgeprune.layers import remove_layers
 from edgeprune.models import adapter_for
-from edgeprune.runtime import OnnxModel, greedy_generate, onnx_bytes
+from edgeprune.runtime import CacheDecoder, OnnxModel, greedy_generate, onnx_bytes
 from edgeprune.structure import LayerKeep, cut_model
 
 pytestmark = pytest.mark.skipif(
@@ -106,6 +106,23 @@ def test_fused_and_optimum_exports_agree_in_prefill_and_through_the_cache(export
         assert np.abs(fused_full - reference).max() <= TOLERANCE["fp32"] * np.abs(reference).max()
     check = fused.verification[precision]
     assert check.cache_steps == 8 and check.positions > 40
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int4"])
+def test_the_fused_graph_decodes_in_its_cache_buffers_as_the_copying_path_does(exports, precision):
+    """GroupQueryAttention appends into the buffers bound as both past and present (no cache copy per token),
+    and the buffers grow when a run outlasts them; the logits are the copying path's."""
+    _, fused = exports[True, precision, True]
+    _, optimum = exports[True, precision, False]
+    model = OnnxModel(fused.path)
+    assert model.shares_cache and not OnnxModel(optimum.path).shares_cache
+    _, copied = prefill_and_cached(model)  # positions 0..2 at once, then one call per position
+    decoder = CacheDecoder(model, 1, 4)  # room for 4 positions: the buffers grow at the fifth
+    assert decoder.shared
+    shared = [decoder.feed(IDS[:, :3])] + [decoder.feed(IDS[:, pos : pos + 1]) for pos in range(3, IDS.shape[1])]
+    # the same kernels on the same values, only where the cache lives differs: equal to float rounding
+    assert np.abs(np.concatenate(shared, axis=1) - copied[:, 2:]).max() <= 1e-6 * np.abs(copied).max()
+    assert decoder.length == IDS.shape[1]
 
 
 def test_fused_folder_is_one_model_with_a_genai_config(exports):

@@ -32,7 +32,15 @@ import numpy as np
 import onnxruntime as ort
 
 from edgeprune.errors import EdgepruneError
-from edgeprune.runtime import OnnxModel, greedy_generate, model_file, onnx_bytes, prepacked_file, prepacked_wanted
+from edgeprune.runtime import (
+    CacheDecoder,
+    OnnxModel,
+    greedy_generate,
+    model_file,
+    onnx_bytes,
+    prepacked_file,
+    prepacked_wanted,
+)
 from edgeprune.window_stats import window_stats
 
 PROC_STATUS = Path("/proc/self/status")
@@ -115,11 +123,11 @@ class Measured:
             self.model.forward(self.ids)
             self.samples["latency_ms"].append((time.perf_counter() - start) * 1e3)
             return
-        logits, cache = self.model.step(self.ids, self.model.empty_cache(self.ids.shape[0]), keep=1)
+        decoder = CacheDecoder(self.model, self.ids.shape[0], self.ids.shape[1] + self.decode)
+        logits = decoder.feed(self.ids)
         prefilled = time.perf_counter()
         for _ in range(self.decode):
-            token = logits[:, -1].argmax(-1).reshape(-1, 1).astype(np.int64)
-            logits, cache = self.model.step(token, cache, keep=1)
+            logits = decoder.feed(logits[:, -1].argmax(-1).reshape(-1, 1).astype(np.int64))
         end = time.perf_counter()
         self.samples["prefill_ms"].append((prefilled - start) * 1e3)
         self.samples["decode_ms_per_token"].append((end - prefilled) * 1e3 / max(1, self.decode))

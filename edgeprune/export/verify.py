@@ -16,7 +16,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from edgeprune.errors import EdgepruneError
-from edgeprune.runtime import OnnxModel
+from edgeprune.runtime import CacheDecoder, OnnxModel
 
 VERIFY_TEXT = (
     "Structured pruning removes whole neurons and attention heads, so the pruned network is a smaller "
@@ -63,18 +63,16 @@ def verification_ids(
 
 
 def decoder_outputs(onnx: OnnxModel, ids: np.ndarray, steps: int) -> np.ndarray:
-    """Full-sequence logits, then the last `steps` positions again as generation computes them.
+    """Full-sequence logits, then the last `steps` positions again as generation computes them (`CacheDecoder`).
 
     The prefix is prefilled asking for its last logits only, then tokens go one at a time
     through the KV cache; the result is [full positions..., positions L-steps-1 .. L-2].
     """
     full = onnx.forward(ids)
     prefix = ids.shape[1] - steps
-    logits, cache = onnx.step(ids[:, :prefix], onnx.empty_cache(ids.shape[0]), keep=1)
-    stepped = [logits[:, -1:]]
-    for pos in range(prefix, ids.shape[1] - 1):
-        logits, cache = onnx.step(ids[:, pos : pos + 1], cache, keep=1)
-        stepped.append(logits)
+    decoder = CacheDecoder(onnx, ids.shape[0], ids.shape[1])  # the cache path `generate` and the profiler take
+    stepped = [decoder.feed(ids[:, :prefix])]
+    stepped += [decoder.feed(ids[:, pos : pos + 1]) for pos in range(prefix, ids.shape[1] - 1)]
     return np.concatenate([full, *stepped], axis=1)
 
 
