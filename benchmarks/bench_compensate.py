@@ -15,8 +15,9 @@ neurons of the uniform plan are moved to the layers where the re-fit error is lo
 criterion's groups at those moved widths, re-fit: `prune --allocation errors`). The re-fit is
 compensate.py's default (the last quarter of the `--calib-samples` windows checks each projection's
 damping, the plain cut included); `--damping D` re-fits at D on all windows unchecked instead (the
-re-fit before the check: D = 1e-4). Criteria: any registered name, or `mi-conditional` (mi with
-`selection=conditional`). Seconds per stage are wall time (and process CPU time for the cut).
+re-fit before the check: D = 1e-4). Criteria: any registered name, `mi-conditional` (mi with
+`selection=conditional`), or `A/B`: FFN neurons ranked by A, query heads by B. Seconds per stage are wall
+time (and process CPU time for the cut).
 Resumable: every row is appended to --out and skipped on a rerun.
 
     python benchmarks/bench_compensate.py --threads 2
@@ -34,7 +35,7 @@ from bench_common import append_result, criterion_and_options, data_dir, read_re
 
 from edgeprune.calibration import calibration_batch, disjoint_windows, load_text, tokenize_text
 from edgeprune.compensate import CompensateOptions, allocate_by_errors, cut_and_compensate, cut_by_obs
-from edgeprune.criteria import ScoringInputs, score_groups
+from edgeprune.criteria import GroupScores, ScoringInputs, score_groups
 from edgeprune.evaluate import perplexity
 from edgeprune.loading import load_model
 from edgeprune.models import adapter_for
@@ -59,6 +60,23 @@ def cut_spec(name: str, model, adapter, scores) -> PruneSpec:
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if total - params_at(mid) < removed * total else (lo, mid)
     return cfg.spec(hi)
+
+
+def criterion_scores(criterion: str, model, adapter, tokenizer, valid: Path) -> GroupScores:
+    """One criterion's scores from its calibration windows of `valid`."""
+    calib = calibration_batch(tokenizer, valid, SCORE_SAMPLES.get(criterion, 32), 128, seed=0)
+    name, criterion_options = criterion_and_options(criterion)
+    return score_groups(name, model, adapter, ScoringInputs(calibration=calib, seed=0, options=criterion_options))
+
+
+def split_scores(criterion: str, model, adapter, tokenizer, valid: Path) -> GroupScores:
+    """`A/B`: FFN neurons ranked by criterion A, query heads by B (which half of a criterion makes a gap)."""
+    ffn_name, _, heads_name = criterion.partition("/")
+    ffn = criterion_scores(ffn_name, model, adapter, tokenizer, valid)
+    if not heads_name:
+        return ffn
+    heads = criterion_scores(heads_name, model, adapter, tokenizer, valid)
+    return GroupScores(ffn=ffn.ffn, heads=heads.heads, criterion=criterion)
 
 
 def done(path: Path, key: dict) -> bool:
@@ -113,12 +131,8 @@ def main() -> None:
                     spec = cut_spec(cut, model, adapter, scores_for_plan)
                     plan = plan_widths(model, adapter, scores_for_plan, spec)
                 elif scores is None:
-                    samples = SCORE_SAMPLES.get(criterion, 32)
-                    calib = calibration_batch(tokenizer, valid, samples, 128, seed=0)
-                    name, criterion_options = criterion_and_options(criterion)
-                    inputs = ScoringInputs(calibration=calib, seed=0, options=criterion_options)
                     start, cpu_start = time.perf_counter(), time.process_time()
-                    scores = score_groups(name, model, adapter, inputs)
+                    scores = split_scores(criterion, model, adapter, tokenizer, valid)
                     score_seconds, score_cpu = time.perf_counter() - start, time.process_time() - cpu_start
                 if method not in ("obs", "alloc"):
                     spec = cut_spec(cut, model, adapter, scores)

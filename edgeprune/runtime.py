@@ -387,9 +387,9 @@ class CacheDecoder:
     a third of what its int4 weights read). Other graphs take the copying path (`OnnxModel.step`).
     """
 
-    def __init__(self, model: OnnxModel, batch: int, capacity: int):
+    def __init__(self, model: OnnxModel, batch: int, capacity: int, share: bool = True):
         self.model, self.batch, self.length = model, batch, 0
-        self.shared = model.shares_cache
+        self.shared = share and model.shares_cache  # share=False: the copying path, to compare
         if self.shared:
             self.binding = model.session.io_binding()
             self.buffers: dict[str, ort.OrtValue] = {}
