@@ -13,6 +13,7 @@ cut is scored too):
   parameters; re-fit on 32 windows of 128 of validation (seed 0, as bench_compensate.py);
 - `llmpruner20-fluctuation`: the same cut size and groups scored by fluctuation on 32 windows of validation
   (the best training-free criterion there, 1.47x dense after the re-fit: RESULTS, issue 13's goals);
+  `llmpruner20-fluctuation-256`: re-fit on 256 disjoint windows of validation instead (1.40x there);
 - `run<NN>`: the default `run` job's kind of cut: `run`'s criterion (fluctuation) on its 32
   calibration windows of the packaged text, FFN neurons of layers 1..28, NN% of them, re-fit on the
   same windows (`probes.pruned_copy`).
@@ -51,7 +52,7 @@ from bench_common import append_result, data_dir, read_results, wikitext_test_to
 from bench_llmpruner import CALIBRATION, sparsity_for_total
 from bench_llmpruner import spec as llmpruner_spec
 
-from edgeprune.calibration import calibration_batch, tokenize_text
+from edgeprune.calibration import calibration_batch, disjoint_windows, load_text, tokenize_text
 from edgeprune.checkpoint import load_pruned, save_pruned
 from edgeprune.criteria import ScoringInputs, score_groups
 from edgeprune.evaluate import perplexity
@@ -73,18 +74,25 @@ def cut_folders(cut: str, work: Path) -> tuple[Path, Path]:
     return work / cut / "plain", work / cut / "refit"
 
 
-LLMPRUNER_CUTS = {"llmpruner20": "taylor", "llmpruner20-fluctuation": "fluctuation"}  # cut name: criterion
+LLMPRUNER_CUTS = {  # cut name: (criterion, re-fit windows: 0 = REFIT_SAMPLES random ones, N = N disjoint ones)
+    "llmpruner20": ("taylor", 0),
+    "llmpruner20-fluctuation": ("fluctuation", 0),
+    "llmpruner20-fluctuation-256": ("fluctuation", 256),
+}
 
 
 def make_llmpruner_cut(cut: str, dense, tokenizer, work: Path) -> dict:
     """LLM-Pruner's 20% cut scored by the cut's criterion, saved plain and re-fit; returns what was done."""
-    criterion = LLMPRUNER_CUTS[cut]
+    criterion, windows = LLMPRUNER_CUTS[cut]
     adapter = adapter_for(dense.config)
     valid = data_dir() / "wikitext-2-raw" / "wiki.valid.raw"
     calib = calibration_batch(tokenizer, valid, CALIBRATION.get(criterion, 32), 128, seed=0)
     scores = score_groups(criterion, dense, adapter, ScoringInputs(calibration=calib, seed=0))
     spec = llmpruner_spec(sparsity_for_total(dense, adapter, scores, 0.20))
-    refit_windows = calibration_batch(tokenizer, valid, REFIT_SAMPLES, 128, seed=0)
+    if windows:  # as bench_compensate.py's re-fit: non-overlapping windows spread over the file
+        refit_windows = disjoint_windows(tokenize_text(tokenizer, load_text(valid)), 128, windows)
+    else:
+        refit_windows = calibration_batch(tokenizer, valid, REFIT_SAMPLES, 128, seed=0)
     return save_cuts(dense, tokenizer, adapter, scores, spec, refit_windows, cut_folders(cut, work))
 
 
@@ -241,7 +249,7 @@ def print_table(entries: list[dict], cut: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
-        "--cut", default="llmpruner20", help="llmpruner20[-fluctuation] or runNN (NN%% of FFN neurons, 1..28)"
+        "--cut", default="llmpruner20", help="llmpruner20[-fluctuation[-256]] or runNN (NN%% of FFN neurons, 1..28)"
     )
     parser.add_argument("--rows", nargs="*", default=["kd-lora-self", "lm-lora-alpaca"])
     parser.add_argument("--cpu-minutes", type=float, nargs="+", default=[6.0], help="one row per budget")
