@@ -8,7 +8,8 @@ tokenized once without BOS, non-overlapping windows). Cuts:
 - `llmpruner20`: LLM-Pruner's protocol, FFN neurons and query heads of layers 4..27, uniform, the
   sparsity that removes 20% of *all* parameters;
 - `default35`: the default `run` job's kind of cut, FFN neurons of layers 1..28, the sparsity that
-  removes 35% of all parameters (the default job's final model: 34.5%).
+  removes 35% of all parameters (the default job's final model: 34.5%); `default35-heads`: the same size
+  with query heads of those layers cut too (one per KV group, a third of them), the FFN cut shallower.
 Methods: `none` (plain cut), `ls` (the criterion's groups, down_proj/o_proj re-fit layer by layer),
 `obs` (groups chosen by their error after the re-fit; no criterion), `alloc` (`obs` after the FFN
 neurons of the uniform plan are moved to the layers where the re-fit error is lowest), `alloc-ls` (the
@@ -46,6 +47,7 @@ OUT = Path(__file__).parent / "out" / "bench_compensate.json"
 CUTS = {  # name: (targets, protect_first, protect_last, fraction of all parameters removed)
     "llmpruner20": (("ffn", "heads"), 4, 2, 0.20),
     "default35": (("ffn",), 1, 1, 0.35),
+    "default35-heads": (("ffn", "heads"), 1, 1, 0.35),
 }
 SCORE_SAMPLES = {"taylor": 10}
 
