@@ -53,8 +53,12 @@ CRITERION_ALIASES = {"mi-conditional": ("mi", {"selection": "conditional"})}  # 
 
 
 def criterion_and_options(name: str) -> tuple[str, dict]:
-    """A registered criterion and its options, from a benchmark's name for it (`mi-conditional`, or the name)."""
-    return CRITERION_ALIASES.get(name, (name, {}))
+    """A registered criterion and its options, from a benchmark's name for it: an alias (`mi-conditional`), the
+    name, or `name:key=value+key=value` (options as `--criterion-option` takes them)."""
+    if name in CRITERION_ALIASES:
+        return CRITERION_ALIASES[name]
+    criterion, _, given = name.partition(":")
+    return criterion, dict(item.split("=", 1) for item in given.split("+")) if given else {}
 
 
 class HeldOut:
