@@ -33,12 +33,15 @@ for the elimination forms the reverse elimination order, so one scoring serves e
 `clusters` > 1 restricts pairs to k-means clusters of the normalized activations (scale).
 Kernel widths (`width_rule`): `silverman` γ·std·n^(-1/5), `median` γ·median pairwise
 distance, `fixed` γ; `width_scope` `layer` (one width, median over neurons) or `neuron`.
-Defaults (median rule, layer scope, γ = 16, mrmr with weight 1, n = 1024 positions of which
-32,640 random pairs enter the Gram sums, `max_pairs`) were chosen on SmolLM2-135M at
-CRITERIA.md's cut (benchmarks/RESULTS.md): at γ = 1 the kernel saturates for high-spread neurons
-(PPL 84.7); at γ ≥ 16 the α = 2 entropy ranks like Var(a)·‖w‖² (fluctuation's ordering, which it
-approaches as γ grows); 1024 positions instead of 256 cut the sampling noise (76.8 → 73.5); the
-redundancy term changes little (73.49 vs 73.44 without it); per-neuron widths are near random.
+Defaults (median rule, layer scope, γ = 64, mrmr with weight 1, n = 4096 positions, i.e. every
+position of `run`'s 32 windows of 128, of which 32,640 random pairs enter the Gram sums, `max_pairs`)
+were chosen on SmolLM2-135M (benchmarks/RESULTS.md): at γ = 1 the kernel saturates for high-spread
+neurons (PPL 84.7 at CRITERIA.md's cut); at γ ≥ 16 the α = 2 entropy ranks like Var(a)·‖w‖²
+(fluctuation's ordering, which it approaches as γ grows); more positions cut the sampling noise
+(256 → 1024: 76.8 → 73.5 there). Under the least-squares re-fit that `prune` and `run` apply after
+every cut (LLM-Pruner's 20% cut), γ = 16 on 1024 positions was 6.7% behind fluctuation, on 4096
+positions 4.7%, γ = 64 on 4096 1.2% (γ = 256: 1.6%); the redundancy term changes nothing there
+(weights 0 / 1 / 4 within 0.3%) or without the re-fit (73.49 vs 73.44); per-neuron widths are near random.
 
 Heads: `mi` scores heads with the same estimator: S_2 of each head's contribution to the
 attention output (its slice of the o_proj input times its o_proj columns), one median-rule
@@ -76,9 +79,9 @@ class MIOptions:
     alpha: float = 2.0
     width_rule: str = "median"
     width_scope: str = "layer"
-    gamma: float = 16.0
+    gamma: float = 64.0
     scale: str = "contribution"
-    n_positions: int = 1024
+    n_positions: int = 4096
     member: str = "entropy"
     redundancy_weight: float = 1.0
     clusters: int = 1
