@@ -70,3 +70,32 @@ def test_post_norm_family_is_refused():
     model = tiny_bert()
     with pytest.raises(EdgepruneError, match="pre-norm"):
         activation_scaled(model, adapter_for(model.config), torch.zeros(1, 8, dtype=torch.long), block_size=32)
+
+
+def test_run_ships_the_scaled_int4_file_its_probe_measured(tmp_path):
+    """--activation-scaling in `run`: every int4 probe (unpruned and cut) is quantized from the scaled export, and
+    the shipped file is made the same way from the same cut: its divergence is the probe's, and its norms carry
+    the folded scales (the dense model's are ones)."""
+    pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai not installed (export --fused needs it)")
+    import onnx
+    from onnx import numpy_helper
+
+    from edgeprune.budget import Budget
+    from tests.conftest import make_tokenizer
+    from tests.test_fused import fusable_llama
+    from tests.test_run_candidates import run
+
+    folder = tmp_path / "fusable"
+    fusable_llama(cut=False).save_pretrained(folder)
+    make_tokenizer().save_pretrained(folder)
+    calibration = tmp_path / "calib.txt"
+    calibration.write_text(" ".join(f"w{(i * 7919) % 40}" for i in range(6000)))
+    result = run(folder, calibration, tmp_path / "run", [Budget("params", 100_000)], precision="int4",
+                 activation_scaling=True)  # fmt: skip
+    probes = [p for p in result.probes if p["precision"] == "int4"]
+    assert probes and all("activation scaling" in p["extra"]["method"] for p in probes)
+    shipped = next(p for p in probes if p["sparsity"] == result.final["sparsity"])
+    assert result.final["sparsity"] > 0 and result.final["divergence"] == pytest.approx(shipped["divergence"])
+    graph = onnx.load(str(tmp_path / "run" / "onnx" / "model.onnx")).graph
+    norm = next(i for i in graph.initializer if i.name == "model.layers.0.input_layernorm.weight")
+    assert not torch.allclose(torch.from_numpy(numpy_helper.to_array(norm).copy()).float(), torch.ones(64))

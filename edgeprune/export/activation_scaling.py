@@ -27,6 +27,7 @@ from torch import nn
 
 from edgeprune.errors import EdgepruneError
 from edgeprune.export.bit_allocation import rounding_error
+from edgeprune.export.quantize import WEIGHT_ONLY
 from edgeprune.models.base import FamilyAdapter
 
 ALPHAS = tuple(step / 10 for step in range(11))  # 0 is round-to-nearest: a group never gets worse on calibration
@@ -174,6 +175,12 @@ def fold_scale(group: ScaleGroup, scale: torch.Tensor) -> None:
                 group.source.bias.div_(source)
         else:
             group.source.weight.div_(source)
+
+
+def rounded_after_scaling(precision: str) -> bool:
+    """Whether a precision's files take the scales: those whose projections are rounded to BITS."""
+    recipe = WEIGHT_ONLY.get(precision)
+    return recipe is not None and recipe.bits == BITS
 
 
 def activation_scaled(
