@@ -20,12 +20,19 @@ from edgeprune.export.bit_allocation import rounding_error
 from edgeprune.models import adapter_for
 
 
-def test_scaled_llama_computes_the_same_function():
+@pytest.mark.parametrize("biases", [False, True])
+def test_scaled_llama_computes_the_same_function(biases):
     """Logits of the scaled copy against the unscaled model run in float64: off by no more than float32 itself is
     (the unscaled model in float32, x2 for the scaled weights' own rounding, 2^-24 relative each). alpha 1 forces
     scales far from 1 (0.4..2.6 here) in all four groups, GQA's o_proj included (8 query heads on 2 KV heads):
-    a scale folded into the wrong channel moves logits by O(1)."""
-    model = tiny_llama()
+    a scale folded into the wrong channel moves logits by O(1). With biases (as Qwen2's q/k/v), v's and up's
+    biases take the inverse scale too."""
+    model = tiny_llama(attention_bias=biases, mlp_bias=biases)
+    if biases:
+        with torch.no_grad():
+            for name, parameter in model.named_parameters():
+                if name.endswith("bias"):
+                    parameter.normal_()
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             if "norm" in name:
