@@ -1100,6 +1100,13 @@ def budgets_from_options(model: str | None, latency_ms, speedup, memory_mb, peak
 )
 @click.option("--runs", type=int, cls=ConfigDefault, config=RUN, help="timed runs per profile")
 @click.option("--warmup", type=int, cls=ConfigDefault, config=RUN, help="warm-up runs per profile")
+@click.option(
+    "--activation-scaling/--no-activation-scaling",
+    cls=ConfigDefault,
+    config=RUN,
+    help="fold AWQ-style per-input-channel scales into the weights before rounding to 4 bits (int4, int4-mixed, "
+    "int4-fit)",
+)
 @click.option("--timeout", type=POSITIVE, help=TIMEOUT_HELP)
 @TOKENIZER_OPTION
 @click.option("--recover/--no-recover", cls=ConfigDefault, config=RUN, help="distill a pruned model from the dense one")

@@ -24,6 +24,7 @@ from edgeprune.criteria import GroupScores
 from edgeprune.devices.profiler import Profiler, ProfileResult
 from edgeprune.errors import EdgepruneError
 from edgeprune.evaluate.divergence import Divergence, heldout_divergence
+from edgeprune.export.activation_scaling import activation_scaled, rounded_after_scaling
 from edgeprune.export.bit_allocation import (
     FIT_FILL,
     FIT_WINDOWS,
@@ -142,7 +143,9 @@ class ProbeRunner:
         self.ffn_names: list[dict] | None = None
         self.ffn_bias_names: list[dict] | None = None
         self.fused = uses_fused_graph(loaded.model, cfg.graph)
-        self.sensitivity: dict[tuple[int, str], Sensitivity] | None = None  # int4-fit's, measured once on dense
+        # int4-fit's, measured once on dense; also for scaled files (a list chosen on the scaled model's own was
+        # as good: benchmarks/RESULTS.md, "Activation-aware scaling")
+        self.sensitivity: dict[tuple[int, str], Sensitivity] | None = None
 
     def projection_sensitivity(self) -> dict[tuple[int, str], Sensitivity]:
         if self.sensitivity is None:
@@ -257,15 +260,27 @@ class ProbeRunner:
             shutil.rmtree(folder, ignore_errors=True)
 
     def quantized(self, model: nn.Module, fp32: Path, method: str, precision: str, folder: Path) -> Quantized:
-        """The fp32 probe at `precision`, and why the final export would refuse it."""
+        """The fp32 probe at `precision` (with --activation-scaling, a 4-bit one from the scaled export), and why
+        the final export would refuse it."""
         if precision == "fp32":
             return Quantized(fp32, method)
         folder.mkdir(parents=True, exist_ok=True)
+        if self.cfg.activation_scaling and rounded_after_scaling(precision):
+            fp32, method = self.scaled_fp32(model, folder), f"{method} + activation scaling"
         block = self.cfg.block_size
         eight_bit = self.fitted_eight_bit(fp32, folder) if precision in FITTED_PRECISIONS else None
         file = quantize_model(fp32, folder / f"model.{precision}.onnx", precision, block, eight_bit)
         refused = quantization_refusal(model, self.loaded.tokenizer, file, precision)
         return Quantized(file, f"{method} + {precision}", refused, eight_bit)
+
+    def scaled_fp32(self, model: nn.Module, folder: Path) -> Path:
+        """The probe's model with activation-aware scales folded in, exported in full (its norms change too, which
+        a probe written into the dense graph keeps); once per probe folder, for all its 4-bit precisions."""
+        file = folder / "scaled" / MODEL_FILE
+        if not file.is_file():
+            scaled, _ = activation_scaled(model, self.adapter, self.calib.windows, self.cfg.block_size)
+            self.export(scaled, file.parent)
+        return file
 
     def fitted_eight_bit(self, fp32: Path, folder: Path) -> tuple[str, ...]:
         """int4-fit's 8-bit MatMuls for this file: most loss saved per byte until the size budget is full."""

@@ -45,6 +45,7 @@ from edgeprune.devices.profiler import Profiler, Workload, profiler_for
 from edgeprune.devices.profiles import get_device
 from edgeprune.devices.target import quality_on_target
 from edgeprune.errors import EdgepruneError
+from edgeprune.export.activation_scaling import activation_scaled, rounded_after_scaling
 from edgeprune.export.exporter import export_model
 from edgeprune.export.fused import FfnBytes, cut_file_megabytes
 from edgeprune.export.quantize import BLOCK_SIZE
@@ -124,6 +125,8 @@ class RunConfig:
     recover_data: str | None = None  # None: text the dense model writes (`recover.selftext.default_data`)
     recovery: RecoveryConfig = field(default_factory=run_recovery)
     compensate: bool = True  # re-fit each cut output projection on the calibration windows (compensate.py)
+    # 4-bit candidates rounded after AWQ-style per-channel scales are folded in (export/activation_scaling.py)
+    activation_scaling: bool = False
     tokenizer: str | None = None  # --tokenizer, for a model saved without one
     timeout: float | None = None  # seconds per profiling call (None: derived from the workload)
 
@@ -165,8 +168,9 @@ class RunConfig:
         record = asdict(self)
         for volatile in ("max_probes", "recover", "recover_data", "recovery", "device_files", "timeout"):
             record.pop(volatile)
-        if record["tokenizer"] is None:  # logs written before --tokenizer existed stay resumable
-            record.pop("tokenizer")
+        for added, unset in (("tokenizer", None), ("activation_scaling", False)):
+            if record[added] == unset:  # logs written before the option existed stay resumable
+                record.pop(added)
         record["budgets"] = [asdict(b) for b in self.budgets]
         record["source_sha256"] = source_hash
         return record
@@ -415,7 +419,7 @@ def finish(inputs: FinishInputs, search: SearchResult, say: Callable[[str], None
     say(f"exporting and verifying the final model ({best.precision})")
     shipped = inputs.out / "onnx"
     exported = export_model(
-        final,
+        shipped_weights(final, best.precision, inputs),
         loaded.tokenizer,
         shipped,
         quantize=best.precision,
@@ -466,6 +470,15 @@ def finish(inputs: FinishInputs, search: SearchResult, say: Callable[[str], None
     )
     write_report(result.as_dict(), inputs.out)
     return result
+
+
+def shipped_weights(final: nn.Module, precision: str, inputs: FinishInputs) -> nn.Module:
+    """The final model as its file is built from: with --activation-scaling and a 4-bit precision, a copy with the
+    scales folded in (chosen as the probes chose them; the same function in float, so verified against it)."""
+    if not (inputs.cfg.activation_scaling and rounded_after_scaling(precision)):
+        return final
+    scaled, _ = activation_scaled(final, inputs.adapter, inputs.calib.windows, inputs.cfg.block_size)
+    return scaled
 
 
 def check_budget(budget: Budget, final: Probe, dense: Probe) -> BudgetCheck:

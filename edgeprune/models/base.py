@@ -100,6 +100,16 @@ class FamilyAdapter(ABC):
     def head_inputs(self, layer: nn.Module) -> list[nn.Linear]:
         """Linears whose rows come in per-query-head blocks of `head_dim` (q; for BERT also k, v)."""
 
+    def input_norms(self, layer: nn.Module) -> tuple[nn.Module, nn.Module] | None:
+        """The norms whose outputs are the attention's and the FFN's inputs, each output multiplied by a per-channel
+        `weight` (pre-norm families; a scale on those inputs can be folded into them); None: post-norm."""
+        return None
+
+    def ffn_plain_input(self, layer: nn.Module) -> nn.Linear | None:
+        """The FFN input Linear whose output multiplies the activated one, not passing through the activation
+        (gated FFNs: a scale on the output projection's inputs can be folded into its rows); None: ungated."""
+        return None
+
     def head_output(self, layer: nn.Module) -> nn.Linear:
         """The output projection, whose columns come in per-head blocks."""
         return self.attention_projections(layer)["o"]

@@ -32,6 +32,12 @@ class LlamaAdapter(FamilyAdapter):
     def ffn_output(self, layer: nn.Module) -> nn.Linear:
         return layer.mlp.down_proj
 
+    def input_norms(self, layer: nn.Module) -> tuple[nn.Module, nn.Module]:
+        return layer.input_layernorm, layer.post_attention_layernorm
+
+    def ffn_plain_input(self, layer: nn.Module) -> nn.Linear:
+        return layer.mlp.up_proj
+
     def attention_projections(self, layer: nn.Module) -> dict[str, nn.Linear]:
         attn = layer.self_attn
         return {"q": attn.q_proj, "k": attn.k_proj, "v": attn.v_proj, "o": attn.o_proj}
