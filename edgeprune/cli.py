@@ -1105,7 +1105,7 @@ def budgets_from_options(model: str | None, latency_ms, speedup, memory_mb, peak
     cls=ConfigDefault,
     config=RUN,
     help="fold AWQ-style per-input-channel scales into the weights before rounding to 4 bits (int4, int4-mixed, "
-    "int4-fit)",
+    "int4-fit; Llama-family models; on by default)",
 )
 @click.option("--timeout", type=POSITIVE, help=TIMEOUT_HELP)
 @TOKENIZER_OPTION

@@ -24,7 +24,7 @@ from edgeprune.criteria import GroupScores
 from edgeprune.devices.profiler import Profiler, ProfileResult
 from edgeprune.errors import EdgepruneError
 from edgeprune.evaluate.divergence import Divergence, heldout_divergence
-from edgeprune.export.activation_scaling import activation_scaled, rounded_after_scaling
+from edgeprune.export.activation_scaling import activation_scaled, scaling_applies
 from edgeprune.export.bit_allocation import (
     FIT_FILL,
     FIT_WINDOWS,
@@ -265,7 +265,7 @@ class ProbeRunner:
         if precision == "fp32":
             return Quantized(fp32, method)
         folder.mkdir(parents=True, exist_ok=True)
-        if self.cfg.activation_scaling and rounded_after_scaling(precision):
+        if self.cfg.activation_scaling and scaling_applies(model, self.adapter, precision):
             fp32, method = self.scaled_fp32(model, folder), f"{method} + activation scaling"
         block = self.cfg.block_size
         eight_bit = self.fitted_eight_bit(fp32, folder) if precision in FITTED_PRECISIONS else None

@@ -14,6 +14,7 @@ from edgeprune.export.activation_scaling import (
     ScaleGroup,
     activation_scaled,
     fold_scale,
+    scaling_applies,
     search_scale,
 )
 from edgeprune.export.bit_allocation import rounding_error
@@ -106,3 +107,13 @@ def test_run_ships_the_scaled_int4_file_its_probe_measured(tmp_path):
     graph = onnx.load(str(tmp_path / "run" / "onnx" / "model.onnx")).graph
     norm = next(i for i in graph.initializer if i.name == "model.layers.0.input_layernorm.weight")
     assert not torch.allclose(torch.from_numpy(numpy_helper.to_array(norm).copy()).float(), torch.ones(64))
+
+
+def test_run_scales_only_four_bit_files_of_families_with_pre_norm_layers():
+    """On by default in `run`, so it must pass over what it cannot scale instead of refusing the run: 8-bit files
+    and BERT's post-norm layers are rounded as they are."""
+    llama, bert = tiny_llama(), tiny_bert()
+    assert scaling_applies(llama, adapter_for(llama.config), "int4")
+    assert scaling_applies(llama, adapter_for(llama.config), "int4-fit")
+    assert not scaling_applies(llama, adapter_for(llama.config), "int8")
+    assert not scaling_applies(bert, adapter_for(bert.config), "int4")

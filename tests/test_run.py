@@ -42,6 +42,7 @@ def test_run_writes_every_artifact_and_meets_params_budget(saved_llama, calibrat
     args = [saved_llama, "--params", "60000", "--criterion", "magnitude", "--calibration", calibration_file]
     args += ["--targets", "ffn", "--protect-first", "0", "--protect-last", "0"]
     args += ["--runs", "2", "--warmup", "1", "--workload", "prefill=16,decode=4", "--no-recover", "-o", out]
+    args += ["--no-activation-scaling"]  # its probes' methods: tests/test_activation_scaling.py
     result = run(*args)
     assert result.exit_code == 0, result.output
     for name in ("report.json", "report.md", "pareto.png", "search.jsonl", "scores.safetensors"):

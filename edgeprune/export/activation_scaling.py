@@ -183,6 +183,14 @@ def rounded_after_scaling(precision: str) -> bool:
     return recipe is not None and recipe.bits == BITS
 
 
+def scaling_applies(model: nn.Module, adapter: FamilyAdapter, precision: str) -> bool:
+    """Whether `run` folds scales into this model's file at `precision`: a 4-bit file of a family with pre-norm
+    layers and a gated FFN (Llama's); others (BERT's post-norm layers) are rounded as they are."""
+    layer = adapter.layers(model)[0]
+    family_has = adapter.input_norms(layer) is not None and adapter.ffn_plain_input(layer) is not None
+    return rounded_after_scaling(precision) and family_has
+
+
 def activation_scaled(
     model: nn.Module, adapter: FamilyAdapter, windows: torch.Tensor, block_size: int, alphas: tuple[float, ...] = ALPHAS
 ) -> tuple[nn.Module, list[GroupScale]]:
