@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from edgeprune.criteria.activations import record_inputs
 from edgeprune.errors import EdgepruneError
 from edgeprune.models import CAUSAL_LM, FamilyAdapter, LayerWidths, model_kind
 from edgeprune.models.base import head_rows
@@ -459,18 +460,9 @@ def cut_by_obs(
 
 def dense_ffn_grams(model: nn.Module, adapter: FamilyAdapter, calibration: torch.Tensor, batch_size: int = 8):
     """Gram of every layer's FFN activations on the uncut model, one pass over the calibration windows."""
-    grams = [Gram.empty(adapter.ffn_output(layer).in_features) for layer in adapter.layers(model)]
-    handles = [
-        adapter.ffn_output(layer).register_forward_pre_hook(lambda _m, args, g=gram: g.add(args[0]))
-        for layer, gram in zip(adapter.layers(model), grams, strict=True)
-    ]
-    try:
-        with torch.no_grad():
-            for start in range(0, len(calibration), batch_size):
-                model(input_ids=calibration[start : start + batch_size])
-    finally:
-        for handle in handles:
-            handle.remove()
+    outputs = [adapter.ffn_output(layer) for layer in adapter.layers(model)]
+    grams = [Gram.empty(output.in_features) for output in outputs]
+    record_inputs(model, outputs, calibration, batch_size, lambda i, _first, x: grams[i].add(x))
     return grams
 
 

@@ -61,6 +61,31 @@ class ChannelStats:
         return torch.cat(self.samples) if self.samples else torch.empty(0)
 
 
+def record_inputs(
+    model: nn.Module,
+    modules: list[nn.Module],
+    calibration: torch.Tensor,
+    batch_size: int,
+    record: Callable[[int, int, torch.Tensor], None],
+) -> None:
+    """Run the model over the calibration windows in batches; `record(i, first_window, x)` sees the input of
+    `modules[i]` for the batch starting at window `first_window`. The hooks are removed whatever happens."""
+    first = {"window": 0}
+
+    def hook_for(index: int):
+        return lambda _module, args: record(index, first["window"], args[0])
+
+    handles = [module.register_forward_pre_hook(hook_for(i)) for i, module in enumerate(modules)]
+    try:
+        with torch.no_grad():
+            for start in range(0, len(calibration), batch_size):
+                first["window"] = start
+                model(input_ids=calibration[start : start + batch_size])
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def collect_channel_stats(
     model: nn.Module,
     adapter: FamilyAdapter,
@@ -78,26 +103,13 @@ def collect_channel_stats(
     n_seq, seq_len = calibration.shape
     gen = torch.Generator().manual_seed(seed)
     chosen = torch.randperm(n_seq * seq_len, generator=gen)[: min(n_sampled, n_seq * seq_len)].sort().values
-    stats = [ChannelStats() for _ in adapter.layers(model)]
-    offset = {"start": 0}
+    layers = adapter.layers(model)
+    stats = [ChannelStats() for _ in layers]
 
-    def hook_for(i: int):
-        def hook(_module: nn.Module, args: tuple) -> None:
-            rows = args[0].reshape(-1, args[0].shape[-1])
-            lo, hi = offset["start"], offset["start"] + rows.shape[0]
-            local = chosen[(chosen >= lo) & (chosen < hi)] - lo
-            stats[i].add(rows, local)
+    def record(i: int, first_window: int, x: torch.Tensor) -> None:
+        rows = x.reshape(-1, x.shape[-1])
+        lo, hi = first_window * seq_len, first_window * seq_len + rows.shape[0]
+        stats[i].add(rows, chosen[(chosen >= lo) & (chosen < hi)] - lo)
 
-        return hook
-
-    handles = [module_of(layer).register_forward_pre_hook(hook_for(i)) for i, layer in enumerate(adapter.layers(model))]
-    try:
-        with torch.no_grad():
-            for start in range(0, n_seq, batch_size):
-                batch = calibration[start : start + batch_size]
-                offset["start"] = start * seq_len
-                model(input_ids=batch)
-    finally:
-        for handle in handles:
-            handle.remove()
+    record_inputs(model, [module_of(layer) for layer in layers], calibration, batch_size, record)
     return stats

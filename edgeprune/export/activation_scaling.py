@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from edgeprune.criteria.activations import record_inputs
 from edgeprune.errors import EdgepruneError
 from edgeprune.export.bit_allocation import rounding_error
 from edgeprune.export.quantize import WEIGHT_ONLY
@@ -113,22 +114,12 @@ def channel_statistics(
     grams = [torch.zeros(n, n, dtype=torch.float64) for n in width]
     magnitudes = [torch.zeros(n, dtype=torch.float64) for n in width]
 
-    def recorder(index: int):
-        def record(_module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
-            x = inputs[0].detach().reshape(-1, width[index]).float()
-            grams[index].add_(x.T @ x)
-            magnitudes[index].add_(x.abs().sum(0))
+    def record(index: int, _first_window: int, inputs: torch.Tensor) -> None:
+        x = inputs.detach().reshape(-1, width[index]).float()
+        grams[index].add_(x.T @ x)
+        magnitudes[index].add_(x.abs().sum(0))
 
-        return record
-
-    hooks = [group.linears[0].register_forward_pre_hook(recorder(i)) for i, group in enumerate(groups)]
-    try:
-        with torch.no_grad():
-            for start in range(0, len(windows), batch_size):
-                model(input_ids=windows[start : start + batch_size])
-    finally:
-        for hook in hooks:
-            hook.remove()
+    record_inputs(model, [group.linears[0] for group in groups], windows, batch_size, record)
     tokens = windows.numel()
     return [ChannelStats(g.float(), m.float(), tokens) for g, m in zip(grams, magnitudes, strict=True)]
 
