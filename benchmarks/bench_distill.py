@@ -30,7 +30,9 @@ for `run` cuts also `run`'s held-out tail of the packaged text (what `run` repor
 Resumable: finished rows are read back from --out and skipped; a row's training is checkpointed
 every --save-every steps under --work and resumed after a crash. `--thread-scaling STEPS` times
 STEPS optimizer steps of `kd-lora-self` at 1 and 2 threads, alternating (meaningful on an idle
-machine only: it records the load).
+machine only: it records the load). `--wall` makes the budgets wall minutes (with `--threads 2`: the
+issue's "30 minutes on 2 cores"); `--schedule linear --warmup-steps N` decays the learning rate to zero
+over the budget (`RecoveryConfig.schedule`), `--lr` sets the LoRA rows' rate; both name the row.
 
     python benchmarks/bench_distill.py --cut llmpruner20 --cpu-minutes 6 \
         --rows kd-lora-self kd-lora-packaged kd-lora-alpaca lm-lora-alpaca
@@ -60,6 +62,7 @@ from edgeprune.loading import hash_weights, load_model
 from edgeprune.models import adapter_for
 from edgeprune.probes import pruned_copy
 from edgeprune.recover import RecoveryConfig, SelfTextConfig, StepReport, load_recovery_data, recover
+from edgeprune.recover.config import SCHEDULES
 from edgeprune.recover.selftext import SELF_TEXT_FILE, default_data, packaged_head_text
 from edgeprune.run import RunConfig, load_or_score, run_calibration, run_recovery
 from edgeprune.structure import count_parameters
@@ -119,13 +122,25 @@ def save_cuts(dense, tokenizer, adapter, scores, spec, windows, folders: tuple[P
     return info
 
 
-def row_config(row: str, cpu_minutes: float, args: argparse.Namespace) -> tuple[RecoveryConfig, str, bool]:
-    """(training settings, data name, distilled?) of a row name."""
+def row_config(row: str, minutes: float, args: argparse.Namespace) -> tuple[RecoveryConfig, str, bool]:
+    """(training settings, data name, distilled?) of a row name; `minutes` of CPU time, or wall time with --wall."""
     loss, method, data = row.split("-")
-    base = replace(run_recovery(), minutes=None, cpu_minutes=cpu_minutes, save_every=args.save_every)
+    budget = {"minutes": minutes, "cpu_minutes": None} if args.wall else {"minutes": None, "cpu_minutes": minutes}
+    base = replace(run_recovery(), **budget, save_every=args.save_every)
+    base = replace(base, schedule=args.schedule, warmup_steps=args.warmup_steps, lr=args.lr or base.lr)
     if loss == "lm":
         return replace(base, seq_len=256), data, False
     return replace(base, method=method, lr=args.full_lr if method == "full" else base.lr), data, True
+
+
+def row_key(row: str, minutes: float, args: argparse.Namespace) -> str:
+    """The row's name in --out: cut, row, budget, and the settings that differ from `run`'s."""
+    key = f"{args.cut}:{row}@{minutes:g}{'wall' if args.wall else 'cpu'}-min"
+    if args.schedule != "constant":
+        key += f"+{args.schedule}{args.warmup_steps}"
+    if args.lr:
+        key += f"+lr{args.lr:g}"
+    return key + (f"+{args.threads}threads" if args.threads != 1 else "")
 
 
 def self_text(tokenizer, teacher, args: argparse.Namespace) -> Path:
@@ -181,6 +196,7 @@ def run_row(row: str, key: str, cpu_minutes: float, args, dense, tokenizer, wiki
     )
     record = result.record
     entry = {"row": key, "cut": args.cut, "cpu_minutes_budget": cpu_minutes, "recovery": record.as_dict()}
+    entry |= {"wall_budget": args.wall, "threads": args.threads}
     entry |= quality(result.model, wiki, heldout)
     print(
         f"{key}: PPL@128 {entry['ppl128']:.2f} after {record.steps} steps, {record.tokens} tokens, "
@@ -253,7 +269,11 @@ def main() -> None:
     )
     parser.add_argument("--rows", nargs="*", default=["kd-lora-self", "lm-lora-alpaca"])
     parser.add_argument("--cpu-minutes", type=float, nargs="+", default=[6.0], help="one row per budget")
+    parser.add_argument("--wall", action="store_true", help="budgets are wall minutes, not CPU minutes")
     parser.add_argument("--full-lr", type=float, default=1e-4)
+    parser.add_argument("--lr", type=float, help="LoRA rows' learning rate (default: run's)")
+    parser.add_argument("--schedule", choices=SCHEDULES, default="constant", help="learning-rate schedule")
+    parser.add_argument("--warmup-steps", type=int, default=0)
     parser.add_argument("--save-every", type=int, default=25, help="steps between resumable checkpoints")
     parser.add_argument("--ppl-tokens", type=int, default=16384)
     parser.add_argument("--threads", type=int, default=1)
@@ -271,7 +291,7 @@ def main() -> None:
         return thread_scaling(args.thread_scaling, args, dense, tokenizer)
     for cpu_minutes in args.cpu_minutes:
         for row in args.rows:
-            key = f"{args.cut}:{row}@{cpu_minutes:g}cpu-min"
+            key = row_key(row, cpu_minutes, args)
             if any(e.get("row") == key for e in read_results(args.out)):
                 continue
             append_result(args.out, run_row(row, key, cpu_minutes, args, dense, tokenizer, wiki, heldout))

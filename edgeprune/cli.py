@@ -132,6 +132,12 @@ def recovery_methods() -> str:
     return "|".join(METHODS)
 
 
+def recovery_schedules() -> str:
+    from edgeprune.recover.config import SCHEDULES
+
+    return "|".join(SCHEDULES)
+
+
 def recovery_precisions() -> str:
     from edgeprune.recover.config import PRECISIONS as TRAINING_PRECISIONS
 
@@ -624,6 +630,14 @@ def inspect(model: str | None, as_json: bool) -> None:
 @click.option("--rank", type=int, cls=ConfigDefault, config=RECOVERY, help="LoRA rank")
 @click.option("--alpha", type=int, cls=ConfigDefault, config=RECOVERY, help="LoRA alpha")
 @click.option("--lr", type=float, cls=ConfigDefault, config=RECOVERY, help="AdamW learning rate")
+@click.option(
+    "--schedule",
+    cls=ConfigDefault,
+    config=RECOVERY,
+    choices=recovery_schedules,
+    help="learning rate: constant, or linear (warm up, then decay to zero as the budget runs out)",
+)
+@click.option("--warmup-steps", type=int, cls=ConfigDefault, config=RECOVERY, help="steps of linear warm-up")
 @click.option(
     "--precision",
     cls=ConfigDefault,

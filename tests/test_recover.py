@@ -167,6 +167,20 @@ def test_cpu_minutes_cap_stops_training_and_counts_its_tokens(llama, tokenizer, 
     assert record.tokens == config.batch_size * config.grad_accum * config.seq_len  # full windows, no padding
 
 
+def test_linear_schedule_warms_up_then_decays_to_zero_with_the_budget():
+    config = RecoveryConfig(lr=1e-3, schedule="linear", warmup_steps=4, steps=100, minutes=10)
+    assert config.budget_spent(50, 0.0, 0.0, total=100) == 0.5
+    assert config.budget_spent(10, 450.0, 0.0, total=100) == 0.75  # the wall clock is ahead of the steps
+    assert config.budget_spent(10, 900.0, 0.0, total=100) == 1.0
+    assert config.learning_rate(0, 0.0) == pytest.approx(2.5e-4)  # first of 4 warm-up steps
+    assert config.learning_rate(3, 0.0) == pytest.approx(1e-3)
+    assert config.learning_rate(60, 0.75) == pytest.approx(2.5e-4)
+    assert config.learning_rate(99, 1.0) == 0.0
+    assert replace(config, schedule="constant").learning_rate(99, 0.9) == 1e-3
+    with pytest.raises(EdgepruneError, match="--schedule cosine"):
+        RecoveryConfig(schedule="cosine")
+
+
 def test_recover_model_updates_the_model_in_place(llama, tokenizer, pattern_text, token_ids, tmp_path):
     prune_non_uniform(llama)
     with torch.no_grad():
@@ -318,6 +332,7 @@ class Interrupt(Exception):
 def test_resume_continues_from_saved_step(pruned_dir, pattern_text, tmp_path):
     """In float32; the distillation resume test runs bfloat16 steps (both deterministic on a CPU)."""
     config = RecoveryConfig(steps=6, save_every=2, precision="float32", **{**FAST, "eval_every": 3})
+    config = replace(config, schedule="linear", warmup_steps=2)  # the rate is a function of the saved state
     full = recover_folder(str(pruned_dir), str(pattern_text), tmp_path / "full", config)
 
     def stop_at_3(report):

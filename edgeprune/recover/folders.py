@@ -29,7 +29,8 @@ def work_dir_for(out: Path) -> Path:
     return out.with_name(f".{out.name}.recover")
 
 
-SIGNATURE_BEFORE = {"precision": "float32"}  # fields added since: what runs written before them did
+# fields added since: what runs written before them did
+SIGNATURE_BEFORE = {"precision": "float32", "schedule": "constant", "warmup_steps": 0}
 
 
 def run_signature(

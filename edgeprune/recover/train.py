@@ -186,6 +186,9 @@ def recover(
     started, cpu_started = time.monotonic() - state.seconds, time.process_time() - state.cpu_seconds
     session_start, session_tokens, teacher_before = time.monotonic(), 0, objective.teacher_seconds
     while total is None or state.step < total:
+        spent = config.budget_spent(state.step, state.seconds, state.cpu_seconds, total)
+        for group in optimizer.param_groups:
+            group["lr"] = config.learning_rate(state.step, spent)
         losses, step_tokens = [], 0
         for micro in range(config.grad_accum):
             index = step_indices(
