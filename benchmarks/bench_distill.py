@@ -30,7 +30,9 @@ for `run` cuts also `run`'s held-out tail of the packaged text (what `run` repor
 Resumable: finished rows are read back from --out and skipped; a row's training is checkpointed
 every --save-every steps under --work and resumed after a crash. `--thread-scaling STEPS` times
 STEPS optimizer steps of `kd-lora-self` at 1 and 2 threads, alternating (meaningful on an idle
-machine only: it records the load). `--wall` makes the budgets wall minutes (with `--threads 2`: the
+machine only: it records the load). `--score DIR` scores a folder `edgeprune recover` wrote from the cut
+(e.g. data-parallel under `torchrun --nproc_per_node 2 -m edgeprune.cli recover ...`) with its recovery record,
+then prints the table. `--wall` makes the budgets wall minutes (with `--threads 2`: the
 issue's "30 minutes on 2 cores"); `--schedule linear --warmup-steps N` decays the learning rate to zero
 over the budget (`RecoveryConfig.schedule`), `--lr` sets the LoRA rows' rate; both name the row.
 
@@ -55,7 +57,7 @@ from bench_llmpruner import CALIBRATION, sparsity_for_total
 from bench_llmpruner import spec as llmpruner_spec
 
 from edgeprune.calibration import calibration_batch, disjoint_windows, load_text, tokenize_text
-from edgeprune.checkpoint import load_pruned, save_pruned
+from edgeprune.checkpoint import load_pruned, read_provenance, save_pruned
 from edgeprune.criteria import ScoringInputs, score_groups
 from edgeprune.evaluate import perplexity
 from edgeprune.loading import hash_weights, load_model
@@ -206,6 +208,16 @@ def run_row(row: str, key: str, cpu_minutes: float, args, dense, tokenizer, wiki
     return entry
 
 
+def score_folder(folder: Path, args, wiki: torch.Tensor) -> dict:
+    """A model `edgeprune recover` wrote from the cut (e.g. under `torchrun`): its quality and recovery record."""
+    record = read_provenance(folder)["recovery"]
+    config = record["config"]
+    budget = config["minutes"] or config["cpu_minutes"] or 0  # 0: a step budget
+    entry = {"row": f"{args.cut}:{folder.name}", "cut": args.cut, "cpu_minutes_budget": budget, "recovery": record}
+    entry |= {"wall_budget": config["minutes"] is not None, "processes": record["processes"], "cli": True}
+    return entry | quality(load_pruned(folder)[0], wiki, None)
+
+
 def thread_scaling(steps: int, args, dense, tokenizer) -> None:
     """Wall and CPU time of `steps` kd-lora-self steps at 1 and 2 threads, alternating twice."""
     config = replace(run_recovery(), minutes=None, steps=steps, eval_every=10**6)
@@ -278,6 +290,7 @@ def main() -> None:
     parser.add_argument("--ppl-tokens", type=int, default=16384)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--thread-scaling", type=int, metavar="STEPS", help="time 1 vs 2 threads instead")
+    parser.add_argument("--score", type=Path, metavar="DIR", help="score a folder `edgeprune recover` made instead")
     parser.add_argument("--work", type=Path, default=OUT / "distill")
     parser.add_argument("--out", type=Path, default=OUT / "bench_distill.json")
     args = parser.parse_args()
@@ -289,6 +302,9 @@ def main() -> None:
     reference(args, dense, tokenizer, wiki, heldout)
     if args.thread_scaling:
         return thread_scaling(args.thread_scaling, args, dense, tokenizer)
+    if args.score:
+        append_result(args.out, score_folder(args.score, args, wiki))
+        return print_table(read_results(args.out), args.cut)
     for cpu_minutes in args.cpu_minutes:
         for row in args.rows:
             key = row_key(row, cpu_minutes, args)
