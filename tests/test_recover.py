@@ -386,6 +386,7 @@ def test_two_process_accelerate_run(pruned_dir, pattern_text, tmp_path):
     ]
     cmd += ["-m", "edgeprune.cli", "recover", str(pruned_dir), "--data", str(pattern_text), "--steps", "6"]
     cmd += ["--seq-len", "32", "--val-size", "8", "--eval-every", "3", "--lr", "1e-2", "-o", str(out)]
+    cmd += ["--schedule", "linear", "--warmup-steps", "2", "--minutes", "60"]  # one rate from two clocks: a collective
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "EDGEPRUNE_CACHE": str(tmp_path / "cache")}  # not the user's
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

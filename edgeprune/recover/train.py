@@ -187,6 +187,8 @@ def recover(
     session_start, session_tokens, teacher_before = time.monotonic(), 0, objective.teacher_seconds
     while total is None or state.step < total:
         spent = config.budget_spent(state.step, state.seconds, state.cpu_seconds, total)
+        if config.schedule != "constant":  # every process steps at one rate: the clocks differ, take the latest
+            spent = float(accelerator.reduce(torch.tensor(spent, device=accelerator.device), "max"))
         for group in optimizer.param_groups:
             group["lr"] = config.learning_rate(state.step, spent)
         losses, step_tokens = [], 0
