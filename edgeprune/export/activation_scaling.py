@@ -144,14 +144,16 @@ def search_scale(
     readers = torch.zeros(sources).index_add_(0, group.channels, torch.ones(len(group.channels)))
     magnitude = torch.zeros(sources).index_add_(0, group.channels, stats.magnitude / stats.tokens) / readers
     magnitude = magnitude.clamp(min=MIN_MAGNITUDE)
-    tried = []
-    for alpha in alphas:
+
+    def tried_at(alpha: float) -> tuple[float, torch.Tensor]:
         scale = magnitude.pow(alpha)
         scale = scale / (scale.max() * scale.min()).sqrt()
-        tried.append((output_error(weight, stats.gram, scale[group.channels], block_size), alpha, scale))
-    plain = output_error(weight, stats.gram, torch.ones(len(group.channels)), block_size)
-    error, alpha, scale = min(tried, key=lambda entry: entry[0])
-    return GroupScale(group.layer, group.name, alpha, error / stats.tokens, plain / stats.tokens, scale)
+        return output_error(weight, stats.gram, scale[group.channels], block_size), scale
+
+    tried = {alpha: tried_at(alpha) for alpha in dict.fromkeys((*alphas, 0.0))}  # alpha 0: all ones, plain rounding
+    alpha = min(alphas, key=lambda a: tried[a][0])
+    error, scale = tried[alpha]
+    return GroupScale(group.layer, group.name, alpha, error / stats.tokens, tried[0.0][0] / stats.tokens, scale)
 
 
 def fold_scale(group: ScaleGroup, scale: torch.Tensor) -> None:
