@@ -24,7 +24,7 @@ from edgeprune.criteria import GroupScores
 from edgeprune.devices.profiler import Profiler, ProfileResult
 from edgeprune.errors import EdgepruneError
 from edgeprune.evaluate.divergence import Divergence, heldout_divergence
-from edgeprune.export.activation_scaling import activation_scaled, scaling_applies
+from edgeprune.export.activation_scaling import GroupScale, choose_scales, scaling_applies, with_scales
 from edgeprune.export.bit_allocation import (
     FIT_FILL,
     FIT_WINDOWS,
@@ -146,6 +146,7 @@ class ProbeRunner:
         # int4-fit's, measured once on dense; also for scaled files (a list chosen on the scaled model's own was
         # as good: benchmarks/RESULTS.md, "Activation-aware scaling")
         self.sensitivity: dict[tuple[int, str], Sensitivity] | None = None
+        self.scales: dict[float, list[GroupScale]] = {}  # activation-aware scales chosen per cut, by sparsity
 
     def projection_sensitivity(self) -> dict[tuple[int, str], Sensitivity]:
         if self.sensitivity is None:
@@ -239,7 +240,7 @@ class ProbeRunner:
         folder = self.work / f"s{sparsity:.3f}"
         try:
             fp32, method = self.fp32_probe(model, keep, folder)
-            made = {p: self.quantized(model, fp32, method, p, folder) for p in precisions}
+            made = {p: self.quantized(model, sparsity, fp32, method, p, folder) for p in precisions}
             # alternate with the dense model so machine drift cancels out of the ratios
             files = [q.file for q in made.values()]
             comparisons = self.profiler.compare_all(files, self.dense_onnx(), self.cfg.workload)
@@ -259,28 +260,36 @@ class ProbeRunner:
         finally:
             shutil.rmtree(folder, ignore_errors=True)
 
-    def quantized(self, model: nn.Module, fp32: Path, method: str, precision: str, folder: Path) -> Quantized:
+    def quantized(
+        self, model: nn.Module, sparsity: float, fp32: Path, method: str, precision: str, folder: Path
+    ) -> Quantized:
         """The fp32 probe at `precision` (with --activation-scaling, a 4-bit one from the scaled export), and why
         the final export would refuse it."""
         if precision == "fp32":
             return Quantized(fp32, method)
         folder.mkdir(parents=True, exist_ok=True)
         if self.cfg.activation_scaling and scaling_applies(model, self.adapter, precision):
-            fp32, method = self.scaled_fp32(model, folder), f"{method} + activation scaling"
+            fp32, method = self.scaled_fp32(model, sparsity, folder), f"{method} + activation scaling"
         block = self.cfg.block_size
         eight_bit = self.fitted_eight_bit(fp32, folder) if precision in FITTED_PRECISIONS else None
         file = quantize_model(fp32, folder / f"model.{precision}.onnx", precision, block, eight_bit)
         refused = quantization_refusal(model, self.loaded.tokenizer, file, precision)
         return Quantized(file, f"{method} + {precision}", refused, eight_bit)
 
-    def scaled_fp32(self, model: nn.Module, folder: Path) -> Path:
+    def scaled_fp32(self, model: nn.Module, sparsity: float, folder: Path) -> Path:
         """The probe's model with activation-aware scales folded in, exported in full (its norms change too, which
         a probe written into the dense graph keeps); once per probe folder, for all its 4-bit precisions."""
         file = folder / "scaled" / MODEL_FILE
         if not file.is_file():
-            scaled, _ = activation_scaled(model, self.adapter, self.calib.windows, self.cfg.block_size)
-            self.export(scaled, file.parent)
+            self.export(self.scaled(model, sparsity), file.parent)
         return file
+
+    def scaled(self, model: nn.Module, sparsity: float) -> nn.Module:
+        """A copy of the cut at `sparsity` with activation-aware scales folded in, chosen once per cut (about a
+        minute on the default decoder): the final export of an untrained cut folds the probe's own."""
+        if sparsity not in self.scales:
+            self.scales[sparsity] = choose_scales(model, self.adapter, self.calib.windows, self.cfg.block_size)
+        return with_scales(model, self.adapter, self.scales[sparsity])
 
     def fitted_eight_bit(self, fp32: Path, folder: Path) -> tuple[str, ...]:
         """int4-fit's 8-bit MatMuls for this file: most loss saved per byte until the size budget is full."""

@@ -45,7 +45,7 @@ from edgeprune.devices.profiler import Profiler, Workload, profiler_for
 from edgeprune.devices.profiles import get_device
 from edgeprune.devices.target import quality_on_target
 from edgeprune.errors import EdgepruneError
-from edgeprune.export.activation_scaling import activation_scaled, scaling_applies
+from edgeprune.export.activation_scaling import scaling_applies
 from edgeprune.export.exporter import export_model
 from edgeprune.export.fused import FfnBytes, cut_file_megabytes
 from edgeprune.export.quantize import BLOCK_SIZE
@@ -407,6 +407,7 @@ def finish(inputs: FinishInputs, search: SearchResult, say: Callable[[str], None
             heldout=inputs.calib.heldout,
             eval_seq_len=cfg.eval_seq_len,
         ).record.as_dict()
+        inputs.runner.scales.pop(best.sparsity, None)  # trained weights: the probe's scales no longer fit them
     if best.sparsity > 0:  # an unpruned candidate's PyTorch model is the input itself
         provenance = {
             "source": loaded.source,
@@ -420,7 +421,7 @@ def finish(inputs: FinishInputs, search: SearchResult, say: Callable[[str], None
     say(f"exporting and verifying the final model ({best.precision})")
     shipped = inputs.out / "onnx"
     exported = export_model(
-        shipped_weights(final, best.precision, inputs),
+        shipped_weights(final, best, inputs),
         loaded.tokenizer,
         shipped,
         quantize=best.precision,
@@ -473,13 +474,13 @@ def finish(inputs: FinishInputs, search: SearchResult, say: Callable[[str], None
     return result
 
 
-def shipped_weights(final: nn.Module, precision: str, inputs: FinishInputs) -> nn.Module:
+def shipped_weights(final: nn.Module, best: Probe, inputs: FinishInputs) -> nn.Module:
     """The final model as its file is built from: with --activation-scaling and a 4-bit precision, a copy with the
-    scales folded in (chosen as the probes chose them; the same function in float, so verified against it)."""
-    if not (inputs.cfg.activation_scaling and scaling_applies(final, inputs.adapter, precision)):
+    scales folded in (the winning probe's own when the weights were not trained since; the same function in
+    float, so verified against it)."""
+    if not (inputs.cfg.activation_scaling and scaling_applies(final, inputs.adapter, best.precision)):
         return final
-    scaled, _ = activation_scaled(final, inputs.adapter, inputs.calib.windows, inputs.cfg.block_size)
-    return scaled
+    return inputs.runner.scaled(final, best.sparsity)
 
 
 def check_budget(budget: Budget, final: Probe, dense: Probe) -> BudgetCheck:

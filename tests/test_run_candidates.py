@@ -12,6 +12,7 @@ import pytest
 from edgeprune.budget import AUTO_PRECISIONS, Budget
 from edgeprune.devices.profiler import Comparison, ProfileResult, Stats, Workload
 from edgeprune.errors import EdgepruneError
+from edgeprune.export import activation_scaling
 from edgeprune.report import budget_lines, probe_speedup
 from edgeprune.run import RunConfig, run_job
 from edgeprune.runtime import onnx_bytes
@@ -193,7 +194,9 @@ def test_a_size_budget_is_met_by_the_first_cut_probe_aimed_from_the_unpruned_fil
     assert result.met and result.final["onnx_mb"] <= cuts[0]["onnx_mb"] and result.final["precision"] == "int8"
 
 
-def test_int4_fit_fills_the_size_budget_with_the_eight_bit_projections_it_chose(tmp_path, calibration_file):
+def test_int4_fit_fills_the_size_budget_with_the_eight_bit_projections_it_chose(
+    tmp_path, calibration_file, monkeypatch
+):
     """Between the int4 and int8 files: the shipped int4-fit keeps exactly the probe's 8-bit list, fits the budget,
     and spends most of the room int4 left (the fused graph: q/k/v packed in one MatMul)."""
     pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai not installed (export --fused needs it)")
@@ -210,8 +213,12 @@ def test_int4_fit_fills_the_size_budget_with_the_eight_bit_projections_it_chose(
         sizes[precision] = whole.final["onnx_mb"]
     limit = (sizes["int4"] + sizes["int8"]) / 2
     out = tmp_path / "run"
+    chosen_for = []  # the activation-aware scales are chosen once per cut: the final export folds the probe's
+    measure = activation_scaling.channel_statistics
+    monkeypatch.setattr(activation_scaling, "channel_statistics", lambda m, *a: chosen_for.append(m) or measure(m, *a))
     result = run(folder, calibration_file, out, [Budget("memory_mb", limit)], precision="int4-fit")
     assert result.met and result.final["sparsity"] == 0 and result.final["precision"] == "int4-fit"
+    assert len(chosen_for) == len({p["sparsity"] for p in result.probes})
     chosen = next(p for p in result.probes if p["precision"] == "int4-fit")["extra"]["eight_bit"]
     graph = onnx.load(str(out / "onnx" / "model.onnx")).graph
     wide = [n for n in graph.node if n.op_type == "MatMulNBits" and n.input[1].endswith("_Q8")]

@@ -184,18 +184,27 @@ def scaling_applies(model: nn.Module, adapter: FamilyAdapter, precision: str) ->
     return rounded_after_scaling(precision) and family_has
 
 
-def activation_scaled(
+def choose_scales(
     model: nn.Module, adapter: FamilyAdapter, windows: torch.Tensor, block_size: int, alphas: tuple[float, ...] = ALPHAS
-) -> tuple[nn.Module, list[GroupScale]]:
-    """A copy of `model` with every group's chosen scale folded in, and the choices.
-
-    All scales are chosen on the unscaled weights and activations (each group's search sees the weights it will
-    scale, not another group's fold into them), then folded into the copy; `model` is left as it was.
-    """
+) -> list[GroupScale]:
+    """Every group's scale, each chosen on the unscaled weights and activations (a group's search sees the weights
+    it will scale, not another group's fold into them)."""
     groups = scale_groups(model, adapter)
     stats = channel_statistics(model, groups, windows)
-    chosen = [search_scale(group, stats[i], block_size, alphas) for i, group in enumerate(groups)]
+    return [search_scale(group, stats[i], block_size, alphas) for i, group in enumerate(groups)]
+
+
+def with_scales(model: nn.Module, adapter: FamilyAdapter, chosen: list[GroupScale]) -> nn.Module:
+    """A copy of `model` with the chosen scales folded in; `model` is left as it was."""
     scaled = copy.deepcopy(model)
     for group, choice in zip(scale_groups(scaled, adapter), chosen, strict=True):
         fold_scale(group, choice.scale)
-    return scaled, chosen
+    return scaled
+
+
+def activation_scaled(
+    model: nn.Module, adapter: FamilyAdapter, windows: torch.Tensor, block_size: int, alphas: tuple[float, ...] = ALPHAS
+) -> tuple[nn.Module, list[GroupScale]]:
+    """A copy of `model` with every group's chosen scale folded in, and the choices."""
+    chosen = choose_scales(model, adapter, windows, block_size, alphas)
+    return with_scales(model, adapter, chosen), chosen
