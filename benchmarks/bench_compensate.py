@@ -35,7 +35,13 @@ import torch
 from bench_common import append_result, criterion_and_options, data_dir, read_results, wikitext_test_tokens
 
 from edgeprune.calibration import calibration_batch, disjoint_windows, load_text, tokenize_text
-from edgeprune.compensate import CompensateOptions, allocate_by_errors, cut_and_compensate, cut_by_obs
+from edgeprune.compensate import (
+    REFIT_TARGETS,
+    CompensateOptions,
+    allocate_by_errors,
+    cut_and_compensate,
+    cut_by_obs,
+)
 from edgeprune.criteria import GroupScores, ScoringInputs, score_groups
 from edgeprune.evaluate import perplexity
 from edgeprune.loading import load_model
@@ -82,7 +88,9 @@ def split_scores(criterion: str, model, adapter, tokenizer, valid: Path) -> Grou
 
 
 def done(path: Path, key: dict) -> bool:
-    return any(all(e.get(k) == v for k, v in key.items()) for e in read_results(path))
+    """A row with this key exists (a row without `target` was re-fit to each layer's output, the first target)."""
+    wanted = {"target": "layer", **key}
+    return any(all({"target": "layer", **e}.get(k) == v for k, v in wanted.items()) for e in read_results(path))
 
 
 def main() -> None:
@@ -92,6 +100,7 @@ def main() -> None:
     parser.add_argument("--methods", default="obs,ls,none")
     parser.add_argument("--calib-samples", type=int, default=64, help="windows of 128 tokens for the re-fit")
     parser.add_argument("--damping", type=float, help="re-fit at this damping on all windows, unchecked")
+    parser.add_argument("--target", choices=REFIT_TARGETS, default="layer", help="what each re-fit rebuilds")
     parser.add_argument("--ppl-tokens", type=int, default=16384)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=OUT)
@@ -105,7 +114,11 @@ def main() -> None:
     test = wikitext_test_tokens(tokenizer, args.ppl_tokens)
     refit_calib = disjoint_windows(tokenize_text(tokenizer, load_text(valid)), 128, args.calib_samples)
     base = {"ppl_tokens": len(test), "calib_samples": args.calib_samples, "damping": args.damping}
-    options = CompensateOptions() if args.damping is None else CompensateOptions((args.damping,), check_fraction=0.0)
+    if args.target != "layer":  # rows of the layer target (the first ones) keep their keys
+        base["target"] = args.target
+    options = CompensateOptions(target=args.target)
+    if args.damping is not None:
+        options = CompensateOptions((args.damping,), check_fraction=0.0, target=args.target)
 
     def evaluate(m) -> tuple[float, float]:
         start = time.perf_counter()
@@ -165,7 +178,7 @@ def main() -> None:
                     "ppl128": ppl,
                     "score_seconds": None if method in ("obs", "alloc") else score_seconds,
                     "score_cpu_seconds": None if method in ("obs", "alloc") else score_cpu,
-                    "choices": [(c.layer, c.kind, c.damping) for c in choices],
+                    "choices": [(c.layer, c.kind, c.damping, c.target) for c in choices],
                     "cut_seconds": cut_seconds,
                     "cut_cpu_seconds": cut_cpu,
                     "eval_seconds": eval_seconds,

@@ -14,6 +14,7 @@ cut is scored too):
 - `llmpruner20-fluctuation`: the same cut size and groups scored by fluctuation on 32 windows of validation
   (the best training-free criterion there, 1.47x dense after the re-fit: RESULTS, issue 13's goals);
   `llmpruner20-fluctuation-256`: re-fit on 256 disjoint windows of validation instead (1.40x there);
+  `llmpruner20-stream-256`: the same, the re-fit rebuilding the dense model's residual stream (1.37x);
 - `run<NN>`: the default `run` job's kind of cut: `run`'s criterion (fluctuation) on its 32
   calibration windows of the packaged text, FFN neurons of layers 1..28, NN% of them, re-fit on the
   same windows (`probes.pruned_copy`).
@@ -79,16 +80,18 @@ def cut_folders(cut: str, work: Path) -> tuple[Path, Path]:
     return work / cut / "plain", work / cut / "refit"
 
 
-LLMPRUNER_CUTS = {  # cut name: (criterion, re-fit windows: 0 = REFIT_SAMPLES random ones, N = N disjoint ones)
-    "llmpruner20": ("taylor", 0),
-    "llmpruner20-fluctuation": ("fluctuation", 0),
-    "llmpruner20-fluctuation-256": ("fluctuation", 256),
+LLMPRUNER_CUTS = {  # cut name: (criterion, re-fit windows: 0 = REFIT_SAMPLES random ones, N = N disjoint ones,
+    # what the re-fit rebuilds: each projection's output, or the dense model's residual stream)
+    "llmpruner20": ("taylor", 0, "layer"),
+    "llmpruner20-fluctuation": ("fluctuation", 0, "layer"),
+    "llmpruner20-fluctuation-256": ("fluctuation", 256, "layer"),
+    "llmpruner20-stream-256": ("fluctuation", 256, "stream"),
 }
 
 
 def make_llmpruner_cut(cut: str, dense, tokenizer, work: Path) -> dict:
     """LLM-Pruner's 20% cut scored by the cut's criterion, saved plain and re-fit; returns what was done."""
-    criterion, windows = LLMPRUNER_CUTS[cut]
+    criterion, windows, target = LLMPRUNER_CUTS[cut]
     adapter = adapter_for(dense.config)
     valid = data_dir() / "wikitext-2-raw" / "wiki.valid.raw"
     calib = calibration_batch(tokenizer, valid, CALIBRATION.get(criterion, 32), 128, seed=0)
@@ -98,7 +101,7 @@ def make_llmpruner_cut(cut: str, dense, tokenizer, work: Path) -> dict:
         refit_windows = disjoint_windows(tokenize_text(tokenizer, load_text(valid)), 128, windows)
     else:
         refit_windows = calibration_batch(tokenizer, valid, REFIT_SAMPLES, 128, seed=0)
-    return save_cuts(dense, tokenizer, adapter, scores, spec, refit_windows, cut_folders(cut, work))
+    return save_cuts(dense, tokenizer, adapter, scores, spec, refit_windows, cut_folders(cut, work), target)
 
 
 def make_run_cut(cut: str, dense, tokenizer, work: Path) -> dict:
@@ -111,13 +114,13 @@ def make_run_cut(cut: str, dense, tokenizer, work: Path) -> dict:
     return save_cuts(dense, tokenizer, adapter, scores, spec, calib.windows, cut_folders(cut, work))
 
 
-def save_cuts(dense, tokenizer, adapter, scores, spec, windows, folders: tuple[Path, Path]) -> dict:
-    """Cut a copy of `dense` plain and another re-fit on `windows`; save both."""
-    info = {"sparsity": spec.sparsity, "targets": list(spec.targets)}
+def save_cuts(dense, tokenizer, adapter, scores, spec, windows, folders: tuple[Path, Path], target="auto") -> dict:
+    """Cut a copy of `dense` plain and another re-fit on `windows` (to `target`); save both."""
+    info = {"sparsity": spec.sparsity, "targets": list(spec.targets), "refit_target": target}
     info["protect"] = [spec.protect_first, spec.protect_last]
     for folder, calibration in zip(folders, (None, windows), strict=True):
         started = time.process_time()
-        model, _ = pruned_copy(dense, adapter, scores, spec, calibration)
+        model, _ = pruned_copy(dense, adapter, scores, spec, calibration, target)
         cpu = time.process_time() - started
         info |= {"params": count_parameters(model), f"{folder.name}_cpu_seconds": round(cpu, 1)}
         save_pruned(model, tokenizer, folder, {"benchmark": "bench_distill.py", **info}, overwrite=True)

@@ -386,6 +386,14 @@ def prune_whole_layers(
     help="scores: keep the criterion's best groups; obs: remove the groups the re-fit rebuilds best",
 )
 @click.option(
+    "--refit-target",
+    type=OwnedChoice("edgeprune.compensate:REFIT_TARGETS"),
+    default="auto",
+    show_default=True,
+    help="layer: rebuild each projection's own output; stream: the dense model's residual stream, undoing the "
+    "earlier cuts' drift (auto: once the text gives enough re-fit windows not to fit its noise)",
+)
+@click.option(
     "--bias-compensation",
     is_flag=True,
     help="also fit a bias (adds one to Llama projections); with --no-compensate: FLAP's mean compensation",
@@ -415,6 +423,7 @@ def prune(
     layer_measure: str,
     compensate: bool,
     selection: str,
+    refit_target: str,
     bias_compensation: bool,
     tokenizer: str | None,
     output: Path,
@@ -483,12 +492,13 @@ def prune(
         import torch
 
         from edgeprune.calibration import REFIT_WINDOWS, disjoint_windows
-        from edgeprune.compensate import CompensateOptions, allocate_by_errors, compensated_cut
+        from edgeprune.compensate import CompensateOptions, allocate_by_errors, compensated_cut, resolved_target
         from edgeprune.structure import select_keep
 
         # prune measures no held-out text: the re-fit reads non-overlapping windows of all of it
         batch = disjoint_windows(torch.cat([text.head, text.heldout]), calib.seq_len, REFIT_WINDOWS)
-        options = CompensateOptions(add_bias=bias_compensation)
+        refit_target = resolved_target(refit_target, len(batch), adapter, adapter.layers(loaded.model)[0])
+        options = CompensateOptions(add_bias=bias_compensation, target=refit_target)
 
         def cut(model, adapter, keep, plan):
             if allocation == ERRORS_ALLOCATION:
@@ -508,7 +518,7 @@ def prune(
         "seed": seed,
         "calibration": {"source": calibration or "packaged", "samples": calib_samples, "seq_len": calib.seq_len},
         "bias_compensation": bias_compensation,
-        "compensation": {"selection": selection} if compensate else None,
+        "compensation": {"selection": selection, "target": refit_target} if compensate else None,
         "spec": {**spec.__dict__, "targets": list(spec.targets), "prune_kv_heads": prune_kv_heads},
         "params_before": summary.params_before,
         "params_after": summary.params_after,
@@ -1074,6 +1084,13 @@ def budgets_from_options(model: str | None, latency_ms, speedup, memory_mb, peak
 )
 @click.option("--targets", cls=ConfigDefault, config=RUN, help="groups to cut: ffn, heads or both")
 @click.option("--allocation", cls=ConfigDefault, config=RUN, help="uniform per layer, or global ranking")
+@click.option(
+    "--refit-target",
+    type=OwnedChoice("edgeprune.compensate:REFIT_TARGETS"),
+    cls=ConfigDefault,
+    config=RUN,
+    help="what each cut's re-fit rebuilds: layer, stream (the dense model's residual stream), auto",
+)
 @click.option("--protect-first", type=int, cls=ConfigDefault, config=RUN, help="leave the first K layers whole")
 @click.option("--protect-last", type=int, cls=ConfigDefault, config=RUN, help="leave the last K layers whole")
 @click.option(

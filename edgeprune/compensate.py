@@ -13,6 +13,12 @@ compensation is the case of no kept column). Layers are processed in order, each
 outputs of the already cut layers before it (SparseGPT/SlimGPT), from cached layer inputs: the whole
 model runs about twice over the calibration windows, whatever the number of layers.
 
+The stream target: in a pre-norm layer each output projection adds straight into the residual stream, so with
+the dense model run beside the cut one (each layer before it is cut), T = the dense stream after the projection's
+add − the cut model's stream before it, and C = AᵀT replaces G Wᵀ above: the re-fit also undoes the drift the
+earlier cuts left. It has more to fit than the layer's own output, so it needs more text; the check judges
+it against the own-output re-fits on held-back windows.
+
 OBS selection (SlimGPT's structured OBS): removing column j with the best re-fit of the others costs
 ‖w_j‖² / [G⁻¹]_jj (a head: tr(W_S [G⁻¹]_SS⁻¹ W_Sᵀ) over its block S); the cheapest groups go in
 batches, W and G⁻¹ updated after each batch.
@@ -37,6 +43,12 @@ from edgeprune.structure import ALLOCATIONS, LayerKeep, record_widths
 CUT_SELECTIONS = ("scores", "obs")
 ERRORS_ALLOCATION = "errors"  # FFN widths where the re-fit error is smallest (allocate_by_errors)
 CUT_ALLOCATIONS = (*ALLOCATIONS, ERRORS_ALLOCATION)  # what `prune --allocation` accepts
+# What each re-fit rebuilds from the cut model's activations: the projection's own output on them ("layer"), or
+# what brings the residual stream back to the dense model's ("stream", pre-norm families). "auto": the stream
+# from STREAM_MIN_WINDOWS re-fit windows on, below that the stream target fits the calibration text's noise
+# (benchmarks/RESULTS.md, "Re-fit to the dense model's residual stream").
+REFIT_TARGETS = ("auto", "layer", "stream")
+STREAM_MIN_WINDOWS = 128
 
 
 @dataclass(frozen=True)
@@ -58,8 +70,11 @@ class CompensateOptions:
     batch_size: int = 8
     obs_batch: int = 32  # FFN columns removed per OBS step (heads: one at a time)
     allocation_batch: int = 128  # per step of each layer's error curve in `allocate_by_errors` (only its shape counts)
+    target: str = "auto"  # REFIT_TARGETS; "stream" needs a pre-norm family (others re-fit to the layer's output)
 
     def __post_init__(self) -> None:
+        if self.target not in REFIT_TARGETS:
+            raise EdgepruneError(f"unknown re-fit target '{self.target}': choose from {', '.join(REFIT_TARGETS)}")
         if not self.dampings or min(self.dampings) < 0:
             raise EdgepruneError(f"re-fit dampings {self.dampings} must be one or more non-negative numbers")
         if not 0.0 <= self.check_fraction < 1.0:
@@ -75,6 +90,7 @@ class RefitChoice:
     damping: float | None
     check_error: float  # the winner's output error on the check windows, relative to the output's energy there
     plain_error: float  # the plain cut's, on the same windows
+    target: str | None = None  # the target the winning re-fit was fitted to (None: the plain cut won)
 
 
 @dataclass
@@ -90,21 +106,34 @@ class Compensation:
 
 @dataclass
 class Gram:
-    """AᵀA, the column sums and the row count of a projection's input, in float64."""
+    """AᵀA, the column sums and the row count of a projection's input, in float64; with targets T (the output
+    the re-fit should rebuild, when it is not the projection's own A Wᵀ) also AᵀT, T's column sums and ‖T‖²."""
 
     xtx: torch.Tensor
     total: torch.Tensor
     count: int = 0
+    xty: torch.Tensor | None = None
+    target_total: torch.Tensor | None = None
+    target_energy: float = 0.0
 
     @classmethod
     def empty(cls, width: int) -> Gram:
         return cls(torch.zeros(width, width, dtype=torch.float64), torch.zeros(width, dtype=torch.float64))
 
-    def add(self, rows: torch.Tensor) -> None:
+    def add(self, rows: torch.Tensor, targets: torch.Tensor | None = None) -> None:
         rows = rows.detach().reshape(-1, rows.shape[-1]).double()
         self.xtx.addmm_(rows.T, rows)
         self.total += rows.sum(0)
         self.count += rows.shape[0]
+        if targets is None:
+            return
+        targets = targets.detach().reshape(-1, targets.shape[-1]).double()
+        if self.xty is None:
+            self.xty = torch.zeros(rows.shape[1], targets.shape[1], dtype=torch.float64)
+            self.target_total = torch.zeros(targets.shape[1], dtype=torch.float64)
+        self.xty.addmm_(rows.T, targets)
+        self.target_total += targets.sum(0)
+        self.target_energy += float(targets.square().sum())
 
     def augmented(self, with_ones: bool) -> torch.Tensor:
         """G of [A, 1] when the projection has a bias (the ones column last), else G of A."""
@@ -115,17 +144,60 @@ class Gram:
         out[:d, :d], out[:d, d], out[d, :d], out[d, d] = self.xtx, self.total, self.total, self.count
         return out
 
+    def fit(self, with_ones: bool) -> Fit:
+        """What the re-fit needs, with the ones column when the projection has a bias."""
+        if self.xty is None:
+            return Fit(self.augmented(with_ones))
+        cross = torch.cat([self.xty, self.target_total[None]]) if with_ones else self.xty
+        return Fit(self.augmented(with_ones), cross, self.target_energy)
+
+
+@dataclass(frozen=True)
+class Fit:
+    """A projection's re-fit statistics: G of its input A and, when the output to rebuild is a target T rather
+    than its own A Wᵀ, C = AᵀT and ‖T‖² (None: T = A Wᵀ)."""
+
+    gram: torch.Tensor
+    cross: torch.Tensor | None = None
+    energy: float = 0.0
+
+    def __add__(self, other: Fit) -> Fit:
+        if self.cross is None:
+            return Fit(self.gram + other.gram)
+        return Fit(self.gram + other.gram, self.cross + other.cross, self.energy + other.energy)
+
+    def refit(self, weight: torch.Tensor, keep: torch.Tensor, damping: float) -> torch.Tensor:
+        return refit(self.gram, weight, keep, damping, self.cross)
+
+    def error(self, weight: torch.Tensor, columns: torch.Tensor, new: torch.Tensor | None) -> float:
+        """‖A_K W'ᵀ − T‖² with W' = `new` (None: W's own columns) on the kept `columns`."""
+        if self.cross is None:
+            return output_error(self.gram, weight, columns, new)
+        new = weight[:, columns].double() if new is None else new
+        quadratic = float((new @ self.gram[columns][:, columns] * new).sum())
+        return max(quadratic - 2 * float((new * self.cross[columns].T).sum()) + self.energy, 0.0)
+
+    def target_energy(self, weight: torch.Tensor) -> float:
+        """‖T‖², the scale of the relative errors."""
+        if self.cross is None:
+            weight = weight.double()
+            return float((weight @ self.gram * weight).sum())
+        return self.energy
+
 
 def ridge(gram: torch.Tensor, damping: float) -> float:
     return damping * float(gram.diagonal().mean())
 
 
-def refit(gram: torch.Tensor, weight: torch.Tensor, keep: torch.Tensor, damping: float) -> torch.Tensor:
-    """W'_K [out, |K|] rebuilding A Wᵀ from the kept columns, ridge towards W_K (see the module docstring)."""
+def refit(
+    gram: torch.Tensor, weight: torch.Tensor, keep: torch.Tensor, damping: float, cross: torch.Tensor | None = None
+) -> torch.Tensor:
+    """W'_K [out, |K|] rebuilding A Wᵀ (or the target T with AᵀT = `cross`) from the kept columns, ridge
+    towards W_K (see the module docstring)."""
     weight = weight.double()
     lam = ridge(gram, damping)
     g_kk = gram[keep][:, keep] + lam * torch.eye(len(keep), dtype=torch.float64)
-    rhs = gram[keep] @ weight.T + lam * weight[:, keep].T
+    rhs = (gram[keep] @ weight.T if cross is None else cross[keep]) + lam * weight[:, keep].T
     return torch.linalg.solve(g_kk, rhs).T
 
 
@@ -137,27 +209,39 @@ def output_error(gram: torch.Tensor, weight: torch.Tensor, columns: torch.Tensor
 
 
 def checked_refit(
-    fit: torch.Tensor, check: torch.Tensor | None, weight: torch.Tensor, columns: torch.Tensor, dampings: tuple
-) -> tuple[torch.Tensor, float | None, float, float]:
+    fit: Fit,
+    check: Fit | None,
+    weight: torch.Tensor,
+    columns: torch.Tensor,
+    dampings: tuple,
+    layer_too: bool = False,
+) -> tuple[torch.Tensor, float | None, float, float, bool]:
     """The kept columns' new weights: the plain cut or the re-fit whose output error on `check` is smallest.
 
-    A winning re-fit is redone at its damping on fit + check (more tokens, the same ridge). Returns the
-    weights, the winning damping (None: plain cut), and its and the plain cut's relative check errors.
-    Without check windows the most damped candidate is taken unchecked (errors reported as NaN).
+    A winning re-fit is redone at its damping on fit + check (more tokens, the same ridge). With `layer_too`
+    (`fit` has a dense target) the re-fits to the projection's own output compete too, judged by the same
+    target's check error: where too few windows let the dense target's fit chase noise, they win. Returns the
+    weights, the winning damping (None: plain cut), its and the plain cut's relative check errors, and whether
+    the winner was fitted to the projection's own output. Without check windows the most damped candidate of
+    `fit`'s target is taken unchecked (errors reported as NaN).
     """
     if check is None:
-        return refit(fit, weight, columns, max(dampings)), max(dampings), math.nan, math.nan
+        return fit.refit(weight, columns, max(dampings)), max(dampings), math.nan, math.nan, fit.cross is None
     weight = weight.double()
-    energy = max(float((weight @ check * weight).sum()), 1e-300)  # ‖A Wᵀ‖², the scale of the relative errors
-    plain = output_error(check, weight, columns, None) / energy
+    energy = max(check.target_energy(weight), 1e-300)  # ‖T‖², the scale of the relative errors
+    plain = check.error(weight, columns, None) / energy
+    candidates = [(damping, False) for damping in dampings] + [(damping, True) for damping in dampings if layer_too]
     best, best_error = None, plain
-    for damping in dampings:
-        error = output_error(check, weight, columns, refit(fit, weight, columns, damping)) / energy
+    for damping, own in candidates:
+        fitted = Fit(fit.gram) if own else fit
+        error = check.error(weight, columns, fitted.refit(weight, columns, damping)) / energy
         if error < best_error:
-            best, best_error = damping, error
+            best, best_error = (damping, own), error
     if best is None:
-        return weight[:, columns].double(), None, plain, plain
-    return refit(fit + check, weight, columns, best), best, best_error, plain
+        return weight[:, columns].double(), None, plain, plain, False
+    damping, own = best
+    both = Fit(fit.gram + check.gram) if own else fit + check
+    return both.refit(weight, columns, damping), damping, best_error, plain, own or fit.cross is None
 
 
 def damped_inverse(gram: torch.Tensor, damping: float) -> torch.Tensor:
@@ -265,23 +349,65 @@ def run_layer(layer: nn.Module, calls: list[LayerCall]) -> list[LayerCall]:
         return [((layer_output(layer(*args, **kwargs)), *args[1:]), kwargs) for args, kwargs in calls]
 
 
-def input_gram(layer: nn.Module, projection: nn.Linear, calls: list[LayerCall]) -> Gram:
-    """Gram of `projection`'s input over all calls (the layer stops right after reaching it)."""
+def input_gram(
+    layer: nn.Module,
+    projection: nn.Linear,
+    calls: list[LayerCall],
+    wanted: list[torch.Tensor] | None = None,
+    residual_at: nn.Module | None = None,
+) -> Gram:
+    """Gram of `projection`'s input over all calls (the layer stops right after reaching it).
+
+    With `wanted` (the dense model's residual stream, one tensor per call) the re-fit target is
+    T = wanted − the stream the projection's output is added to: the layer's input, or the input of
+    `residual_at` (the norm that reads the stream once attention's output is in it).
+    """
     gram = Gram.empty(projection.in_features)
+    seen: dict = {}
+
+    def keep_stream(_module: nn.Module, args: tuple) -> None:
+        seen["stream"] = args[0]
 
     def hook(_module: nn.Module, args: tuple) -> None:
-        gram.add(args[0])
+        gram.add(args[0], None if wanted is None else wanted[seen["call"]] - seen["stream"])
         raise StopForward
 
-    handle = projection.register_forward_pre_hook(hook)
+    handles = [projection.register_forward_pre_hook(hook)]
+    if wanted is not None and residual_at is not None:
+        handles.append(residual_at.register_forward_pre_hook(keep_stream))
     try:
         with torch.no_grad():
-            for args, kwargs in calls:
+            for k, (args, kwargs) in enumerate(calls):
+                seen["call"], seen["stream"] = k, args[0]
                 with contextlib.suppress(StopForward):
                     layer(*args, **kwargs)
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
     return gram
+
+
+@dataclass
+class DenseStates:
+    """The dense model's residual stream at one layer, per call: after attention (`mid`) and after the layer."""
+
+    mid: list[torch.Tensor]
+    out: list[torch.Tensor]
+
+    @classmethod
+    def of(cls, layer: nn.Module, ffn_norm: nn.Module, calls: list[LayerCall]) -> DenseStates:
+        """Run the still uncut `layer` on the dense model's inputs; `ffn_norm` reads the stream after attention."""
+        mids: list[torch.Tensor] = []
+        handle = ffn_norm.register_forward_pre_hook(lambda _module, args: mids.append(args[0]))
+        try:
+            outs = [args[0] for args, _ in run_layer(layer, calls)]
+        finally:
+            handle.remove()
+        return cls(mids, outs)
+
+    def next_calls(self, calls: list[LayerCall]) -> list[LayerCall]:
+        """The dense model's inputs to the next layer."""
+        return [((out, *args[1:]), kwargs) for out, (args, kwargs) in zip(self.out, calls, strict=True)]
 
 
 def install_refit(linear: nn.Linear, new_weight: torch.Tensor, has_bias: bool) -> nn.Linear:
@@ -339,24 +465,33 @@ def compensate_kind(
     calls: LayerCalls,
     choose: Chooser,
     options: CompensateOptions,
+    dense: tuple[DenseStates, DenseStates] | None = None,
 ) -> tuple[torch.Tensor, RefitChoice] | None:
     """Choose, cut and re-fit one kind of group of one layer; returns the kept groups and the re-fit (None: untouched).
 
     Groups are chosen on all windows' Gram; the re-fit candidates are fitted on the fit windows and
-    judged on the check windows (`checked_refit`).
+    judged on the check windows (`checked_refit`). With `dense` (the dense model's residual stream on the fit
+    and check windows) the re-fit rebuilds what brings the cut model's stream back to the dense one.
     """
     projection = adapter.ffn_output(layer) if kind == "ffn" else adapter.head_output(layer)
     has_bias = projection.bias is not None
-    fit = input_gram(layer, projection, calls.fit).augmented(has_bias)
-    check = input_gram(layer, projection, calls.check).augmented(has_bias) if calls.check else None
+    residual_at = adapter.input_norms(layer)[1] if kind == "ffn" and dense is not None else None
+
+    def fit_of(layer_calls: list[LayerCall], states: DenseStates | None) -> Fit:
+        wanted = None if states is None else states.out if kind == "ffn" else states.mid
+        return input_gram(layer, projection, layer_calls, wanted, residual_at).fit(has_bias)
+
+    fit = fit_of(calls.fit, None if dense is None else dense[0])
+    check = fit_of(calls.check, None if dense is None else dense[1]) if calls.check else None
     weight = augmented_weight(projection)
-    keep = choose(index, kind, layer, fit if check is None else fit + check, weight)
+    keep = choose(index, kind, layer, (fit if check is None else fit + check).gram, weight)
     if keep is None:
         return None
     columns = keep if kind == "ffn" else head_rows(keep, adapter.head_dim(layer))
     if has_bias:
-        columns = torch.cat([columns, torch.tensor([fit.shape[0] - 1])])
-    new_weight, damping, error, plain = checked_refit(fit, check, weight, columns, options.dampings)
+        columns = torch.cat([columns, torch.tensor([fit.gram.shape[0] - 1])])
+    refitted = checked_refit(fit, check, weight, columns, options.dampings, layer_too=dense is not None)
+    new_weight, damping, error, plain, own = refitted
     new = install_refit(projection, new_weight, has_bias)
     if kind == "ffn":
         adapter.cut_ffn(layer, keep)
@@ -364,7 +499,15 @@ def compensate_kind(
     else:
         adapter.cut_heads(layer, keep)
         replace_projection(adapter, layer, adapter.head_output(layer), new)
-    return keep, RefitChoice(index, kind, damping, error, plain)
+    target = None if damping is None else "layer" if own else "stream"
+    return keep, RefitChoice(index, kind, damping, error, plain, target)
+
+
+def resolved_target(target: str, windows: int, adapter: FamilyAdapter, layer: nn.Module) -> str:
+    """ "stream" where asked for (or `auto` with enough windows) and the family is pre-norm, so each output
+    projection adds straight into the stream; else "layer"."""
+    wanted = target == "stream" or (target == "auto" and windows >= STREAM_MIN_WINDOWS)
+    return "stream" if wanted and adapter.input_norms(layer) is not None else "layer"
 
 
 def compensate_layers(
@@ -379,6 +522,8 @@ def compensate_layers(
 
     `cuts[i]` = (heads cut?, FFN cut?) in layer i. Heads come first: the FFN is calibrated on the
     output of the re-fit attention. The last `options.check_fraction` of the windows only check.
+    With the stream target the dense model runs beside the cut one, each layer before it is cut, so each
+    re-fit also undoes the drift the earlier cuts left in the residual stream.
     """
     if options.add_bias:
         for kind, position in (("heads", 0), ("ffn", 1)):
@@ -389,18 +534,26 @@ def compensate_layers(
         first_layer_inputs(model, adapter, fit, options.batch_size),
         first_layer_inputs(model, adapter, check, options.batch_size) if len(check) else [],
     )
-    result = Compensation([], [])
     layers = adapter.layers(model)
+    stream = resolved_target(options.target, len(calibration), adapter, layers[0]) == "stream"
+    dense_calls = calls if stream else None
+    result = Compensation([], [])
     for i, (layer, cut) in enumerate(zip(layers, cuts, strict=True)):
+        dense = None
+        if dense_calls is not None:
+            norm = adapter.input_norms(layer)[1]
+            dense = (DenseStates.of(layer, norm, dense_calls.fit), DenseStates.of(layer, norm, dense_calls.check))
         entry = LayerKeep()
         for kind, wanted in zip(("heads", "ffn"), cut, strict=True):
-            done = compensate_kind(adapter, i, layer, kind, calls, choose, options) if wanted else None
+            done = compensate_kind(adapter, i, layer, kind, calls, choose, options, dense) if wanted else None
             if done is not None:
                 setattr(entry, kind, done[0])
                 result.choices.append(done[1])
         result.keep.append(entry)
         if i + 1 < len(layers):
             calls = calls.advance(layer)
+            if dense is not None:
+                dense_calls = LayerCalls(dense[0].next_calls(dense_calls.fit), dense[1].next_calls(dense_calls.check))
     record_widths(model, adapter)
     return result
 

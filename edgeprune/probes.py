@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from edgeprune.budget import Probe, size_target
-from edgeprune.compensate import cut_and_compensate
+from edgeprune.compensate import CompensateOptions, cut_and_compensate
 from edgeprune.criteria import GroupScores
 from edgeprune.devices.profiler import Profiler, ProfileResult
 from edgeprune.errors import EdgepruneError
@@ -56,6 +56,7 @@ def pruned_copy(
     scores: GroupScores,
     spec: PruneSpec,
     calibration: torch.Tensor | None = None,
+    refit_target: str = "auto",
 ) -> tuple[nn.Module, list[LayerKeep] | None]:
     """A cut copy of the dense model and the keep-indices that made it (None at sparsity 0).
 
@@ -68,7 +69,7 @@ def pruned_copy(
     if calibration is None:
         cut_model(pruned, adapter, keep)
     else:
-        cut_and_compensate(pruned, adapter, keep, calibration)
+        cut_and_compensate(pruned, adapter, keep, calibration, CompensateOptions(target=refit_target))
     return pruned, keep
 
 
@@ -165,7 +166,9 @@ class ProbeRunner:
             return self.loaded.model, None
         if sparsity not in self.cuts:
             spec = self.cfg.spec(sparsity)
-            self.cuts[sparsity] = pruned_copy(self.loaded.model, self.adapter, self.scores, spec, self.refit_windows())
+            self.cuts[sparsity] = pruned_copy(
+                self.loaded.model, self.adapter, self.scores, spec, self.refit_windows(), self.cfg.refit_target
+            )
             while len(self.cuts) > KEPT_CUTS:
                 self.cuts.popitem(last=False)
         self.cuts.move_to_end(sparsity)

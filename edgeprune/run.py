@@ -125,6 +125,7 @@ class RunConfig:
     recover_data: str | None = None  # None: text the dense model writes (`recover.selftext.default_data`)
     recovery: RecoveryConfig = field(default_factory=run_recovery)
     compensate: bool = True  # re-fit each cut output projection on the calibration windows (compensate.py)
+    refit_target: str = "auto"  # compensate.REFIT_TARGETS: the packaged text's windows are too few for the stream
     # 4-bit candidates rounded after AWQ-style per-channel scales are folded in where the family allows
     # (export/activation_scaling.py): the same bytes closer to dense (int4-fit at 120 MB: KL 0.067 -> 0.047)
     activation_scaling: bool = True

@@ -9,6 +9,7 @@ import torch
 
 from edgeprune.compensate import (
     CompensateOptions,
+    Fit,
     Gram,
     checked_refit,
     cut_and_compensate,
@@ -81,7 +82,7 @@ def test_check_keeps_the_plain_cut_when_the_refit_does_worse_on_held_out_windows
     fit[:, 2] = fit[:, 0]
     weight = torch.randn(4, 3, generator=gen, dtype=torch.float64)
     keep = torch.tensor([0, 1])
-    new, damping, error, plain = checked_refit(gram_of(fit), gram_of(check), weight, keep, (1e-4, 1e-2))
+    new, damping, error, plain, _ = checked_refit(Fit(gram_of(fit)), Fit(gram_of(check)), weight, keep, (1e-4, 1e-2))
     assert damping is None and error == plain
     torch.testing.assert_close(new, weight[:, keep])
     energy = output_error(gram_of(check), weight, torch.tensor([], dtype=torch.long), None)  # all columns removed
@@ -97,9 +98,72 @@ def test_check_takes_the_refit_where_it_holds_on_held_out_windows_and_refits_on_
     fit[:, 2], check[:, 2] = fit[:, 0], check[:, 0]
     weight = torch.randn(4, 3, generator=gen, dtype=torch.float64)
     keep = torch.tensor([0, 1])
-    new, damping, error, plain = checked_refit(gram_of(fit), gram_of(check), weight, keep, (1e-1, 1e-6))
+    new, damping, error, plain, _ = checked_refit(Fit(gram_of(fit)), Fit(gram_of(check)), weight, keep, (1e-1, 1e-6))
     assert damping == 1e-6 and error < 1e-9 < plain
     torch.testing.assert_close(new, refit(gram_of(fit) + gram_of(check), weight, keep, 1e-6))
+
+
+def test_a_target_equal_to_the_projections_own_output_gives_the_same_refit_and_errors():
+    """C = AᵀT with T = A Wᵀ is G Wᵀ: the explicit-target path must reproduce the own-output path."""
+    a, _ = random_gram(80, 10)
+    weight = torch.randn(5, 10, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    gram = Gram.empty(10)
+    gram.add(a, a @ weight.T)
+    own, target = Fit(gram.xtx), gram.fit(with_ones=False)
+    keep = torch.tensor([0, 2, 3, 7, 9])
+    torch.testing.assert_close(target.refit(weight, keep, 1e-2), own.refit(weight, keep, 1e-2), rtol=1e-9, atol=1e-9)
+    new = own.refit(weight, keep, 1e-2)
+    scale = own.target_energy(weight)
+    assert target.target_energy(weight) == pytest.approx(scale, rel=1e-12)
+    for candidate in (None, new):  # expanded ‖A_K W'ᵀ − T‖² against the difference form, to rounding of the scale
+        expected = own.error(weight, keep, candidate)
+        assert target.error(weight, keep, candidate) == pytest.approx(expected, abs=1e-10 * scale)
+
+
+def test_under_a_dense_target_the_own_output_refit_wins_where_the_target_is_noise_on_few_windows():
+    """T = A Wᵀ + noise independent of A: on 30 fitted rows of width 20 the dense-target fit chases the noise;
+    on the check rows it does worse than the re-fit to the projection's own output, which the check then takes."""
+    gen = torch.Generator().manual_seed(2)
+    weight = torch.randn(4, 20, generator=gen, dtype=torch.float64)
+    fit, check = Gram.empty(20), Gram.empty(20)
+    for gram, rows in ((fit, 30), (check, 400)):
+        a = torch.randn(rows, 20, generator=gen, dtype=torch.float64)
+        a[:, 19] = a[:, 0] + 0.1 * a[:, 1]  # the removed column is rebuilt from kept ones
+        gram.add(a, a @ weight.T + 3.0 * torch.randn(rows, 4, generator=gen, dtype=torch.float64))
+    keep = torch.arange(19)
+    target_fit, target_check = fit.fit(with_ones=False), check.fit(with_ones=False)
+    new, damping, _, plain, own = checked_refit(target_fit, target_check, weight, keep, (1e-6,), layer_too=True)
+    assert own and damping == 1e-6
+    torch.testing.assert_close(new, refit(fit.xtx + check.xtx, weight, keep, 1e-6))
+    alone = checked_refit(target_fit, target_check, weight, keep, (1e-6,))  # without the competitor
+    assert not alone[4] and alone[2] > checked_refit(target_fit, target_check, weight, keep, (1e-6,), True)[2]
+
+
+def stream_after(model, adapter, layer: int, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids, output_hidden_states=True).hidden_states[layer + 1]
+
+
+def test_stream_target_brings_the_stream_closer_to_the_dense_model_than_the_layer_target():
+    """FFN cuts in layers 0 and 1. Layer 0 sees no drift, so both targets fit the same weights there; at layer 1
+    the dense target is the least-squares fit of exactly the stream error it is scored on (no ridge, no check),
+    so its stream after layer 1 is closer to the dense model's, on the fitted tokens, than the layer target's."""
+    model = tiny_model("llama")
+    adapter = adapter_for(model.config)
+    ids = calibration()
+    width = adapter.widths(adapter.layers(model)[0]).ffn
+    keep = [LayerKeep() for _ in adapter.layers(model)]
+    keep[0].ffn, keep[1].ffn = torch.arange(0, width, 2), torch.arange(1, width, 3)
+    cut = {}
+    for target in ("layer", "stream"):
+        cut[target] = copy.deepcopy(model)
+        options = CompensateOptions(dampings=(0.0,), check_fraction=0.0, target=target)
+        cut_and_compensate(cut[target], adapter, keep, ids, options)
+    first = [adapter.ffn_output(adapter.layers(cut[t])[0]).weight for t in ("layer", "stream")]
+    torch.testing.assert_close(first[0], first[1], rtol=1e-4, atol=1e-5 * float(first[0].abs().max()))
+    dense = stream_after(model, adapter, 1, ids)
+    error = {t: float((stream_after(cut[t], adapter, 1, ids) - dense).square().sum()) for t in cut}
+    assert error["stream"] < error["layer"]
 
 
 @pytest.mark.parametrize("family", family_names())
@@ -215,10 +279,14 @@ def test_prune_cli_compensates_by_default_and_selects_by_obs(saved_llama, tmp_pa
 
     result = prune("--selection", "obs", "-o", str(tmp_path / "obs"))
     assert result.exit_code == 0, result.output
-    assert read_provenance(tmp_path / "obs")["compensation"] == {"selection": "obs"}
+    # the packaged text gives fewer re-fit windows than the stream target needs: auto re-fits each layer's output
+    assert read_provenance(tmp_path / "obs")["compensation"] == {"selection": "obs", "target": "layer"}
     model, _ = load_pruned(tmp_path / "obs")
     widths = model.config.pruned_layer_widths["intermediate_size"]
     assert widths[0] == widths[-1] == 96 and min(widths) < 96  # first and last layers kept whole by default
+    result = prune("--refit-target", "stream", "-o", str(tmp_path / "stream"))
+    assert result.exit_code == 0, result.output
+    assert read_provenance(tmp_path / "stream")["compensation"] == {"selection": "scores", "target": "stream"}
     result = prune("--selection", "obs", "--no-compensate", "-o", str(tmp_path / "no"))
     assert result.exit_code == 1 and "drop --no-compensate" in result.output
     for allocation in ("errors", "uniform"):
