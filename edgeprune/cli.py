@@ -394,6 +394,15 @@ def prune_whole_layers(
     "earlier cuts' drift (auto: once the text gives enough re-fit windows not to fit its noise)",
 )
 @click.option(
+    "--refit-windows",
+    type=click.IntRange(min=1),
+    cls=ConfigDefault,
+    config=RUN,
+    field="refit_samples",
+    help="at most this many non-overlapping calibration windows feed the re-fit (more text, better re-fit, "
+    "longer: 512 windows took SmolLM2-135M's 35%% cut from 2.01x to 1.90x dense perplexity in 14 CPU-minutes)",
+)
+@click.option(
     "--bias-compensation",
     is_flag=True,
     help="also fit a bias (adds one to Llama projections); with --no-compensate: FLAP's mean compensation",
@@ -424,6 +433,7 @@ def prune(
     compensate: bool,
     selection: str,
     refit_target: str,
+    refit_windows: int | None,
     bias_compensation: bool,
     tokenizer: str | None,
     output: Path,
@@ -496,7 +506,8 @@ def prune(
         from edgeprune.structure import select_keep
 
         # prune measures no held-out text: the re-fit reads non-overlapping windows of all of it
-        batch = disjoint_windows(torch.cat([text.head, text.heldout]), calib.seq_len, REFIT_WINDOWS)
+        windows = refit_windows or REFIT_WINDOWS
+        batch = disjoint_windows(torch.cat([text.head, text.heldout]), calib.seq_len, windows)
         refit_target = resolved_target(refit_target, len(batch), adapter, adapter.layers(loaded.model)[0])
         options = CompensateOptions(add_bias=bias_compensation, target=refit_target)
 
@@ -518,7 +529,7 @@ def prune(
         "seed": seed,
         "calibration": {"source": calibration or "packaged", "samples": calib_samples, "seq_len": calib.seq_len},
         "bias_compensation": bias_compensation,
-        "compensation": {"selection": selection, "target": refit_target} if compensate else None,
+        "compensation": {"selection": selection, "target": refit_target, "windows": len(batch)} if compensate else None,
         "spec": {**spec.__dict__, "targets": list(spec.targets), "prune_kv_heads": prune_kv_heads},
         "params_before": summary.params_before,
         "params_after": summary.params_after,

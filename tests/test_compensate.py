@@ -280,13 +280,15 @@ def test_prune_cli_compensates_by_default_and_selects_by_obs(saved_llama, tmp_pa
     result = prune("--selection", "obs", "-o", str(tmp_path / "obs"))
     assert result.exit_code == 0, result.output
     # the packaged text gives fewer re-fit windows than the stream target needs: auto re-fits each layer's output
-    assert read_provenance(tmp_path / "obs")["compensation"] == {"selection": "obs", "target": "layer"}
+    compensation = read_provenance(tmp_path / "obs")["compensation"]
+    assert compensation["selection"] == "obs" and compensation["target"] == "layer" and compensation["windows"] < 128
     model, _ = load_pruned(tmp_path / "obs")
     widths = model.config.pruned_layer_widths["intermediate_size"]
     assert widths[0] == widths[-1] == 96 and min(widths) < 96  # first and last layers kept whole by default
-    result = prune("--refit-target", "stream", "-o", str(tmp_path / "stream"))
+    result = prune("--refit-target", "stream", "--refit-windows", "4", "-o", str(tmp_path / "stream"))
     assert result.exit_code == 0, result.output
-    assert read_provenance(tmp_path / "stream")["compensation"] == {"selection": "scores", "target": "stream"}
+    expected = {"selection": "scores", "target": "stream", "windows": 4}
+    assert read_provenance(tmp_path / "stream")["compensation"] == expected
     result = prune("--selection", "obs", "--no-compensate", "-o", str(tmp_path / "no"))
     assert result.exit_code == 1 and "drop --no-compensate" in result.output
     for allocation in ("errors", "uniform"):
