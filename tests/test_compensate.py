@@ -139,6 +139,20 @@ def test_under_a_dense_target_the_own_output_refit_wins_where_the_target_is_nois
     assert not alone[4] and alone[2] > checked_refit(target_fit, target_check, weight, keep, (1e-6,), True)[2]
 
 
+@pytest.mark.parametrize("family", family_names())
+def test_auto_takes_the_stream_target_from_enough_windows_in_pre_norm_families_only(family):
+    from edgeprune.compensate import STREAM_MIN_WINDOWS, resolved_target
+
+    model = tiny_model(family)
+    adapter = adapter_for(model.config)
+    first = adapter.layers(model)[0]
+    pre_norm = adapter.input_norms(first) is not None
+    assert resolved_target("auto", STREAM_MIN_WINDOWS - 1, adapter, first) == "layer"
+    assert resolved_target("auto", STREAM_MIN_WINDOWS, adapter, first) == ("stream" if pre_norm else "layer")
+    assert resolved_target("stream", 1, adapter, first) == ("stream" if pre_norm else "layer")
+    assert resolved_target("layer", 10 * STREAM_MIN_WINDOWS, adapter, first) == "layer"
+
+
 def stream_after(model, adapter, layer: int, ids: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return model(input_ids=ids, output_hidden_states=True).hidden_states[layer + 1]
