@@ -119,6 +119,14 @@ RECOVERY = "edgeprune.recover.config:RecoveryConfig"
 CALIBRATION = "edgeprune.calibration:CalibrationSettings"
 TAYLOR = "edgeprune.criteria.taylor:TaylorOptions"
 RUN_RECOVERY = ("recover_minutes", "recover_lr")  # run options that set fields of RunConfig.recovery
+REFIT_TARGET_OPTION = click.option(  # prune's and run's
+    "--refit-target",
+    type=OwnedChoice("edgeprune.compensate:REFIT_TARGETS"),
+    cls=ConfigDefault,
+    config=RUN,
+    help="layer: rebuild each cut projection's own output; stream: the dense model's residual stream, undoing the "
+    "earlier cuts' drift (auto: once the text gives enough re-fit windows not to fit its noise)",
+)
 
 
 def given(options: dict) -> dict:
@@ -385,14 +393,7 @@ def prune_whole_layers(
     show_default=True,
     help="scores: keep the criterion's best groups; obs: remove the groups the re-fit rebuilds best",
 )
-@click.option(
-    "--refit-target",
-    type=OwnedChoice("edgeprune.compensate:REFIT_TARGETS"),
-    default="auto",
-    show_default=True,
-    help="layer: rebuild each projection's own output; stream: the dense model's residual stream, undoing the "
-    "earlier cuts' drift (auto: once the text gives enough re-fit windows not to fit its noise)",
-)
+@REFIT_TARGET_OPTION
 @click.option(
     "--refit-windows",
     type=click.IntRange(min=1),
@@ -432,7 +433,7 @@ def prune(
     layer_measure: str,
     compensate: bool,
     selection: str,
-    refit_target: str,
+    refit_target: str | None,
     refit_windows: int | None,
     bias_compensation: bool,
     tokenizer: str | None,
@@ -503,12 +504,14 @@ def prune(
 
         from edgeprune.calibration import REFIT_WINDOWS, disjoint_windows
         from edgeprune.compensate import CompensateOptions, allocate_by_errors, compensated_cut, resolved_target
+        from edgeprune.run import RunConfig
         from edgeprune.structure import select_keep
 
         # prune measures no held-out text: the re-fit reads non-overlapping windows of all of it
         windows = refit_windows or REFIT_WINDOWS
         batch = disjoint_windows(torch.cat([text.head, text.heldout]), calib.seq_len, windows)
-        refit_target = resolved_target(refit_target, len(batch), adapter, adapter.layers(loaded.model)[0])
+        asked = refit_target or RunConfig.refit_target
+        refit_target = resolved_target(asked, len(batch), adapter, adapter.layers(loaded.model)[0])
         options = CompensateOptions(add_bias=bias_compensation, target=refit_target)
 
         def cut(model, adapter, keep, plan):
@@ -1095,13 +1098,7 @@ def budgets_from_options(model: str | None, latency_ms, speedup, memory_mb, peak
 )
 @click.option("--targets", cls=ConfigDefault, config=RUN, help="groups to cut: ffn, heads or both")
 @click.option("--allocation", cls=ConfigDefault, config=RUN, help="uniform per layer, or global ranking")
-@click.option(
-    "--refit-target",
-    type=OwnedChoice("edgeprune.compensate:REFIT_TARGETS"),
-    cls=ConfigDefault,
-    config=RUN,
-    help="what each cut's re-fit rebuilds: layer, stream (the dense model's residual stream), auto",
-)
+@REFIT_TARGET_OPTION
 @click.option("--protect-first", type=int, cls=ConfigDefault, config=RUN, help="leave the first K layers whole")
 @click.option("--protect-last", type=int, cls=ConfigDefault, config=RUN, help="leave the last K layers whole")
 @click.option(
