@@ -116,8 +116,9 @@ def main() -> None:
     base = {"ppl_tokens": len(test), "calib_samples": args.calib_samples, "damping": args.damping}
     if args.target != "layer":  # rows of the layer target (the first ones) keep their keys
         base["target"] = args.target
-    options = CompensateOptions(target=args.target)
-    if args.damping is not None:
+    if args.damping is None:
+        options = CompensateOptions(target=args.target)
+    else:
         options = CompensateOptions((args.damping,), check_fraction=0.0, target=args.target)
 
     def evaluate(m) -> tuple[float, float]:

@@ -215,18 +215,19 @@ def checked_refit(
     columns: torch.Tensor,
     dampings: tuple,
     layer_too: bool = False,
-) -> tuple[torch.Tensor, float | None, float, float, bool]:
+) -> tuple[torch.Tensor, float | None, float, float, str | None]:
     """The kept columns' new weights: the plain cut or the re-fit whose output error on `check` is smallest.
 
     A winning re-fit is redone at its damping on fit + check (more tokens, the same ridge). With `layer_too`
     (`fit` has a dense target) the re-fits to the projection's own output compete too, judged by the same
     target's check error: where too few windows let the dense target's fit chase noise, they win. Returns the
-    weights, the winning damping (None: plain cut), its and the plain cut's relative check errors, and whether
-    the winner was fitted to the projection's own output. Without check windows the most damped candidate of
-    `fit`'s target is taken unchecked (errors reported as NaN).
+    weights, the winning damping (None: plain cut), its and the plain cut's relative check errors, and the target
+    the winner was fitted to ("layer" or "stream"; None: plain cut). Without check windows the most damped
+    candidate of `fit`'s target is taken unchecked (errors reported as NaN).
     """
+    target = "layer" if fit.cross is None else "stream"
     if check is None:
-        return fit.refit(weight, columns, max(dampings)), max(dampings), math.nan, math.nan, fit.cross is None
+        return fit.refit(weight, columns, max(dampings)), max(dampings), math.nan, math.nan, target
     weight = weight.double()
     energy = max(check.target_energy(weight), 1e-300)  # ‖T‖², the scale of the relative errors
     plain = check.error(weight, columns, None) / energy
@@ -238,10 +239,10 @@ def checked_refit(
         if error < best_error:
             best, best_error = (damping, own), error
     if best is None:
-        return weight[:, columns].double(), None, plain, plain, False
+        return weight[:, columns].double(), None, plain, plain, None
     damping, own = best
     both = Fit(fit.gram + check.gram) if own else fit + check
-    return both.refit(weight, columns, damping), damping, best_error, plain, own or fit.cross is None
+    return both.refit(weight, columns, damping), damping, best_error, plain, "layer" if own else target
 
 
 def damped_inverse(gram: torch.Tensor, damping: float) -> torch.Tensor:
@@ -491,7 +492,7 @@ def compensate_kind(
     if has_bias:
         columns = torch.cat([columns, torch.tensor([fit.gram.shape[0] - 1])])
     refitted = checked_refit(fit, check, weight, columns, options.dampings, layer_too=dense is not None)
-    new_weight, damping, error, plain, own = refitted
+    new_weight, damping, error, plain, target = refitted
     new = install_refit(projection, new_weight, has_bias)
     if kind == "ffn":
         adapter.cut_ffn(layer, keep)
@@ -499,7 +500,6 @@ def compensate_kind(
     else:
         adapter.cut_heads(layer, keep)
         replace_projection(adapter, layer, adapter.head_output(layer), new)
-    target = None if damping is None else "layer" if own else "stream"
     return keep, RefitChoice(index, kind, damping, error, plain, target)
 
 

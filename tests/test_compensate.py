@@ -132,11 +132,11 @@ def test_under_a_dense_target_the_own_output_refit_wins_where_the_target_is_nois
         gram.add(a, a @ weight.T + 3.0 * torch.randn(rows, 4, generator=gen, dtype=torch.float64))
     keep = torch.arange(19)
     target_fit, target_check = fit.fit(with_ones=False), check.fit(with_ones=False)
-    new, damping, _, plain, own = checked_refit(target_fit, target_check, weight, keep, (1e-6,), layer_too=True)
-    assert own and damping == 1e-6
+    new, damping, _, plain, target = checked_refit(target_fit, target_check, weight, keep, (1e-6,), layer_too=True)
+    assert target == "layer" and damping == 1e-6
     torch.testing.assert_close(new, refit(fit.xtx + check.xtx, weight, keep, 1e-6))
     alone = checked_refit(target_fit, target_check, weight, keep, (1e-6,))  # without the competitor
-    assert not alone[4] and alone[2] > checked_refit(target_fit, target_check, weight, keep, (1e-6,), True)[2]
+    assert alone[4] != "layer" and alone[2] > checked_refit(target_fit, target_check, weight, keep, (1e-6,), True)[2]
 
 
 @pytest.mark.parametrize("family", family_names())
