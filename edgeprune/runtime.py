@@ -426,6 +426,8 @@ class CacheDecoder:
         if "position_ids" in self.model.input_names:
             positions = np.arange(self.length, total, dtype=np.int64)
             self.binding.bind_cpu_input("position_ids", np.broadcast_to(positions, input_ids.shape).copy())
+        if LOGITS_TO_KEEP not in self.model.input_names:  # all positions' logits: their shape changes every call
+            self.binding.bind_output("logits")
         self.model.session.run_with_iobinding(self.binding)
         self.length = total
         return self.binding.get_outputs()[-1].numpy()[:, -1:].copy()  # the next run may reuse its memory

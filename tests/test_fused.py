@@ -15,7 +15,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from edgeprune.errors import EdgepruneError
 from edgeprune.export import export_model
 from edgeprune.export.exporter import Tolerance
-from edgeprune.export.fused import cut_file_megabytes, ffn_bytes, tensor_bytes, write_fused_probe
+from edgeprune.export.fused import build_fused, cut_file_megabytes, ffn_bytes, tensor_bytes, write_fused_probe
 from edgeprune.export.quantize import quantize_model
 from edgeprune.layers import remove_layers
 from edgeprune.models import adapter_for
@@ -123,6 +123,19 @@ def test_the_fused_graph_decodes_in_its_cache_buffers_as_the_copying_path_does(e
     # the same kernels on the same values, only where the cache lives differs: equal to float rounding
     assert np.abs(np.concatenate(shared, axis=1) - copied[:, 2:]).max() <= 1e-6 * np.abs(copied).max()
     assert decoder.length == IDS.shape[1]
+
+
+def test_a_graph_without_logits_to_keep_decodes_in_its_cache_buffers(tmp_path):
+    """The builder's own graph (what onnxruntime-genai writes; `export` adds logits_to_keep) returns every
+    position's logits, so the logits output changes shape between the prompt and each token: the decoder
+    gives the copying path's last-position logits (it failed on the second call before)."""
+    model = fusable_llama(cut=False)
+    onnx_model = OnnxModel(build_fused(model, tmp_path))
+    assert onnx_model.shares_cache and "logits_to_keep" not in onnx_model.input_names
+    _, copied = prefill_and_cached(onnx_model)
+    decoder = CacheDecoder(onnx_model, 1, IDS.shape[1])
+    shared = [decoder.feed(IDS[:, :3])] + [decoder.feed(IDS[:, pos : pos + 1]) for pos in range(3, IDS.shape[1])]
+    assert np.abs(np.concatenate(shared, axis=1) - copied[:, 2:]).max() <= 1e-6 * np.abs(copied).max()
 
 
 def test_fused_folder_is_one_model_with_a_genai_config(exports):
