@@ -16,6 +16,7 @@ session instead.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import mmap
@@ -42,6 +43,8 @@ PREPACKED_KEEP = 6  # pre-packed copies the cache holds; the least recently open
 PROBE_TOKENS = 8  # a pre-packed copy is checked against its model on this many tokens when made
 COPY_ALIGNMENT = 4096  # where each tensor and pre-packed blob of a copy starts: a page, as ORT aligns large ones
 EXTERNAL_MIN_BYTES = "1024"  # initializers this large go to the weights file, as export/files.save_onnx does
+MADV_DONTNEED = 4  # Linux: drop a range's pages from the process; the next read maps them again from the page cache
+PROC_SMAPS = Path("/proc/self/smaps")
 SHARED_CACHE_OP = b"GroupQueryAttention"  # reads its past and writes its present in place when both are one buffer
 ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64}
 
@@ -235,6 +238,31 @@ def evict_prepacked(folder: Path, keep: int) -> None:
             shutil.rmtree(entry, ignore_errors=True)
 
 
+def release_loaded_weights(onnx_path: Path) -> int:
+    """Take the weight pages that opening a session read out of the process's resident memory (Linux); returns
+    the mappings released.
+
+    ONNX Runtime maps the weights file tensor by tensor (private, writable mappings) and opening a session reads
+    pages a run never reads again: on the default answer's pre-packed copy, 9.5 MB of its 203 MB session. Only
+    mappings of the model's own weights file with no page of their own (no copy-on-write page: every page is
+    the file's) are released, so a page a run reads is mapped again from the page cache, the same bytes:
+    outputs do not change, only resident memory."""
+    weights = str(weights_file(onnx_path).resolve())
+    if not PROC_SMAPS.is_file() or not Path(weights).is_file():
+        return 0
+    madvise = ctypes.CDLL(None, use_errno=True).madvise
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    released, mapping = 0, None
+    for line in PROC_SMAPS.read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        if not fields[0].endswith(":"):  # a mapping's header: address range, permissions, offset, device, inode, path
+            mapping = fields[0] if len(fields) == 6 and fields[5] == weights else None
+        elif mapping and fields[0] == "Anonymous:" and fields[1] == "0":
+            start, end = (int(address, 16) for address in mapping.split("-"))
+            released += madvise(start, end - start, MADV_DONTNEED) == 0
+    return released
+
+
 def prepacked_session(onnx_path: Path, threads: int | None) -> ort.InferenceSession:
     """A session on the model's pre-packed copy; a damaged copy (a weights file cut short) is made again.
 
@@ -243,13 +271,15 @@ def prepacked_session(onnx_path: Path, threads: int | None) -> ort.InferenceSess
     path = prepacked_file(onnx_path, threads)
     with loading(onnx_path):
         try:
-            return ort.InferenceSession(str(path), session_options(threads), providers=[CPU])
+            session = ort.InferenceSession(str(path), session_options(threads), providers=[CPU])
         except Exception:  # ORT's pybind error types: a damaged copy is made again from the model
             if path == onnx_path:
                 raise
             write_prepacked(onnx_path, path.parent, threads)
             path = prepacked_file(onnx_path, threads)
-            return ort.InferenceSession(str(path), session_options(threads), providers=[CPU])
+            session = ort.InferenceSession(str(path), session_options(threads), providers=[CPU])
+    release_loaded_weights(path)
+    return session
 
 
 def open_session(
@@ -267,7 +297,11 @@ def open_session(
     if prepacked_wanted(providers, options, prepacked):
         return prepacked_session(onnx_path, threads)
     with loading(onnx_path):
-        return ort.InferenceSession(str(onnx_path), options or session_options(threads), providers=providers or [CPU])
+        session = ort.InferenceSession(
+            str(onnx_path), options or session_options(threads), providers=providers or [CPU]
+        )
+    release_loaded_weights(onnx_path)
+    return session
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,9 @@ from edgeprune.runtime import (
     evict_prepacked,
     greedy_generate,
     prepacked_entry,
+    prepacked_file,
+    release_loaded_weights,
+    weights_file,
 )
 
 TEXT = " ".join(f"w{(i * 37) % 89}" for i in range(40))
@@ -49,6 +52,20 @@ def cache(tmp_path, monkeypatch) -> Path:
 def outputs(path: Path, prepacked: bool | None = None) -> tuple[np.ndarray, list[int]]:
     model = OnnxModel(path, prepacked=prepacked)
     return model.forward(IDS), greedy_generate(model, IDS[0].tolist(), 6, set())
+
+
+def resident_kb(weights: Path) -> tuple[int, int]:
+    """Resident kB of the process's mappings of `weights`, and how much of that is copy-on-write (not the file's)."""
+    resident = private = 0
+    inside = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        fields = line.split()
+        if not fields[0].endswith(":"):
+            inside = len(fields) == 6 and fields[5] == str(weights.resolve())
+        elif inside and fields[0] in ("Rss:", "Anonymous:"):
+            resident += int(fields[1]) if fields[0] == "Rss:" else 0
+            private += int(fields[1]) if fields[0] == "Anonymous:" else 0
+    return resident, private
 
 
 def prepacked_blobs(graph_file: Path) -> int:
@@ -195,3 +212,21 @@ def test_eviction_keeps_the_most_recently_opened(tmp_path):
     (folder / "half-written").mkdir()  # no provenance yet: another process is making it
     evict_prepacked(folder, keep=2)
     assert sorted(p.name for p in folder.iterdir()) == ["half-written", "new", "newest"]
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").is_file(), reason="reads the process's mappings (Linux)")
+@pytest.mark.parametrize("prepacked", [False, True])
+def test_weight_pages_are_released_and_read_again_unchanged(dense, cache, monkeypatch, prepacked):
+    """Opening a session releases the weight pages it read; a run maps what it reads again from the file, and
+    releasing those too changes no output."""
+    monkeypatch.setenv(PREPACKED_ENV, "1" if prepacked else "0")
+    graph = prepacked_file(dense) if prepacked else dense  # what the session opens
+    weights = weights_file(graph)
+    model = OnnxModel(dense)
+    opened, _ = resident_kb(weights)
+    first = model.forward(IDS)
+    after_run, private = resident_kb(weights)
+    assert after_run > opened  # the run read weights that opening the session had let go
+    assert release_loaded_weights(graph) > 0
+    assert resident_kb(weights)[0] == private  # only pages of the process's own (none expected) stay
+    np.testing.assert_array_equal(model.forward(IDS), first)
