@@ -9,6 +9,7 @@ the weights file, made on first load in $EDGEPRUNE_CACHE/prepacked/: the packed 
 (clean file pages the kernel can drop) instead of packed again on the heap. The shipped int4-mixed default
 decoder's session peaks at 1.42x its file instead of 1.68x, 23 MB of it anonymous instead of 177, and runs
 0.85-0.97x the time; the copy takes 2.3x the file on disk (benchmarks/bench_memory.py, RESULTS.md).
+Every session then releases the weight pages its opening read and a run does not (`release_loaded_weights`).
 A search's probes, verification and quality measurements open the file itself (`prepacked=False`): each is
 opened once or twice, and the copy computes what the file does. EDGEPRUNE_PREPACKED=0 or 1 decides for every
 session instead.
