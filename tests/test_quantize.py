@@ -160,6 +160,18 @@ def test_int4_mixed_keeps_the_sensitive_matmuls_at_8_bits(six_layers, tmp_path, 
     assert rms_error(int8, reference) < rms_error(file, reference) < rms_error(int4, reference)
 
 
+def test_a_vocabulary_at_8_bits_over_4_bit_projections_takes_the_8_bit_blocks(six_layers, tmp_path):
+    """The tied vocabulary matrix kept at 8 bits under int4 takes the 8-bit parts' blocks (as large as its 64-wide
+    rows allow), in the Gather's table and the head alike: half the scales its packed copy and table hold twice.
+    At int8 everything keeps the precision's block."""
+    source = six_layers["fused"]
+    for precision, block in (("int4", 64), ("int4-mixed", 64), ("int8", BLOCK_SIZE)):
+        file = quantize_model(source, tmp_path / f"{precision}.onnx", precision)
+        head = next(bits_block for name, bits_block in nbits_nodes(file).items() if "lm_head" in name)
+        gather = next(n for n in onnx.load(str(file)).graph.node if n.op_type == "GatherBlockQuantized")
+        assert head == (8, block) and {a.name: a.i for a in gather.attribute}["block_size"] == block, precision
+
+
 def test_int8_in_larger_blocks(six_layers, tmp_path):
     """int8-b128: projections in 128 blocks; the vocabulary matrix (hidden 64) in the largest block that divides
     its rows, shared by the embedding and the tied head; it stays close to fp32 (8-bit steps)."""

@@ -124,8 +124,8 @@ def projection_sensitivity(
     matrices = {key: (linear.weight, block_size, eight_bit_block) for key, linear in layer_linears(model).items()}
     vocabulary = tied_vocabulary(model)
     if vocabulary is not None:
-        vocab_block = fitting_block(vocabulary.shape[1], block_size)
-        matrices[VOCABULARY] = (vocabulary, vocab_block, vocab_block)
+        hidden = vocabulary.shape[1]
+        matrices[VOCABULARY] = (vocabulary, fitting_block(hidden, block_size), fitting_block(hidden, eight_bit_block))
     fisher = fisher_diagonal(model, windows, [weight for weight, _, _ in matrices.values()])
     sensitivity = {}
     for (key, (weight, four_block, eight_block)), information in zip(matrices.items(), fisher, strict=True):
@@ -145,8 +145,8 @@ def graph_projections(
     found = []
     head = vocabulary_head(graph)
     if head is not None and VOCABULARY in sensitivity:
-        block = fitting_block(head.hidden, block_size)
-        extra = quantized_bytes(head.hidden, head.vocab, 8, block) - quantized_bytes(head.hidden, head.vocab, 4, block)
+        eight = quantized_bytes(head.hidden, head.vocab, 8, fitting_block(head.hidden, eight_bit_block))
+        extra = eight - quantized_bytes(head.hidden, head.vocab, 4, fitting_block(head.hidden, block_size))
         found.append(Projection(head.node, extra, sensitivity[VOCABULARY].loss))
     for node in graph.node:
         match = LAYER_PROJECTION.search(node.name)

@@ -129,7 +129,9 @@ def quantize_weight_only(
     embedding becomes GatherBlockQuantized; a tied lm_head shares its packed tensor, so the
     vocabulary matrix, a fifth of SmolLM2's weights, is stored once. That matrix keeps at least
     VOCAB_BITS unless `vocab_bits` says otherwise: at 4 bits it cost the default decoder 11% more held-out
-    perplexity (int4-fit lowers it only when a file budget leaves nothing better to give up).
+    perplexity (int4-fit lowers it only when a file budget leaves nothing better to give up). Kept at 8 bits
+    over 4-bit projections it takes the 8-bit parts' blocks (`eight_bit_block`, as large as its rows allow):
+    each block's scale is stored twice (the Gather's table, the head's packed copy) and packed with a sum.
     """
     if bits not in (4, 8):
         raise EdgepruneError(f"weight-only quantization takes 4 or 8 bits, not {bits}")
@@ -140,7 +142,9 @@ def quantize_weight_only(
     model = onnx.load(str(source))
     token_embedding = find_token_embedding(model.graph) if embedding else None
     vocab_bits = vocab_bits or max(bits, VOCAB_BITS)
-    vocab_block = fitting_block(token_embedding.hidden, block_size) if token_embedding is not None else block_size
+    # a vocabulary kept at 8 bits over 4-bit projections takes the 8-bit parts' blocks
+    vocab_block = block_size if vocab_bits == bits else eight_bit_block or block_size
+    vocab_block = fitting_block(token_embedding.hidden, vocab_block) if token_embedding is not None else block_size
     head = head_matmul(model.graph, token_embedding.head_weight) if token_embedding is not None else None
     wider = [n.name for n in model.graph.node if n.op_type == "MatMul" and any(p in n.name for p in eight_bit)]
     heads = [head] if head else []
