@@ -430,7 +430,9 @@ class CacheDecoder:
             self.buffers: dict[str, ort.OrtValue] = {}
             self.bind_buffers(capacity)
             self.binding.bind_output("logits")  # after the caches: outputs come back in binding order
-            if LOGITS_TO_KEEP in model.input_names:  # an overridable initializer: bound as a value, kept alive
+            # without logits_to_keep every position's logits come back: their shape changes call by call
+            self.rebind_logits = LOGITS_TO_KEEP not in model.input_names
+            if not self.rebind_logits:  # an overridable initializer: bound as a value, kept alive
                 self.keep = ort.OrtValue.ortvalue_from_numpy(np.array([1], dtype=np.int64))
                 self.binding.bind_ortvalue_input(LOGITS_TO_KEEP, self.keep)
         else:
@@ -461,7 +463,7 @@ class CacheDecoder:
         if "position_ids" in self.model.input_names:
             positions = np.arange(self.length, total, dtype=np.int64)
             self.binding.bind_cpu_input("position_ids", np.broadcast_to(positions, input_ids.shape).copy())
-        if LOGITS_TO_KEEP not in self.model.input_names:  # all positions' logits: their shape changes every call
+        if self.rebind_logits:
             self.binding.bind_output("logits")
         self.model.session.run_with_iobinding(self.binding)
         self.length = total
