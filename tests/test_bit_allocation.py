@@ -99,29 +99,35 @@ def test_sensitivity_is_zero_where_the_loss_cannot_see_the_weights(llama, token_
 
 
 def test_packed_graph_projections_sum_their_parts_and_scale_with_the_weights_kept():
-    """The fused graph's qkv MatMul is valued as q + k + v; a cut matrix by the share of weights it keeps."""
+    """The fused graph's qkv MatMul is valued as q + k + v, its gate_up as gate + up; a cut matrix by the share of
+    weights it keeps."""
     measured = {
         (0, "self_attn/q_proj"): Sensitivity(1.0, 64 * 64),
         (0, "self_attn/k_proj"): Sensitivity(2.0, 64 * 32),
         (0, "self_attn/v_proj"): Sensitivity(3.0, 64 * 32),
+        (0, "mlp/gate_proj"): Sensitivity(5.0, 64 * 80),
+        (0, "mlp/up_proj"): Sensitivity(7.0, 64 * 80),
         (0, "mlp/down_proj"): Sensitivity(4.0, 80 * 64),
     }
-    weights = [np.zeros((64, 128), np.float32), np.zeros((40, 64), np.float32)]  # qkv whole; down at half width
+    # qkv whole; gate_up and down at half width
+    weights = [np.zeros((64, 128), np.float32), np.zeros((64, 80), np.float32), np.zeros((40, 64), np.float32)]
     graph = helper.make_graph(
         [
             helper.make_node("MatMul", ["x", "qkv"], ["q"], name="/model/layers.0/attn/qkv_proj/MatMul"),
+            helper.make_node("MatMul", ["x", "gate_up"], ["g"], name="/model/layers.0/mlp/gate_up_proj/MatMul"),
             helper.make_node("MatMul", ["h", "down"], ["d"], name="/model/layers.0/mlp/down_proj/MatMul"),
             helper.make_node("MatMul", ["y", "head"], ["z"], name="/lm_head/MatMul"),  # not a layer's
         ],
         "g",
         [],
         [],
-        [numpy_helper.from_array(w, n) for w, n in zip(weights, ("qkv", "down"), strict=True)]
+        [numpy_helper.from_array(w, n) for w, n in zip(weights, ("qkv", "gate_up", "down"), strict=True)]
         + [numpy_helper.from_array(np.zeros((64, 10), np.float32), "head")],
     )
     found = {p.node: p for p in graph_projections(graph, measured, 32, 128)}
-    assert set(found) == {"/model/layers.0/attn/qkv_proj/MatMul", "/model/layers.0/mlp/down_proj/MatMul"}
+    assert set(found) == {f"/model/layers.0/{p}/MatMul" for p in ("attn/qkv_proj", "mlp/gate_up_proj", "mlp/down_proj")}
     assert found["/model/layers.0/attn/qkv_proj/MatMul"].sensitivity == pytest.approx(6.0)
+    assert found["/model/layers.0/mlp/gate_up_proj/MatMul"].sensitivity == pytest.approx(6.0)  # half of 5 + 7
     assert found["/model/layers.0/mlp/down_proj/MatMul"].sensitivity == pytest.approx(2.0)
     assert found["/model/layers.0/mlp/down_proj/MatMul"].extra_bytes == (
         quantized_bytes(40, 64, 8, 128) - quantized_bytes(40, 64, 4, 32)

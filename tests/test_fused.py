@@ -109,6 +109,25 @@ def test_fused_and_optimum_exports_agree_in_prefill_and_through_the_cache(export
 
 
 @pytest.mark.parametrize("precision", ["fp32", "int4"])
+def test_gate_and_up_are_one_matmul_split_in_halves(exports, precision):
+    """Each layer reads its FFN input once for gate and up: one MatMul (int4: MatMulNBits) as wide as both,
+    a Split in halves, no separate gate or up node; the cut model's layers keep their own widths."""
+    model, fused = exports[True, precision, True]
+    graph = onnx.load(str(fused.path / "model.onnx"), load_external_data=False).graph
+    assert not [n for n in graph.node if "/gate_proj/" in n.name or "/up_proj/" in n.name]
+    for index, layer in enumerate(model.model.layers):
+        packed = next(n for n in graph.node if n.name.startswith(f"/model/layers.{index}/mlp/gate_up_proj/MatMul"))
+        split = next(n for n in graph.node if n.input and n.input[0] == packed.output[0])
+        assert split.op_type == "Split" and {a.name: a.i for a in split.attribute}["num_outputs"] == 2
+        width = 2 * layer.mlp.gate_proj.out_features
+        if precision == "fp32":
+            weight = next(i for i in graph.initializer if i.name == packed.input[1])
+            assert (packed.op_type, list(weight.dims)) == ("MatMul", [64, width])
+        else:
+            assert (packed.op_type, {a.name: a.i for a in packed.attribute}["N"]) == ("MatMulNBits", width)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int4"])
 def test_the_fused_graph_decodes_in_its_cache_buffers_as_the_copying_path_does(exports, precision):
     """GroupQueryAttention appends into the buffers bound as both past and present (no cache copy per token),
     and the buffers grow when a run outlasts them; the logits are the copying path's."""

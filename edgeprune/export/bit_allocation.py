@@ -30,10 +30,11 @@ from edgeprune.export.quantize import MIXED_EIGHT_BIT_BLOCK, fitting_block, voca
 
 VOCABULARY = (-1, "vocabulary")  # the token embedding and the tied lm_head: one matrix, quantized once
 LAYER_PROJECTION = re.compile(r"layers?[./](\d+)/(.+)/MatMul")  # "/model/layers.3/mlp/down_proj/MatMul"
-# the fused builder packs q, k and v into one MatMul and calls self_attn "attn"
+# the fused graph packs q, k and v into one MatMul, and gate and up into another, and calls self_attn "attn"
 GRAPH_PROJECTIONS = {
     "attn/qkv_proj": ("self_attn/q_proj", "self_attn/k_proj", "self_attn/v_proj"),
     "attn/o_proj": ("self_attn/o_proj",),
+    "mlp/gate_up_proj": ("mlp/gate_proj", "mlp/up_proj"),
 }
 FIT_WINDOWS = 16  # calibration windows of 128 tokens the Fisher information is averaged over
 FIT_FILL = 0.999  # share of the size budget the 8-bit projections may fill (sizes are predicted to the byte)
