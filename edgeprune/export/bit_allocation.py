@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from edgeprune.criteria.taylor import gradients_only_for
-from edgeprune.export.quantize import MIXED_EIGHT_BIT_BLOCK, fitting_block, vocabulary_head
+from edgeprune.export.quantize import MIXED_EIGHT_BIT_BLOCK, vocabulary_block, vocabulary_head
 
 VOCABULARY = (-1, "vocabulary")  # the token embedding and the tied lm_head: one matrix, quantized once
 LAYER_PROJECTION = re.compile(r"layers?[./](\d+)/(.+)/MatMul")  # "/model/layers.3/mlp/down_proj/MatMul"
@@ -126,7 +126,7 @@ def projection_sensitivity(
     vocabulary = tied_vocabulary(model)
     if vocabulary is not None:
         hidden = vocabulary.shape[1]
-        matrices[VOCABULARY] = (vocabulary, fitting_block(hidden, block_size), fitting_block(hidden, eight_bit_block))
+        matrices[VOCABULARY] = (vocabulary, *vocabulary_blocks(hidden, block_size, eight_bit_block))
     fisher = fisher_diagonal(model, windows, [weight for weight, _, _ in matrices.values()])
     sensitivity = {}
     for (key, (weight, four_block, eight_block)), information in zip(matrices.items(), fisher, strict=True):
@@ -146,8 +146,9 @@ def graph_projections(
     found = []
     head = vocabulary_head(graph)
     if head is not None and VOCABULARY in sensitivity:
-        eight = quantized_bytes(head.hidden, head.vocab, 8, fitting_block(head.hidden, eight_bit_block))
-        extra = eight - quantized_bytes(head.hidden, head.vocab, 4, fitting_block(head.hidden, block_size))
+        four_block, eight_block = vocabulary_blocks(head.hidden, block_size, eight_bit_block)
+        eight = quantized_bytes(head.hidden, head.vocab, 8, eight_block)
+        extra = eight - quantized_bytes(head.hidden, head.vocab, 4, four_block)
         found.append(Projection(head.node, extra, sensitivity[VOCABULARY].loss))
     for node in graph.node:
         match = LAYER_PROJECTION.search(node.name)
@@ -168,6 +169,12 @@ def graph_projections(
             )
         )
     return found
+
+
+def vocabulary_blocks(hidden: int, block_size: int, eight_bit_block: int) -> tuple[int, int]:
+    """The tied vocabulary matrix's blocks over 4-bit projections: at 4 bits, and kept at 8 (as `quantize` makes it)."""
+    four = vocabulary_block(hidden, 4, 4, block_size, eight_bit_block)
+    return four, vocabulary_block(hidden, 8, 4, block_size, eight_bit_block)
 
 
 def quantized_bytes(rows: int, columns: int, bits: int, block_size: int) -> int:

@@ -142,9 +142,9 @@ def quantize_weight_only(
     model = onnx.load(str(source))
     token_embedding = find_token_embedding(model.graph) if embedding else None
     vocab_bits = vocab_bits or max(bits, VOCAB_BITS)
-    # a vocabulary kept at 8 bits over 4-bit projections takes the 8-bit parts' blocks
-    vocab_block = block_size if vocab_bits == bits else eight_bit_block or block_size
-    vocab_block = fitting_block(token_embedding.hidden, vocab_block) if token_embedding is not None else block_size
+    vocab_block = block_size
+    if token_embedding is not None:
+        vocab_block = vocabulary_block(token_embedding.hidden, vocab_bits, bits, block_size, eight_bit_block)
     head = head_matmul(model.graph, token_embedding.head_weight) if token_embedding is not None else None
     wider = [n.name for n in model.graph.node if n.op_type == "MatMul" and any(p in n.name for p in eight_bit)]
     heads = [head] if head else []
@@ -167,6 +167,12 @@ def quantize_weight_only(
     if token_embedding is not None:
         quantize_embedding(model.graph, token_embedding, vocab_bits, vocab_block)
     return save_onnx(model, Path(target))
+
+
+def vocabulary_block(hidden: int, vocab_bits: int, bits: int, block_size: int, eight_bit_block: int | None) -> int:
+    """The vocabulary matrix's block: the projections' own at their bits; kept at 8 bits over 4-bit projections,
+    the 8-bit parts' (its scales are held twice, in the Gather's table and the head); as large as its rows allow."""
+    return fitting_block(hidden, block_size if vocab_bits == bits else eight_bit_block or block_size)
 
 
 def fitting_block(hidden: int, block_size: int) -> int:
