@@ -19,6 +19,7 @@ from huggingface_hub import try_to_load_from_cache
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 from safetensors import SafetensorError, safe_open
+from tokenizers import decoders, models, pre_tokenizers
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from edgeprune.errors import EdgepruneError
@@ -230,9 +231,31 @@ def load_tokenizer(source: Path | str) -> PreTrainedTokenizerBase | None:
     if isinstance(source, Path) and not has_tokenizer_files(source):
         return None
     try:
-        return AutoTokenizer.from_pretrained(source)
+        tokenizer = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
         raise EdgepruneError(f"cannot load a tokenizer from {source} ({first_line(err)}): {TOKENIZER_HINT}") from None
+    return byte_level_without_fallback(tokenizer)
+
+
+def byte_level_without_fallback(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """A byte-level BPE tokenizer without the SentencePiece byte fallback GGUF conversions give it (SmolLM2's).
+
+    Its 256-symbol alphabet reaches every byte, so with no <0xNN> tokens the fallback never fires here (same
+    ids, same text), but onnxruntime-genai's tokenizer reads the flag as SentencePiece and turned every space
+    into three unknown ids: an exported folder generated from garbage there. The plain byte-level decoder is
+    what the fallback's decoder sequence reduces to for such a vocabulary."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if (
+        backend is None
+        or not isinstance(backend.pre_tokenizer, pre_tokenizers.ByteLevel)
+        or not isinstance(backend.model, models.BPE)
+        or not backend.model.byte_fallback
+        or any(token.startswith("<0x") for token in tokenizer.get_vocab())
+    ):
+        return tokenizer
+    backend.model.byte_fallback = False
+    backend.decoder = decoders.ByteLevel()
+    return tokenizer
 
 
 def tokenizer_option(spec: str, config) -> PreTrainedTokenizerBase:

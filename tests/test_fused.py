@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 
 import numpy as np
 import onnx
 import pytest
 import torch
 from conftest import VOCAB, make_tokenizer, tiny_bert, tiny_llama
-from transformers import LlamaConfig, LlamaForCausalLM
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from edgeprune.errors import EdgepruneError
 from edgeprune.export import export_model
@@ -18,6 +20,7 @@ from edgeprune.export.exporter import Tolerance
 from edgeprune.export.fused import build_fused, cut_file_megabytes, ffn_bytes, tensor_bytes, write_fused_probe
 from edgeprune.export.quantize import quantize_model
 from edgeprune.layers import remove_layers
+from edgeprune.loading import load_tokenizer
 from edgeprune.models import adapter_for
 from edgeprune.runtime import CacheDecoder, OnnxModel, greedy_generate, onnx_bytes
 from edgeprune.structure import LayerKeep, cut_model
@@ -188,6 +191,38 @@ def test_onnxruntime_genai_generates_what_edgeprune_generates(exports, precision
         theirs.append(int(generator.get_next_tokens()[0]))
     ours = greedy_generate(OnnxModel(result.path), prompt, len(theirs), {3})
     assert len(ours) >= 3 and theirs[: len(ours)] == ours
+
+
+def gguf_style_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer as transformers' GGUF converter writes SmolLM2's: SentencePiece's byte
+    fallback switched on, and its decoder sequence."""
+    core = Tokenizer(models.BPE(unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    core.train_from_iterator(["The capital of France is Paris. The cat sat on the mat."] * 20, trainer)
+    core.model.byte_fallback = True
+    core.decoder = decoders.Sequence(
+        [decoders.ByteFallback(), decoders.Fuse(), decoders.Replace("\u2581", " "), decoders.ByteLevel()]
+    )
+    return PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+def test_onnxruntime_genai_tokenizes_a_gguf_converted_tokenizer_as_edgeprune_does(exports, tmp_path):
+    """onnxruntime-genai's tokenizer took the byte fallback for SentencePiece and made each space three unknown
+    ids (-1); edgeprune loads such a tokenizer without it: the same ids in both runtimes, the same text back."""
+    import onnxruntime_genai as og
+
+    gguf_style_tokenizer().save_pretrained(tmp_path / "source")
+    tokenizer = load_tokenizer(tmp_path / "source")
+    folder = tmp_path / "model"
+    shutil.copytree(exports[False, "fp32", True][1].path, folder)
+    tokenizer.save_pretrained(folder)
+    text = "The capital of France is Paris, \u00fcber 2 caf\u00e9s."
+    ids = tokenizer(text).input_ids
+    assert ids == gguf_style_tokenizer()(text).input_ids and tokenizer.decode(ids) == text
+    assert [int(i) for i in og.Tokenizer(og.Model(str(folder))).encode(text)] == ids
 
 
 def test_what_the_fused_graph_cannot_express_is_refused(tmp_path):
