@@ -156,7 +156,7 @@ def test_recover_overwrite_of_the_folder_holding_the_input_is_refused(user_folde
 # -- run -------------------------------------------------------------------------------------
 
 RUN_ARGS = ["--params", "10", "--targets", "ffn,heads", "--criterion", "magnitude", "--runs", "1", "--warmup", "0"]
-RUN_ARGS += ["--workload", "prefill=8,decode=2"]
+RUN_ARGS += ["--workload", "prefill=8,decode=2", "--precision", "fp32"]  # the precision search: test_run*.py
 
 
 def test_run_never_writes_into_the_model_folder_or_a_user_folder(saved_llama, calibration_file, tmp_path):
